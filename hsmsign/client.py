@@ -1,0 +1,179 @@
+"""The thin client library: a typed wrapper over the gRPC API.
+
+Build agents use this (or the ``hsmsign`` CLI, which uses it). It never imports python-pkcs11.
+Every call raises :class:`hsmsign.errors.RemoteError` (status name + the daemon's one-line
+message) instead of a raw ``grpc.RpcError``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from hsmsign.errors import RemoteError, UsageError
+from hsmsign.v1 import hsmsign_pb2 as pb
+from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+#: Signature algorithms by the names the CLI and library accept.
+ALGORITHMS: dict[str, pb.SignatureAlgorithm.ValueType] = {
+    "rsa-pkcs1-sha256": pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256,
+    "rsa-pkcs1-sha384": pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA384,
+    "rsa-pkcs1-sha512": pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA512,
+    "rsa-pss-sha256": pb.SIGNATURE_ALGORITHM_RSA_PSS_SHA256,
+    "rsa-pss-sha384": pb.SIGNATURE_ALGORITHM_RSA_PSS_SHA384,
+    "rsa-pss-sha512": pb.SIGNATURE_ALGORITHM_RSA_PSS_SHA512,
+}
+
+
+def parse_key_ref(text: str) -> pb.KeyRef:
+    """``NAME``, ``NAME@VERSION``, ``sha256:FINGERPRINT`` or ``keyid:CAPGO_KEY_ID``."""
+    if not text:
+        raise UsageError("empty key reference; use NAME, NAME@VERSION, sha256:HEX or keyid:ID")
+    if text.startswith("sha256:"):
+        return pb.KeyRef(fingerprint=text[len("sha256:"):])
+    if text.startswith("keyid:"):
+        return pb.KeyRef(capgo_key_id=text[len("keyid:"):])
+    name, sep, version = text.partition("@")
+    if sep:
+        if not version.isdigit() or int(version) == 0:
+            raise UsageError(f"bad key version in {text!r}: use NAME@1, NAME@2, ...")
+        return pb.KeyRef(name=name, version=int(version))
+    return pb.KeyRef(name=name)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """Which key version produced a result."""
+
+    name: str
+    version: int
+    fingerprint: str
+    capgo_key_id: str
+    modulus_bits: int
+
+    @classmethod
+    def from_pb(cls, k: pb.UsedKey) -> KeyInfo:
+        return cls(k.name, k.version, k.fingerprint, k.capgo_key_id, k.modulus_bits)
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    key: KeyInfo
+    spki_der: bytes
+    spki_pem: str
+    pkcs1_pem: str
+
+
+@dataclass(frozen=True)
+class Signature:
+    key: KeyInfo
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """Server CA to trust, and an optional client certificate for mutual TLS."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        try:
+            ca = self.ca.read_bytes()
+            cert = self.cert.read_bytes() if self.cert else None
+            key = self.key.read_bytes() if self.key else None
+        except OSError as e:
+            raise UsageError(f"cannot read {e.filename}: {e.strerror}") from None
+        return grpc.ssl_channel_credentials(ca, key, cert)
+
+
+def _call(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except grpc.RpcError as e:
+        code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+        details = e.details() if hasattr(e, "details") else str(e)
+        name = code.name if code is not None else "UNKNOWN"
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = f"cannot reach hsmsignd: {details}"
+        raise RemoteError(name, details or "no details") from None
+
+
+class Client:
+    """A connection to hsmsignd. Thread-safe; use one per process and close it (or ``with``)."""
+
+    def __init__(self, target: str | None = None, tls: TlsOptions | None = None,
+                 timeout: float = 30.0) -> None:
+        self.target = target or os.environ.get("HSMSIGN_SERVER") or DEFAULT_SERVER
+        self.timeout = timeout
+        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                   ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        if tls is not None:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channel = grpc.secure_channel(self.target, tls.credentials(), options=options)
+        else:
+            self._channel = grpc.insecure_channel(self.target, options=options)
+        self.signer = pb_grpc.SignerStub(self._channel)
+        self.admin = pb_grpc.KeyAdminStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Runs a raw stub call, turning gRPC errors into RemoteError."""
+        return _call(fn)
+
+    def public_key(self, key: str | pb.KeyRef) -> PublicKey:
+        ref = parse_key_ref(key) if isinstance(key, str) else key
+        r = _call(lambda: self.signer.GetPublicKey(pb.GetPublicKeyRequest(key=ref),
+                                                   timeout=self.timeout))
+        return PublicKey(KeyInfo.from_pb(r.key), r.spki_der, r.spki_pem, r.pkcs1_pem)
+
+    def sign_digest(self, key: str | pb.KeyRef, digest: bytes,
+                    algorithm: str = "rsa-pkcs1-sha256") -> Signature:
+        ref = parse_key_ref(key) if isinstance(key, str) else key
+        req = pb.SignDigestRequest(key=ref, algorithm=_algorithm(algorithm), digest=digest)
+        r = _call(lambda: self.signer.SignDigest(req, timeout=self.timeout))
+        return Signature(KeyInfo.from_pb(r.key), r.signature)
+
+    def sign_digests(self, key: str | pb.KeyRef, digests: Sequence[bytes],
+                     algorithm: str = "rsa-pkcs1-sha256") -> tuple[KeyInfo, list[bytes]]:
+        ref = parse_key_ref(key) if isinstance(key, str) else key
+        req = pb.SignDigestsRequest(key=ref, algorithm=_algorithm(algorithm), digests=digests)
+        r = _call(lambda: self.signer.SignDigests(req, timeout=self.timeout))
+        return KeyInfo.from_pb(r.key), list(r.signatures)
+
+
+def _algorithm(name: str) -> pb.SignatureAlgorithm.ValueType:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise UsageError(f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}") from None
+
+
+@contextmanager
+def connect(target: str | None = None, tls: TlsOptions | None = None) -> Iterator[Client]:
+    c = Client(target, tls)
+    try:
+        yield c
+    finally:
+        c.close()

@@ -1,0 +1,178 @@
+"""hsmsignd: parse flags, load config, open the token, serve gRPC, stop cleanly on SIGTERM.
+
+``hsmsignd [--config FILE] [serve]`` runs the daemon. ``hsmsignd keys ...`` works on the token
+directly with no daemon running (key ceremonies, offline HSMs, the dev token's demo key).
+Every failure is one line on stderr and a non-zero exit: 2 for a bad config or usage, 1 when
+the token or network refuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from hsmsign.v1 import hsmsign_pb2 as pb
+from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
+from server import config as config_mod
+from server import keys_cli
+from server.config import Config
+from server.errors import ConfigError, ServerError, StartupError
+from server.keyring import KeyRing
+from server.service import SignerService
+from server.token import Token
+
+log = logging.getLogger("hsmsignd")
+
+#: The embedded default: the SoftHSM2 dev token config shipped in the repository.
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "hsm_config" / "dev.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hsmsignd",
+        description="Serve RSA signing and session-key unwrap from a PKCS#11 token over gRPC.",
+        epilog="Config reference: hsm_config/production.example.toml. Docs: docs/operations.md",
+    )
+    p.add_argument("--config", type=Path, default=None,
+                   help=f"config file (default: $HSMSIGN_CONFIG, else {DEFAULT_CONFIG})")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the daemon (the default command)")
+    for sp in (p, serve):
+        sp.add_argument("--listen", metavar="HOST:PORT", default=None,
+                        help="override server.listen (port 0 picks a free port)")
+        sp.add_argument("--ready-file", type=Path, default=None, metavar="FILE",
+                        help="write {address, pid} as JSON here once serving")
+    keys_cli.add_parser(sub)
+    return p
+
+
+def _config_path(arg: Path | None) -> Path:
+    if arg is not None:
+        return arg
+    env = os.environ.get("HSMSIGN_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # grpc's own loggers are chatty about client disconnects at INFO.
+    logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+def _credentials(cfg: Config) -> grpc.ServerCredentials | None:
+    tls = cfg.server.tls
+    if tls is None:
+        return None
+    try:
+        cert, key = tls.cert.read_bytes(), tls.key.read_bytes()
+        ca = tls.client_ca.read_bytes() if tls.client_ca else None
+    except OSError as e:
+        raise ConfigError(f"{cfg.path}: server.tls: cannot read {e.filename}: {e.strerror}") from None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
+def _write_ready_file(path: Path, address: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ready-")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"address": address, "pid": os.getpid()}, f)
+    os.replace(tmp, path)
+
+
+def serve(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
+    token = Token(cfg.token)
+    try:
+        ring = KeyRing(token, cfg)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.server.workers,
+                                       thread_name_prefix="rpc"),
+            maximum_concurrent_rpcs=cfg.server.max_concurrent_calls,
+            options=[("grpc.so_reuseport", 0)],
+        )
+        pb_grpc.add_SignerServicer_to_server(SignerService(token, ring, cfg), server)
+        pb_grpc.add_KeyAdminServicer_to_server(keys_cli.admin_service(token, ring, cfg), server)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        if cfg.server.reflection:
+            from grpc_reflection.v1alpha import reflection
+
+            names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Signer", "KeyAdmin")]
+            reflection.enable_server_reflection([*names, health.SERVICE_NAME,
+                                                 reflection.SERVICE_NAME], server)
+        address = listen or cfg.server.listen
+        creds = _credentials(cfg)
+        try:
+            port = (server.add_secure_port(address, creds) if creds
+                    else server.add_insecure_port(address))
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise StartupError(f"cannot listen on {address} (in use, or not a local address?)")
+        bound = f"{address.rpartition(':')[0]}:{port}"
+        server.start()
+        for name in ("", "hsmsign.v1.Signer", "hsmsign.v1.KeyAdmin"):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        keys = ring.keys()
+        summary = ", ".join(
+            f"{k.name} v{k.primary.version} sha256:{k.primary.fingerprint[:16]}…"
+            for k in keys if k.primary
+        ) or "no keys yet (create one with 'hsmsignd keys create NAME')"
+        log.info("listening on %s (%s) token %r; keys: %s", bound,
+                 "TLS" + (" with client certificates" if cfg.server.tls and cfg.server.tls.client_ca
+                          else "") if creds else "plaintext", token.label, summary)
+        if ready_file is not None:
+            _write_ready_file(ready_file, bound)
+
+        stop = threading.Event()
+
+        def on_signal(signum: int, _frame: object) -> None:
+            log.info("%s received: draining in-flight calls (up to %gs)",
+                     signal.Signals(signum).name, cfg.server.grace_seconds)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        stop.wait()
+        health_servicer.enter_graceful_shutdown()
+        server.stop(cfg.server.grace_seconds).wait()
+        log.info("stopped")
+        return 0
+    finally:
+        token.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = config_mod.load(_config_path(args.config))
+        _setup_logging(cfg.log_level)
+        if args.command in (None, "serve"):
+            return serve(cfg, args.listen, args.ready_file)
+        return keys_cli.run(args, cfg)
+    except ConfigError as e:
+        print(f"hsmsignd: config error: {e}", file=sys.stderr)
+        return 2
+    except ServerError as e:
+        print(f"hsmsignd: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

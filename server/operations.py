@@ -1,0 +1,86 @@
+"""The cryptographic operations, as plain functions of (token, key version, bytes).
+
+Every mechanism and parameter comes from the tables here and in ``server.token``; nothing
+relies on python-pkcs11's defaults (DESIGN.md fact 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from server.errors import InvalidArgument
+from server.keyring import KeyVersion
+from server.token import RSA_PKCS, RSA_PSS_SHA256, RSA_PSS_SHA384, RSA_PSS_SHA512, Mech, Token
+
+#: Most digests one batch call may carry.
+MAX_BATCH = 10_000
+
+
+@dataclass(frozen=True)
+class SignatureScheme:
+    """How a client-computed digest becomes a signature."""
+
+    name: str
+    hash_name: str
+    digest_size: int
+    mech: Mech
+    #: DER DigestInfo prefix for PKCS#1 v1.5 (CKM_RSA_PKCS signs prefix || digest);
+    #: empty for PSS, where the token builds the encoding from the parameters.
+    digest_info: bytes
+
+
+SCHEMES: Final[dict[str, SignatureScheme]] = {
+    s.name: s
+    for s in (
+        SignatureScheme("rsa-pkcs1-sha256", "SHA-256", 32, RSA_PKCS,
+                        bytes.fromhex("3031300d060960864801650304020105000420")),
+        SignatureScheme("rsa-pkcs1-sha384", "SHA-384", 48, RSA_PKCS,
+                        bytes.fromhex("3041300d060960864801650304020205000430")),
+        SignatureScheme("rsa-pkcs1-sha512", "SHA-512", 64, RSA_PKCS,
+                        bytes.fromhex("3051300d060960864801650304020305000440")),
+        SignatureScheme("rsa-pss-sha256", "SHA-256", 32, RSA_PSS_SHA256, b""),
+        SignatureScheme("rsa-pss-sha384", "SHA-384", 48, RSA_PSS_SHA384, b""),
+        SignatureScheme("rsa-pss-sha512", "SHA-512", 64, RSA_PSS_SHA512, b""),
+    )
+}
+
+
+def _check_digest(scheme: SignatureScheme, digest: bytes, where: str = "digest") -> bytes:
+    if len(digest) != scheme.digest_size:
+        raise InvalidArgument(
+            f"{where} is {len(digest)} bytes; {scheme.name} needs a {scheme.hash_name} digest "
+            f"of exactly {scheme.digest_size} bytes"
+        )
+    return scheme.digest_info + digest
+
+
+def sign_digest(token: Token, key: KeyVersion, scheme: SignatureScheme, digest: bytes) -> bytes:
+    """Signs one digest. Raises InvalidArgument for a wrong length; token errors classified."""
+    data = _check_digest(scheme, digest)
+    with token.session(f"signing with {scheme.mech.description}") as s:
+        return s.sign(key.cka_id, scheme.mech, data)
+
+
+def sign_digests(
+    token: Token, key: KeyVersion, scheme: SignatureScheme, digests: Sequence[bytes]
+) -> list[bytes]:
+    """Signs many digests on one borrowed session (one key lookup, one pool round trip)."""
+    if not digests:
+        raise InvalidArgument("digests is empty; send 1 to 10,000 digests")
+    if len(digests) > MAX_BATCH:
+        raise InvalidArgument(f"{len(digests)} digests in one call; at most {MAX_BATCH:,} allowed")
+    blocks = [_check_digest(scheme, d, f"digests[{i}]") for i, d in enumerate(digests)]
+    with token.session(f"signing with {scheme.mech.description}") as s:
+        return s.sign_many(key.cka_id, scheme.mech, blocks)
+
+
+def private_encrypt(token: Token, key: KeyVersion, blocks: Sequence[bytes]) -> list[bytes]:
+    """CKM_RSA_PKCS C_Sign over raw bytes: OpenSSL's RSA private-encrypt with PKCS#1 type 1.
+
+    This signs whatever it is given, so only purpose-built callers that have checked their
+    input lengths (Capgo's 16-byte session key, 32/48-byte checksum inputs) may use it.
+    """
+    with token.session("Capgo private-encrypt (CKM_RSA_PKCS)") as s:
+        return s.sign_many(key.cka_id, RSA_PKCS, list(blocks))

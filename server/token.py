@@ -1,0 +1,399 @@
+"""The PKCS#11 token: the only module that imports python-pkcs11.
+
+One ``Token`` per process owns the loaded module, one logged-in session kept for the life
+of the process (login is per application: DESIGN.md fact 2), and a bounded pool of further
+sessions that calls borrow. Whether the pool's sessions run in parallel depends on the module:
+python-pkcs11 calls ``C_Initialize(NULL)``, which tells a module that it will not be called
+from several threads, and SoftHSM2 then disables its locking (fact 1). Through p11-kit's proxy
+the real module is initialised with OS locking, so ``threading = "parallel"``; any other module
+runs ``"serialized"`` (one lock around every call) unless the operator says it is thread-safe.
+
+Every PKCS#11 exception is classified here into the daemon's error types; nothing above this
+module sees a python-pkcs11 type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pkcs11
+import pkcs11.exceptions as p11e
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.mechanisms import MGF
+
+from server.config import TokenConfig
+from server.errors import (
+    Busy,
+    FailedPrecondition,
+    InvalidArgument,
+    KeyNotFound,
+    MechanismUnsupported,
+    ServerError,
+    StartupError,
+    TokenUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors that mean the session (or the token behind it) is gone: the session is replaced.
+_SESSION_LOST = (
+    p11e.SessionHandleInvalid,
+    p11e.SessionClosed,
+    p11e.DeviceRemoved,
+    p11e.TokenNotPresent,
+    p11e.UserNotLoggedIn,
+)
+# Errors that mean a cached object handle is stale (destroyed or re-created elsewhere).
+_HANDLE_STALE = (p11e.KeyHandleInvalid, p11e.ObjectHandleInvalid)
+
+
+def classify(exc: BaseException, what: str) -> ServerError:
+    """Maps a python-pkcs11 exception to a daemon error with a clear message."""
+    name = type(exc).__name__
+    if isinstance(exc, p11e.MechanismInvalid | p11e.MechanismParamInvalid):
+        return MechanismUnsupported(f"the token does not support {what} ({name})")
+    if isinstance(exc, p11e.FunctionNotSupported):
+        return MechanismUnsupported(f"the token does not implement {what} ({name})")
+    if isinstance(exc, p11e.DataLenRange | p11e.DataInvalid):
+        return InvalidArgument(f"the token refused the input for {what} ({name})")
+    if isinstance(exc, p11e.KeyTypeInconsistent | p11e.KeyIndigestible | p11e.FunctionRejected):
+        return FailedPrecondition(f"the key cannot be used for {what} ({name})")
+    if isinstance(exc, p11e.AttributeReadOnly):
+        return FailedPrecondition(f"the token does not allow changing this attribute ({what})")
+    if isinstance(exc, p11e.DeviceMemory | p11e.HostMemory | p11e.SessionCount):
+        return Busy(f"the token is out of resources during {what} ({name}); retry later")
+    if isinstance(exc, p11e.PKCS11Error):
+        return TokenUnavailable(f"token error during {what} ({name})")
+    return TokenUnavailable(f"unexpected error during {what} ({name})")
+
+
+@dataclass(frozen=True)
+class Mech:
+    """A PKCS#11 mechanism with its parameters, always explicit (never a library default)."""
+
+    mechanism: Mechanism
+    param: Any = None
+    description: str = ""
+
+
+#: The mechanisms hsmsign uses: one table (DESIGN.md fact 4: python-pkcs11's defaults are traps).
+RSA_PKCS = Mech(Mechanism.RSA_PKCS, None, "CKM_RSA_PKCS")
+RSA_PSS_SHA256 = Mech(Mechanism.RSA_PKCS_PSS, (Mechanism.SHA256, MGF.SHA256, 32),
+                      "CKM_RSA_PKCS_PSS with SHA-256, MGF1-SHA-256, 32-byte salt")
+RSA_PSS_SHA384 = Mech(Mechanism.RSA_PKCS_PSS, (Mechanism.SHA384, MGF.SHA384, 48),
+                      "CKM_RSA_PKCS_PSS with SHA-384, MGF1-SHA-384, 48-byte salt")
+RSA_PSS_SHA512 = Mech(Mechanism.RSA_PKCS_PSS, (Mechanism.SHA512, MGF.SHA512, 64),
+                      "CKM_RSA_PKCS_PSS with SHA-512, MGF1-SHA-512, 64-byte salt")
+RSA_OAEP_SHA1 = Mech(Mechanism.RSA_PKCS_OAEP, (Mechanism.SHA_1, MGF.SHA1, None),
+                     "CKM_RSA_PKCS_OAEP with SHA-1, MGF1-SHA-1, no label")
+RSA_OAEP_SHA256 = Mech(Mechanism.RSA_PKCS_OAEP, (Mechanism.SHA256, MGF.SHA256, None),
+                       "CKM_RSA_PKCS_OAEP with SHA-256, MGF1-SHA-256, no label")
+
+
+@dataclass(frozen=True)
+class KeyObjectInfo:
+    """What the token says about one private key object and its public half."""
+
+    cka_id: bytes
+    label: str
+    modulus: int
+    public_exponent: int
+    can_sign: bool
+    can_decrypt: bool
+    can_unwrap: bool
+    local: bool
+    never_extractable: bool
+    always_sensitive: bool
+    extractable: bool
+    sensitive: bool
+
+
+class Session:
+    """One borrowed PKCS#11 session, with the private-key handles it has looked up."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self._keys: dict[bytes, Any] = {}
+
+    def _private_key(self, cka_id: bytes) -> Any:
+        key = self._keys.get(cka_id)
+        if key is None:
+            objs = list(self.raw.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                                              Attribute.ID: cka_id}))
+            if not objs:
+                raise KeyNotFound("the key's private object is no longer in the token")
+            key = objs[0]
+            self._keys[cka_id] = key
+        return key
+
+    def forget(self, cka_id: bytes) -> None:
+        self._keys.pop(cka_id, None)
+
+    def _with_key(self, cka_id: bytes, what: str, op: Callable[[Any], T]) -> T:
+        """Runs op on the cached key handle; a stale handle is looked up again once."""
+        for attempt in (1, 2):
+            key = self._private_key(cka_id)
+            try:
+                return op(key)
+            except _HANDLE_STALE:
+                self.forget(cka_id)
+                if attempt == 2:
+                    raise KeyNotFound("the key's private object is no longer in the token") from None
+        raise AssertionError("unreachable")
+
+    def sign(self, cka_id: bytes, mech: Mech, data: bytes) -> bytes:
+        """C_Sign with an explicit mechanism over ``data`` (already a digest or encoded block)."""
+        return self._with_key(
+            cka_id, mech.description,
+            lambda k: bytes(k.sign(data, mechanism=mech.mechanism, mechanism_param=mech.param)),
+        )
+
+    def sign_many(self, cka_id: bytes, mech: Mech, items: Sequence[bytes]) -> list[bytes]:
+        def run(k: Any) -> list[bytes]:
+            return [bytes(k.sign(d, mechanism=mech.mechanism, mechanism_param=mech.param))
+                    for d in items]
+        return self._with_key(cka_id, mech.description, run)
+
+    def decrypt(self, cka_id: bytes, mech: Mech, data: bytes) -> bytes:
+        return self._with_key(
+            cka_id, mech.description,
+            lambda k: bytes(k.decrypt(data, mechanism=mech.mechanism, mechanism_param=mech.param)),
+        )
+
+    # -- object management (key ring, admin) -----------------------------------------------
+
+    def find_key_objects(self, label_prefix: str) -> list[KeyObjectInfo]:
+        """Every RSA private key whose label starts with ``label_prefix``, with its attributes."""
+        out = []
+        for obj in self.raw.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                                         Attribute.KEY_TYPE: KeyType.RSA}):
+            label = obj[Attribute.LABEL] or ""
+            if not label.startswith(label_prefix):
+                continue
+            out.append(_describe(obj))
+        return out
+
+    def generate_rsa_keypair(self, bits: int, label: str, cka_id: bytes, *,
+                             sign: bool, decrypt: bool) -> KeyObjectInfo:
+        """Generates a key pair inside the token: sensitive, never extractable, one purpose."""
+        public_template = {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: False,
+            Attribute.LABEL: label,
+            Attribute.ID: cka_id,
+            Attribute.MODULUS_BITS: bits,
+            Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01",
+            Attribute.VERIFY: sign,
+            Attribute.ENCRYPT: decrypt,
+            Attribute.WRAP: decrypt,
+            Attribute.VERIFY_RECOVER: False,
+            Attribute.DERIVE: False,
+        }
+        private_template = {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.LABEL: label,
+            Attribute.ID: cka_id,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.SIGN: sign,
+            Attribute.SIGN_RECOVER: False,
+            Attribute.DECRYPT: decrypt,
+            Attribute.UNWRAP: decrypt,
+            Attribute.DERIVE: False,
+        }
+        try:
+            _pub, priv = self.raw.generate_keypair(
+                KeyType.RSA, bits, store=True, mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
+                public_template=public_template, private_template=private_template,
+            )
+        except p11e.PKCS11Error as e:
+            raise classify(e, f"generating an RSA-{bits} key pair") from None
+        return _describe(priv)
+
+    def create_objects(self, templates: Sequence[Mapping[Any, Any]]) -> None:
+        for t in templates:
+            self.raw.create_object(dict(t))
+
+    def destroy_key_objects(self, cka_id: bytes) -> int:
+        """Destroys the private and public objects with this CKA_ID; returns how many."""
+        n = 0
+        for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+            for obj in list(self.raw.get_objects({Attribute.CLASS: cls, Attribute.ID: cka_id})):
+                obj.destroy()
+                n += 1
+        self.forget(cka_id)
+        return n
+
+    def set_private_attributes(self, cka_id: bytes, attrs: Mapping[Any, Any]) -> None:
+        key = self._private_key(cka_id)
+        for k, v in attrs.items():
+            key[k] = v
+
+    def data_objects(self, application: str) -> list[tuple[Any, str, bytes]]:
+        """CKO_DATA objects of an application: (object, label, value)."""
+        out = []
+        for obj in self.raw.get_objects({Attribute.CLASS: ObjectClass.DATA,
+                                         Attribute.APPLICATION: application}):
+            out.append((obj, obj[Attribute.LABEL] or "", bytes(obj[Attribute.VALUE])))
+        return out
+
+    def create_data_object(self, application: str, label: str, value: bytes) -> None:
+        self.raw.create_object({
+            Attribute.CLASS: ObjectClass.DATA,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.MODIFIABLE: True,
+            Attribute.APPLICATION: application,
+            Attribute.LABEL: label,
+            Attribute.VALUE: value,
+        })
+
+    def random(self, n: int) -> bytes:
+        return bytes(self.raw.generate_random(n * 8))
+
+
+def _flag(obj: Any, attr: Attribute) -> bool:
+    try:
+        return bool(obj[attr])
+    except (p11e.AttributeTypeInvalid, p11e.AttributeSensitive):
+        return False
+
+
+def _describe(priv: Any) -> KeyObjectInfo:
+    modulus = int.from_bytes(bytes(priv[Attribute.MODULUS]), "big")
+    exponent = int.from_bytes(bytes(priv[Attribute.PUBLIC_EXPONENT]), "big")
+    return KeyObjectInfo(
+        cka_id=bytes(priv[Attribute.ID]),
+        label=priv[Attribute.LABEL] or "",
+        modulus=modulus,
+        public_exponent=exponent,
+        can_sign=_flag(priv, Attribute.SIGN),
+        can_decrypt=_flag(priv, Attribute.DECRYPT),
+        can_unwrap=_flag(priv, Attribute.UNWRAP),
+        local=_flag(priv, Attribute.LOCAL),
+        never_extractable=_flag(priv, Attribute.NEVER_EXTRACTABLE),
+        always_sensitive=_flag(priv, Attribute.ALWAYS_SENSITIVE),
+        extractable=_flag(priv, Attribute.EXTRACTABLE),
+        sensitive=_flag(priv, Attribute.SENSITIVE),
+    )
+
+
+class Token:
+    """The loaded module, the login session and the session pool. Thread-safe."""
+
+    def __init__(self, config: TokenConfig) -> None:
+        self.config = config
+        self._serial_lock: threading.Lock | None = (
+            threading.Lock() if config.threading == "serialized" else None
+        )
+        self._pool: queue.LifoQueue[Session] = queue.LifoQueue()
+        self._closed = False
+        for k, v in config.environment.items():
+            os.environ[k] = v
+        if not config.module.exists():
+            raise StartupError(f"PKCS#11 module not found: {config.module}")
+        try:
+            self._lib = pkcs11.lib(str(config.module))
+        except p11e.PKCS11Error as e:
+            raise StartupError(f"cannot load PKCS#11 module {config.module}: {e}") from None
+        try:
+            self._token = self._lib.get_token(token_label=config.label,
+                                              token_serial=config.serial)
+        except p11e.NoSuchToken:
+            raise StartupError(
+                f"no token with {config.describe_token()} in module {config.module}"
+            ) from None
+        except p11e.MultipleTokensReturned:
+            raise StartupError(
+                f"several tokens have {config.describe_token()}; select by serial instead"
+            ) from None
+        pin = config.pin.read()
+        try:
+            # Kept open for the life of the process: closing it would log every session out.
+            self._login = self._token.open(user_pin=pin, rw=True)
+        except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange):
+            raise StartupError(
+                f"the token refused the PIN from {config.pin.describe()} (not retried, "
+                "to avoid locking the token)"
+            ) from None
+        except p11e.PinLocked:
+            raise StartupError("the token's user PIN is locked; unlock it with the SO PIN") from None
+        except p11e.PKCS11Error as e:
+            raise StartupError(f"cannot log in to the token: {type(e).__name__}") from None
+        finally:
+            del pin
+        for _ in range(config.sessions):
+            self._pool.put(Session(self._open_session()))
+        log.info("token %s: %d sessions, threading=%s, module %s", config.describe_token(),
+                 config.sessions, config.threading, config.module)
+
+    @property
+    def label(self) -> str:
+        return str(self._token.label)
+
+    def _open_session(self) -> Any:
+        try:
+            return self._token.open(rw=True)
+        except p11e.PKCS11Error as e:
+            raise TokenUnavailable(f"cannot open a token session ({type(e).__name__})") from None
+
+    @contextlib.contextmanager
+    def session(self, what: str) -> Iterator[Session]:
+        """Borrows a session for one operation; classifies PKCS#11 errors raised inside.
+
+        Raises Busy when no session frees up in time, TokenUnavailable when the token fails.
+        """
+        if self._closed:
+            raise TokenUnavailable("the daemon is shutting down")
+        try:
+            s = self._pool.get(timeout=self.config.session_wait_seconds)
+        except queue.Empty:
+            raise Busy(
+                f"all {self.config.sessions} token sessions stayed busy for "
+                f"{self.config.session_wait_seconds:g}s; retry later"
+            ) from None
+        lock = self._serial_lock or contextlib.nullcontext()
+        try:
+            with lock:
+                yield s
+        except ServerError:
+            raise
+        except _SESSION_LOST as e:
+            log.warning("token session lost during %s (%s); replacing it", what, type(e).__name__)
+            s = self._replace(s)
+            raise TokenUnavailable(f"the token session was lost during {what}; retry") from None
+        except p11e.PKCS11Error as e:
+            raise classify(e, what) from None
+        finally:
+            self._pool.put(s)
+
+    def _replace(self, s: Session) -> Session:
+        with contextlib.suppress(Exception):
+            s.raw.close()
+        try:
+            return Session(self._open_session())
+        except TokenUnavailable:
+            return s
+
+    def close(self) -> None:
+        """Closes the pool's sessions, then the login session, then finalises the module."""
+        self._closed = True
+        while True:
+            try:
+                s = self._pool.get_nowait()
+            except queue.Empty:
+                break
+            with contextlib.suppress(Exception):
+                s.raw.close()
+        with contextlib.suppress(Exception):
+            self._login.close()
