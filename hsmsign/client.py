@@ -40,9 +40,9 @@ def parse_key_ref(text: str) -> pb.KeyRef:
     if not text:
         raise UsageError("empty key reference; use NAME, NAME@VERSION, sha256:HEX or keyid:ID")
     if text.startswith("sha256:"):
-        return pb.KeyRef(fingerprint=text[len("sha256:"):])
+        return pb.KeyRef(fingerprint=text[len("sha256:") :])
     if text.startswith("keyid:"):
-        return pb.KeyRef(capgo_key_id=text[len("keyid:"):])
+        return pb.KeyRef(capgo_key_id=text[len("keyid:") :])
     name, sep, version = text.partition("@")
     if sep:
         if not version.isdigit() or int(version) == 0:
@@ -114,12 +114,15 @@ def _call(fn: Callable[[], T]) -> T:
 class Client:
     """A connection to hsmsignd. Thread-safe; use one per process and close it (or ``with``)."""
 
-    def __init__(self, target: str | None = None, tls: TlsOptions | None = None,
-                 timeout: float = 30.0) -> None:
+    def __init__(
+        self, target: str | None = None, tls: TlsOptions | None = None, timeout: float = 30.0
+    ) -> None:
         self.target = target or os.environ.get("HSMSIGN_SERVER") or DEFAULT_SERVER
         self.timeout = timeout
-        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                   ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
         if tls is not None:
             if tls.server_name:
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
@@ -144,19 +147,22 @@ class Client:
 
     def public_key(self, key: str | pb.KeyRef) -> PublicKey:
         ref = parse_key_ref(key) if isinstance(key, str) else key
-        r = _call(lambda: self.signer.GetPublicKey(pb.GetPublicKeyRequest(key=ref),
-                                                   timeout=self.timeout))
+        r = _call(
+            lambda: self.signer.GetPublicKey(pb.GetPublicKeyRequest(key=ref), timeout=self.timeout)
+        )
         return PublicKey(KeyInfo.from_pb(r.key), r.spki_der, r.spki_pem, r.pkcs1_pem)
 
-    def sign_digest(self, key: str | pb.KeyRef, digest: bytes,
-                    algorithm: str = "rsa-pkcs1-sha256") -> Signature:
+    def sign_digest(
+        self, key: str | pb.KeyRef, digest: bytes, algorithm: str = "rsa-pkcs1-sha256"
+    ) -> Signature:
         ref = parse_key_ref(key) if isinstance(key, str) else key
         req = pb.SignDigestRequest(key=ref, algorithm=_algorithm(algorithm), digest=digest)
         r = _call(lambda: self.signer.SignDigest(req, timeout=self.timeout))
         return Signature(KeyInfo.from_pb(r.key), r.signature)
 
-    def sign_digests(self, key: str | pb.KeyRef, digests: Sequence[bytes],
-                     algorithm: str = "rsa-pkcs1-sha256") -> tuple[KeyInfo, list[bytes]]:
+    def sign_digests(
+        self, key: str | pb.KeyRef, digests: Sequence[bytes], algorithm: str = "rsa-pkcs1-sha256"
+    ) -> tuple[KeyInfo, list[bytes]]:
         ref = parse_key_ref(key) if isinstance(key, str) else key
         req = pb.SignDigestsRequest(key=ref, algorithm=_algorithm(algorithm), digests=digests)
         r = _call(lambda: self.signer.SignDigests(req, timeout=self.timeout))
@@ -167,7 +173,9 @@ def _algorithm(name: str) -> pb.SignatureAlgorithm.ValueType:
     try:
         return ALGORITHMS[name]
     except KeyError:
-        raise UsageError(f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}") from None
+        raise UsageError(
+            f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}"
+        ) from None
 
 
 @contextmanager

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 class HsmsignError(Exception):
-    """Root of every error hsmsign raises on purpose. ``str()`` is a one-line, secret-free message."""
+    """Root of every error hsmsign raises on purpose; ``str()`` is one secret-free line."""
 
     #: The gRPC status name this error travels as (client side: the one it arrived as).
     status_name: str = "INTERNAL"

@@ -187,25 +187,33 @@ class _Table:
             raise self.error(key, "must be a table")
         return _Table(self.path, self._key(key), value)
 
-    def path_value(self, key: str, required: bool = False) -> Path | None:
+    def path_value(self, key: str) -> Path | None:
         value = self.get(key, str, None, "a file path")
         if value is None:
-            if required:
-                raise self.error(key, "is required (a file path)")
             return None
         p = Path(value)
         return p if p.is_absolute() else (self.path.parent / p).resolve()
 
+    def required_path(self, key: str) -> Path:
+        value = self.path_value(key)
+        if value is None:
+            raise self.error(key, "is required (a file path)")
+        return value
+
     def positive(self, key: str, kind: type, default: Any, maximum: float) -> Any:
         value = self.get(key, kind, default, f"a number from 1 to {maximum:g}")
         if not 0 < value <= maximum:
-            raise self.error(key, f"got {value!r}; allowed: a number above 0 and at most {maximum:g}")
+            raise self.error(
+                key, f"got {value!r}; allowed: a number above 0 and at most {maximum:g}"
+            )
         return value
 
     def finish(self) -> None:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
-            raise self.error(unknown[0], f"unknown key; allowed here: {', '.join(sorted(self.used))}")
+            raise self.error(
+                unknown[0], f"unknown key; allowed here: {', '.join(sorted(self.used))}"
+            )
 
 
 def _parse_uri(table: _Table, uri: str) -> tuple[str | None, str | None]:
@@ -229,8 +237,7 @@ def _parse_uri(table: _Table, uri: str) -> tuple[str | None, str | None]:
 
 def _token(root: _Table) -> TokenConfig:
     t = root.table("token")
-    module = t.path_value("module", required=True)
-    assert module is not None
+    module = t.required_path("module")
     label = t.get("label", str, None, "the token label")
     serial = t.get("serial", str, None, "the token serial number")
     uri = t.get("uri", str, None, "a PKCS#11 URI")
@@ -292,10 +299,11 @@ def _server(root: _Table) -> ServerConfig:
     tls: TlsConfig | None = None
     if "tls" in s.data:
         tt = s.table("tls")
-        cert = tt.path_value("cert", required=True)
-        key = tt.path_value("key", required=True)
-        assert cert is not None and key is not None
-        tls = TlsConfig(cert=cert, key=key, client_ca=tt.path_value("client_ca"))
+        tls = TlsConfig(
+            cert=tt.required_path("cert"),
+            key=tt.required_path("key"),
+            client_ca=tt.path_value("client_ca"),
+        )
         tt.finish()
     s.finish()
     return ServerConfig(listen, workers, max_calls, grace, tls, reflection)

@@ -27,7 +27,9 @@ from server.token import KeyObjectInfo, Token
 log = logging.getLogger(__name__)
 
 LABEL_PREFIX = "hsmsign:"
-_LABEL_RE = re.compile(r"^hsmsign:(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,63}):v(?P<version>[1-9][0-9]{0,8})$")
+_LABEL_RE = re.compile(
+    r"^hsmsign:(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,63}):v(?P<version>[1-9][0-9]{0,8})$"
+)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ALLOWED_BITS = (2048, 3072, 4096)
 
@@ -139,18 +141,23 @@ def build_keys(objects: list[KeyObjectInfo]) -> dict[str, Key]:
             log.warning("ignoring %s: it is allowed both to sign and to decrypt", info.label)
             continue
         pub = keyformats.public_key_from_numbers(info.modulus, info.public_exponent)
-        grouped.setdefault(m["name"], []).append(KeyVersion(
-            name=m["name"], version=int(m["version"]), purpose=purpose, info=info,
-            public_key=pub, fingerprint=keyformats.fingerprint(pub),
-            capgo_key_id=keyformats.capgo_key_id(pub), imported=not info.local,
-        ))
+        grouped.setdefault(m["name"], []).append(
+            KeyVersion(
+                name=m["name"],
+                version=int(m["version"]),
+                purpose=purpose,
+                info=info,
+                public_key=pub,
+                fingerprint=keyformats.fingerprint(pub),
+                capgo_key_id=keyformats.capgo_key_id(pub),
+                imported=not info.local,
+            )
+        )
     keys: dict[str, Key] = {}
     for name, versions in grouped.items():
         versions.sort(key=lambda v: v.version)
         top = versions[-1].version
-        marked = tuple(
-            KeyVersion(**{**v.__dict__, "primary": v.version == top}) for v in versions
-        )
+        marked = tuple(KeyVersion(**{**v.__dict__, "primary": v.version == top}) for v in versions)
         keys[name] = Key(name=name, purpose=marked[-1].purpose, versions=marked)
     return keys
 
@@ -173,15 +180,17 @@ class KeyRing:
 
     def _current(self) -> Mapping[str, Key]:
         snap = self._snapshot
-        if time.monotonic() - snap.loaded_at > self._config.keyring.refresh_seconds and \
-                self._lock.acquire(blocking=False):
+        if (
+            time.monotonic() - snap.loaded_at > self._config.keyring.refresh_seconds
+            and self._lock.acquire(blocking=False)
+        ):
             try:
                 self.refresh()
             finally:
                 self._lock.release()
         return self._snapshot.keys
 
-    def keys(self) -> list[Key]:
+    def list_keys(self) -> list[Key]:
         return sorted(self._current().values(), key=lambda k: k.name)
 
     def get(self, name: str) -> Key:
@@ -227,7 +236,9 @@ class KeyRing:
                 return key.primary
             return next((v for v in key.versions if v.version == ref.version), None)
         matches = [
-            v for k in keys.values() for v in k.versions
+            v
+            for k in keys.values()
+            for v in k.versions
             if (ref.fingerprint is not None and v.fingerprint == ref.fingerprint.lower())
             or (ref.capgo_key_id is not None and v.capgo_key_id == ref.capgo_key_id)
         ]

@@ -44,15 +44,28 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve RSA signing and session-key unwrap from a PKCS#11 token over gRPC.",
         epilog="Config reference: hsm_config/production.example.toml. Docs: docs/operations.md",
     )
-    p.add_argument("--config", type=Path, default=None,
-                   help=f"config file (default: $HSMSIGN_CONFIG, else {DEFAULT_CONFIG})")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"config file (default: $HSMSIGN_CONFIG, else {DEFAULT_CONFIG})",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the daemon (the default command)")
     for sp in (p, serve):
-        sp.add_argument("--listen", metavar="HOST:PORT", default=None,
-                        help="override server.listen (port 0 picks a free port)")
-        sp.add_argument("--ready-file", type=Path, default=None, metavar="FILE",
-                        help="write {address, pid} as JSON here once serving")
+        sp.add_argument(
+            "--listen",
+            metavar="HOST:PORT",
+            default=None,
+            help="override server.listen (port 0 picks a free port)",
+        )
+        sp.add_argument(
+            "--ready-file",
+            type=Path,
+            default=None,
+            metavar="FILE",
+            help="write {address, pid} as JSON here once serving",
+        )
     keys_cli.add_parser(sub)
     return p
 
@@ -82,9 +95,12 @@ def _credentials(cfg: Config) -> grpc.ServerCredentials | None:
         cert, key = tls.cert.read_bytes(), tls.key.read_bytes()
         ca = tls.client_ca.read_bytes() if tls.client_ca else None
     except OSError as e:
-        raise ConfigError(f"{cfg.path}: server.tls: cannot read {e.filename}: {e.strerror}") from None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                       require_client_auth=ca is not None)
+        raise ConfigError(
+            f"{cfg.path}: server.tls: cannot read {e.filename}: {e.strerror}"
+        ) from None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
 def _write_ready_file(path: Path, address: str) -> None:
@@ -99,8 +115,7 @@ def serve(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
     try:
         ring = KeyRing(token, cfg)
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.server.workers,
-                                       thread_name_prefix="rpc"),
+            futures.ThreadPoolExecutor(max_workers=cfg.server.workers, thread_name_prefix="rpc"),
             maximum_concurrent_rpcs=cfg.server.max_concurrent_calls,
             options=[("grpc.so_reuseport", 0)],
         )
@@ -112,13 +127,17 @@ def serve(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
             from grpc_reflection.v1alpha import reflection
 
             names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Signer", "KeyAdmin")]
-            reflection.enable_server_reflection([*names, health.SERVICE_NAME,
-                                                 reflection.SERVICE_NAME], server)
+            reflection.enable_server_reflection(
+                [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            )
         address = listen or cfg.server.listen
         creds = _credentials(cfg)
         try:
-            port = (server.add_secure_port(address, creds) if creds
-                    else server.add_insecure_port(address))
+            port = (
+                server.add_secure_port(address, creds)
+                if creds
+                else server.add_insecure_port(address)
+            )
         except RuntimeError:
             port = 0
         if port == 0:
@@ -127,22 +146,36 @@ def serve(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
         server.start()
         for name in ("", "hsmsign.v1.Signer", "hsmsign.v1.KeyAdmin"):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        keys = ring.keys()
-        summary = ", ".join(
-            f"{k.name} v{k.primary.version} sha256:{k.primary.fingerprint[:16]}…"
-            for k in keys if k.primary
-        ) or "no keys yet (create one with 'hsmsignd keys create NAME')"
-        log.info("listening on %s (%s) token %r; keys: %s", bound,
-                 "TLS" + (" with client certificates" if cfg.server.tls and cfg.server.tls.client_ca
-                          else "") if creds else "plaintext", token.label, summary)
+        keys = ring.list_keys()
+        summary = (
+            ", ".join(
+                f"{k.name} v{k.primary.version} sha256:{k.primary.fingerprint[:16]}…"
+                for k in keys
+                if k.primary
+            )
+            or "no keys yet (create one with 'hsmsignd keys create NAME')"
+        )
+        log.info(
+            "listening on %s (%s) token %r; keys: %s",
+            bound,
+            "TLS"
+            + (" with client certificates" if cfg.server.tls and cfg.server.tls.client_ca else "")
+            if creds
+            else "plaintext",
+            token.label,
+            summary,
+        )
         if ready_file is not None:
             _write_ready_file(ready_file, bound)
 
         stop = threading.Event()
 
         def on_signal(signum: int, _frame: object) -> None:
-            log.info("%s received: draining in-flight calls (up to %gs)",
-                     signal.Signals(signum).name, cfg.server.grace_seconds)
+            log.info(
+                "%s received: draining in-flight calls (up to %gs)",
+                signal.Signals(signum).name,
+                cfg.server.grace_seconds,
+            )
             stop.set()
 
         signal.signal(signal.SIGTERM, on_signal)

@@ -34,12 +34,27 @@ class SignatureScheme:
 SCHEMES: Final[dict[str, SignatureScheme]] = {
     s.name: s
     for s in (
-        SignatureScheme("rsa-pkcs1-sha256", "SHA-256", 32, RSA_PKCS,
-                        bytes.fromhex("3031300d060960864801650304020105000420")),
-        SignatureScheme("rsa-pkcs1-sha384", "SHA-384", 48, RSA_PKCS,
-                        bytes.fromhex("3041300d060960864801650304020205000430")),
-        SignatureScheme("rsa-pkcs1-sha512", "SHA-512", 64, RSA_PKCS,
-                        bytes.fromhex("3051300d060960864801650304020305000440")),
+        SignatureScheme(
+            "rsa-pkcs1-sha256",
+            "SHA-256",
+            32,
+            RSA_PKCS,
+            bytes.fromhex("3031300d060960864801650304020105000420"),
+        ),
+        SignatureScheme(
+            "rsa-pkcs1-sha384",
+            "SHA-384",
+            48,
+            RSA_PKCS,
+            bytes.fromhex("3041300d060960864801650304020205000430"),
+        ),
+        SignatureScheme(
+            "rsa-pkcs1-sha512",
+            "SHA-512",
+            64,
+            RSA_PKCS,
+            bytes.fromhex("3051300d060960864801650304020305000440"),
+        ),
         SignatureScheme("rsa-pss-sha256", "SHA-256", 32, RSA_PSS_SHA256, b""),
         SignatureScheme("rsa-pss-sha384", "SHA-384", 48, RSA_PSS_SHA384, b""),
         SignatureScheme("rsa-pss-sha512", "SHA-512", 64, RSA_PSS_SHA512, b""),

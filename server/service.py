@@ -62,8 +62,13 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
             log.exception("internal error in %s (incident %s)", handler.__name__, incident)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
         finally:
-            access_log.info("%s peer=%s status=%s ms=%.1f", handler.__name__, context.peer(),
-                            status, (time.perf_counter() - start) * 1000)
+            access_log.info(
+                "%s peer=%s status=%s ms=%.1f",
+                handler.__name__,
+                context.peer(),
+                status,
+                (time.perf_counter() - start) * 1000,
+            )
 
     return wrapper
 
@@ -72,8 +77,9 @@ def key_reference(ref: pb.KeyRef, field: str = "key") -> KeyReference:
     """The domain reference for a KeyRef; INVALID_ARGUMENT when it names nothing."""
     which = ref.WhichOneof("selector")
     if which is None:
-        raise InvalidArgument(f"{field} is missing: set {field}.name, {field}.fingerprint or "
-                              f"{field}.capgo_key_id")
+        raise InvalidArgument(
+            f"{field} is missing: set {field}.name, {field}.fingerprint or {field}.capgo_key_id"
+        )
     if ref.version and which != "name":
         raise InvalidArgument(f"{field}.version goes only with {field}.name")
     if which == "name":
@@ -91,8 +97,13 @@ def key_reference(ref: pb.KeyRef, field: str = "key") -> KeyReference:
 
 
 def used_key(v: KeyVersion) -> pb.UsedKey:
-    return pb.UsedKey(name=v.name, version=v.version, fingerprint=v.fingerprint,
-                      capgo_key_id=v.capgo_key_id, modulus_bits=v.bits)
+    return pb.UsedKey(
+        name=v.name,
+        version=v.version,
+        fingerprint=v.fingerprint,
+        capgo_key_id=v.capgo_key_id,
+        modulus_bits=v.bits,
+    )
 
 
 def scheme_for(algorithm: int) -> operations.SignatureScheme:
@@ -113,26 +124,31 @@ class SignerService(pb_grpc.SignerServicer):
         return self.ring.resolve(key_reference(ref), Purpose.SIGN)
 
     @rpc
-    def GetPublicKey(self, request: pb.GetPublicKeyRequest,
-                     context: grpc.ServicerContext) -> pb.GetPublicKeyResponse:
+    def GetPublicKey(
+        self, request: pb.GetPublicKeyRequest, context: grpc.ServicerContext
+    ) -> pb.GetPublicKeyResponse:
         ref = key_reference(request.key)
         v = self.ring.find(ref)
         return pb.GetPublicKeyResponse(
-            key=used_key(v), spki_der=keyformats.spki_der(v.public_key),
-            spki_pem=keyformats.spki_pem(v.public_key), pkcs1_pem=keyformats.pkcs1_pem(v.public_key),
+            key=used_key(v),
+            spki_der=keyformats.spki_der(v.public_key),
+            spki_pem=keyformats.spki_pem(v.public_key),
+            pkcs1_pem=keyformats.pkcs1_pem(v.public_key),
         )
 
     @rpc
-    def SignDigest(self, request: pb.SignDigestRequest,
-                   context: grpc.ServicerContext) -> pb.SignDigestResponse:
+    def SignDigest(
+        self, request: pb.SignDigestRequest, context: grpc.ServicerContext
+    ) -> pb.SignDigestResponse:
         scheme = scheme_for(request.algorithm)
         key = self._signing_key(request.key)
         sig = operations.sign_digest(self.token, key, scheme, request.digest)
         return pb.SignDigestResponse(key=used_key(key), signature=sig)
 
     @rpc
-    def SignDigests(self, request: pb.SignDigestsRequest,
-                    context: grpc.ServicerContext) -> pb.SignDigestsResponse:
+    def SignDigests(
+        self, request: pb.SignDigestsRequest, context: grpc.ServicerContext
+    ) -> pb.SignDigestsResponse:
         scheme = scheme_for(request.algorithm)
         key = self._signing_key(request.key)
         sigs = operations.sign_digests(self.token, key, scheme, list(request.digests))

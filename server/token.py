@@ -87,16 +87,31 @@ class Mech:
 
 #: The mechanisms hsmsign uses: one table (DESIGN.md fact 4: python-pkcs11's defaults are traps).
 RSA_PKCS = Mech(Mechanism.RSA_PKCS, None, "CKM_RSA_PKCS")
-RSA_PSS_SHA256 = Mech(Mechanism.RSA_PKCS_PSS, (Mechanism.SHA256, MGF.SHA256, 32),
-                      "CKM_RSA_PKCS_PSS with SHA-256, MGF1-SHA-256, 32-byte salt")
-RSA_PSS_SHA384 = Mech(Mechanism.RSA_PKCS_PSS, (Mechanism.SHA384, MGF.SHA384, 48),
-                      "CKM_RSA_PKCS_PSS with SHA-384, MGF1-SHA-384, 48-byte salt")
-RSA_PSS_SHA512 = Mech(Mechanism.RSA_PKCS_PSS, (Mechanism.SHA512, MGF.SHA512, 64),
-                      "CKM_RSA_PKCS_PSS with SHA-512, MGF1-SHA-512, 64-byte salt")
-RSA_OAEP_SHA1 = Mech(Mechanism.RSA_PKCS_OAEP, (Mechanism.SHA_1, MGF.SHA1, None),
-                     "CKM_RSA_PKCS_OAEP with SHA-1, MGF1-SHA-1, no label")
-RSA_OAEP_SHA256 = Mech(Mechanism.RSA_PKCS_OAEP, (Mechanism.SHA256, MGF.SHA256, None),
-                       "CKM_RSA_PKCS_OAEP with SHA-256, MGF1-SHA-256, no label")
+RSA_PSS_SHA256 = Mech(
+    Mechanism.RSA_PKCS_PSS,
+    (Mechanism.SHA256, MGF.SHA256, 32),
+    "CKM_RSA_PKCS_PSS with SHA-256, MGF1-SHA-256, 32-byte salt",
+)
+RSA_PSS_SHA384 = Mech(
+    Mechanism.RSA_PKCS_PSS,
+    (Mechanism.SHA384, MGF.SHA384, 48),
+    "CKM_RSA_PKCS_PSS with SHA-384, MGF1-SHA-384, 48-byte salt",
+)
+RSA_PSS_SHA512 = Mech(
+    Mechanism.RSA_PKCS_PSS,
+    (Mechanism.SHA512, MGF.SHA512, 64),
+    "CKM_RSA_PKCS_PSS with SHA-512, MGF1-SHA-512, 64-byte salt",
+)
+RSA_OAEP_SHA1 = Mech(
+    Mechanism.RSA_PKCS_OAEP,
+    (Mechanism.SHA_1, MGF.SHA1, None),
+    "CKM_RSA_PKCS_OAEP with SHA-1, MGF1-SHA-1, no label",
+)
+RSA_OAEP_SHA256 = Mech(
+    Mechanism.RSA_PKCS_OAEP,
+    (Mechanism.SHA256, MGF.SHA256, None),
+    "CKM_RSA_PKCS_OAEP with SHA-256, MGF1-SHA-256, no label",
+)
 
 
 @dataclass(frozen=True)
@@ -127,8 +142,11 @@ class Session:
     def _private_key(self, cka_id: bytes) -> Any:
         key = self._keys.get(cka_id)
         if key is None:
-            objs = list(self.raw.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
-                                              Attribute.ID: cka_id}))
+            objs = list(
+                self.raw.get_objects(
+                    {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: cka_id}
+                )
+            )
             if not objs:
                 raise KeyNotFound("the key's private object is no longer in the token")
             key = objs[0]
@@ -147,25 +165,32 @@ class Session:
             except _HANDLE_STALE:
                 self.forget(cka_id)
                 if attempt == 2:
-                    raise KeyNotFound("the key's private object is no longer in the token") from None
+                    raise KeyNotFound(
+                        "the key's private object is no longer in the token"
+                    ) from None
         raise AssertionError("unreachable")
 
     def sign(self, cka_id: bytes, mech: Mech, data: bytes) -> bytes:
         """C_Sign with an explicit mechanism over ``data`` (already a digest or encoded block)."""
         return self._with_key(
-            cka_id, mech.description,
+            cka_id,
+            mech.description,
             lambda k: bytes(k.sign(data, mechanism=mech.mechanism, mechanism_param=mech.param)),
         )
 
     def sign_many(self, cka_id: bytes, mech: Mech, items: Sequence[bytes]) -> list[bytes]:
         def run(k: Any) -> list[bytes]:
-            return [bytes(k.sign(d, mechanism=mech.mechanism, mechanism_param=mech.param))
-                    for d in items]
+            return [
+                bytes(k.sign(d, mechanism=mech.mechanism, mechanism_param=mech.param))
+                for d in items
+            ]
+
         return self._with_key(cka_id, mech.description, run)
 
     def decrypt(self, cka_id: bytes, mech: Mech, data: bytes) -> bytes:
         return self._with_key(
-            cka_id, mech.description,
+            cka_id,
+            mech.description,
             lambda k: bytes(k.decrypt(data, mechanism=mech.mechanism, mechanism_param=mech.param)),
         )
 
@@ -174,16 +199,18 @@ class Session:
     def find_key_objects(self, label_prefix: str) -> list[KeyObjectInfo]:
         """Every RSA private key whose label starts with ``label_prefix``, with its attributes."""
         out = []
-        for obj in self.raw.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
-                                         Attribute.KEY_TYPE: KeyType.RSA}):
+        for obj in self.raw.get_objects(
+            {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType.RSA}
+        ):
             label = obj[Attribute.LABEL] or ""
             if not label.startswith(label_prefix):
                 continue
             out.append(_describe(obj))
         return out
 
-    def generate_rsa_keypair(self, bits: int, label: str, cka_id: bytes, *,
-                             sign: bool, decrypt: bool) -> KeyObjectInfo:
+    def generate_rsa_keypair(
+        self, bits: int, label: str, cka_id: bytes, *, sign: bool, decrypt: bool
+    ) -> KeyObjectInfo:
         """Generates a key pair inside the token: sensitive, never extractable, one purpose."""
         public_template = {
             Attribute.TOKEN: True,
@@ -213,8 +240,12 @@ class Session:
         }
         try:
             _pub, priv = self.raw.generate_keypair(
-                KeyType.RSA, bits, store=True, mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
-                public_template=public_template, private_template=private_template,
+                KeyType.RSA,
+                bits,
+                store=True,
+                mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
+                public_template=public_template,
+                private_template=private_template,
             )
         except p11e.PKCS11Error as e:
             raise classify(e, f"generating an RSA-{bits} key pair") from None
@@ -242,21 +273,24 @@ class Session:
     def data_objects(self, application: str) -> list[tuple[Any, str, bytes]]:
         """CKO_DATA objects of an application: (object, label, value)."""
         out = []
-        for obj in self.raw.get_objects({Attribute.CLASS: ObjectClass.DATA,
-                                         Attribute.APPLICATION: application}):
+        for obj in self.raw.get_objects(
+            {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: application}
+        ):
             out.append((obj, obj[Attribute.LABEL] or "", bytes(obj[Attribute.VALUE])))
         return out
 
     def create_data_object(self, application: str, label: str, value: bytes) -> None:
-        self.raw.create_object({
-            Attribute.CLASS: ObjectClass.DATA,
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: True,
-            Attribute.MODIFIABLE: True,
-            Attribute.APPLICATION: application,
-            Attribute.LABEL: label,
-            Attribute.VALUE: value,
-        })
+        self.raw.create_object(
+            {
+                Attribute.CLASS: ObjectClass.DATA,
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.MODIFIABLE: True,
+                Attribute.APPLICATION: application,
+                Attribute.LABEL: label,
+                Attribute.VALUE: value,
+            }
+        )
 
     def random(self, n: int) -> bytes:
         return bytes(self.raw.generate_random(n * 8))
@@ -307,8 +341,7 @@ class Token:
         except p11e.PKCS11Error as e:
             raise StartupError(f"cannot load PKCS#11 module {config.module}: {e}") from None
         try:
-            self._token = self._lib.get_token(token_label=config.label,
-                                              token_serial=config.serial)
+            self._token = self._lib.get_token(token_label=config.label, token_serial=config.serial)
         except p11e.NoSuchToken:
             raise StartupError(
                 f"no token with {config.describe_token()} in module {config.module}"
@@ -327,15 +360,22 @@ class Token:
                 "to avoid locking the token)"
             ) from None
         except p11e.PinLocked:
-            raise StartupError("the token's user PIN is locked; unlock it with the SO PIN") from None
+            raise StartupError(
+                "the token's user PIN is locked; unlock it with the SO PIN"
+            ) from None
         except p11e.PKCS11Error as e:
             raise StartupError(f"cannot log in to the token: {type(e).__name__}") from None
         finally:
             del pin
         for _ in range(config.sessions):
             self._pool.put(Session(self._open_session()))
-        log.info("token %s: %d sessions, threading=%s, module %s", config.describe_token(),
-                 config.sessions, config.threading, config.module)
+        log.info(
+            "token %s: %d sessions, threading=%s, module %s",
+            config.describe_token(),
+            config.sessions,
+            config.threading,
+            config.module,
+        )
 
     @property
     def label(self) -> str:
