@@ -149,7 +149,7 @@ def serve(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
         keys = ring.list_keys()
         summary = (
             ", ".join(
-                f"{k.name} v{k.primary.version} sha256:{k.primary.fingerprint[:16]}…"
+                f"{k.name} v{k.primary.version} sha256:{k.primary.fingerprint}"
                 for k in keys
                 if k.primary
             )
