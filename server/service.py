@@ -1,20 +1,10 @@
-"""gRPC servicers: the one place where domain errors become gRPC status codes.
+"""The Signer gRPC servicer: one class composed of a mixin per capability.
 
-Each handler converts the request to domain values, calls ``server.operations`` and converts
-back. The ``rpc`` decorator maps every ``ServerError`` to its status with its one-line message,
-and anything unexpected to INTERNAL with an incident id (the traceback stays in the daemon's
-log). Nothing the caller sent (digests, session keys) is logged; calls are logged by method,
-peer, key version and status.
+Handlers convert requests to domain values, call ``server.operations`` and convert back;
+``server.rpc`` holds the decorator that maps errors to status codes.
 """
 
 from __future__ import annotations
-
-import functools
-import logging
-import time
-import uuid
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import grpc
 
@@ -23,95 +13,13 @@ from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from server import operations
 from server.config import Config
-from server.errors import InvalidArgument, ServerError
-from server.keyring import KeyReference, KeyRing, KeyVersion, Purpose
+from server.keyring import KeyRing, KeyVersion, Purpose
+
+# Re-exported for the capability mixins.
+from server.rpc import key_reference, rpc, scheme_for, used_key
 from server.token import Token
 
-log = logging.getLogger(__name__)
-access_log = logging.getLogger("hsmsign.access")
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Handler = Callable[[Any, Req, grpc.ServicerContext], Resp]
-
-_ALGORITHMS: dict[int, str] = {
-    pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256: "rsa-pkcs1-sha256",
-    pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA384: "rsa-pkcs1-sha384",
-    pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA512: "rsa-pkcs1-sha512",
-    pb.SIGNATURE_ALGORITHM_RSA_PSS_SHA256: "rsa-pss-sha256",
-    pb.SIGNATURE_ALGORITHM_RSA_PSS_SHA384: "rsa-pss-sha384",
-    pb.SIGNATURE_ALGORITHM_RSA_PSS_SHA512: "rsa-pss-sha512",
-}
-
-
-def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Maps errors to status codes and writes one access-log line per call."""
-
-    @functools.wraps(handler)
-    def wrapper(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
-        start = time.perf_counter()
-        status = "OK"
-        try:
-            return handler(self, request, context)
-        except ServerError as e:
-            status = e.code.name
-            context.abort(e.code, str(e))
-        except Exception:
-            incident = uuid.uuid4().hex[:12]
-            status = "INTERNAL"
-            log.exception("internal error in %s (incident %s)", handler.__name__, incident)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
-        finally:
-            access_log.info(
-                "%s peer=%s status=%s ms=%.1f",
-                handler.__name__,
-                context.peer(),
-                status,
-                (time.perf_counter() - start) * 1000,
-            )
-
-    return wrapper
-
-
-def key_reference(ref: pb.KeyRef, field: str = "key") -> KeyReference:
-    """The domain reference for a KeyRef; INVALID_ARGUMENT when it names nothing."""
-    which = ref.WhichOneof("selector")
-    if which is None:
-        raise InvalidArgument(
-            f"{field} is missing: set {field}.name, {field}.fingerprint or {field}.capgo_key_id"
-        )
-    if ref.version and which != "name":
-        raise InvalidArgument(f"{field}.version goes only with {field}.name")
-    if which == "name":
-        if not ref.name:
-            raise InvalidArgument(f"{field}.name is empty")
-        return KeyReference(name=ref.name, version=ref.version)
-    if which == "fingerprint":
-        fp = ref.fingerprint.lower().removeprefix("sha256:")
-        if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
-            raise InvalidArgument(f"{field}.fingerprint must be 64 hex characters (SHA-256)")
-        return KeyReference(fingerprint=fp)
-    if not ref.capgo_key_id:
-        raise InvalidArgument(f"{field}.capgo_key_id is empty")
-    return KeyReference(capgo_key_id=ref.capgo_key_id)
-
-
-def used_key(v: KeyVersion) -> pb.UsedKey:
-    return pb.UsedKey(
-        name=v.name,
-        version=v.version,
-        fingerprint=v.fingerprint,
-        capgo_key_id=v.capgo_key_id,
-        modulus_bits=v.bits,
-    )
-
-
-def scheme_for(algorithm: int) -> operations.SignatureScheme:
-    name = _ALGORITHMS.get(algorithm)
-    if name is None:
-        allowed = ", ".join(pb.SignatureAlgorithm.Name(a) for a in _ALGORITHMS)  # type: ignore[arg-type]
-        raise InvalidArgument(f"algorithm {algorithm} is not supported; allowed: {allowed}")
-    return operations.SCHEMES[name]
+__all__ = ["SignerService", "key_reference", "rpc", "used_key"]
 
 
 class SignerService(pb_grpc.SignerServicer):
