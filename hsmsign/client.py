@@ -7,6 +7,7 @@ message) instead of a raw ``grpc.RpcError``.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -185,3 +186,90 @@ def connect(target: str | None = None, tls: TlsOptions | None = None) -> Iterato
         yield c
     finally:
         c.close()
+
+
+# -- Capgo calls -------------------------------------------------------------------------------
+
+#: Checksum formats by the names the CLI and library accept.
+CHECKSUM_FORMATS: dict[str, pb.ChecksumFormat.ValueType] = {
+    "v3": pb.CHECKSUM_FORMAT_V3,
+    "v2": pb.CHECKSUM_FORMAT_V2,
+}
+
+
+@dataclass(frozen=True)
+class SealedBundle:
+    """The daemon's answer for one bundle: the two upload fields and the key that made them."""
+
+    key: KeyInfo
+    iv_session_key: str
+    signed_checksum: str
+
+
+def _checksum_format(name: str) -> pb.ChecksumFormat.ValueType:
+    try:
+        return CHECKSUM_FORMATS[name]
+    except KeyError:
+        raise UsageError(f"unknown checksum format {name!r}; choose v3 or v2") from None
+
+
+def seal_bundle(
+    client: Client,
+    key: str | pb.KeyRef,
+    session_key: bytes,
+    iv: bytes,
+    checksum_sha256: bytes,
+    checksum_format: str = "v3",
+) -> SealedBundle:
+    """SealBundle: the sealed session key (as ivSessionKey) and the signed checksum."""
+    ref = parse_key_ref(key) if isinstance(key, str) else key
+    req = pb.SealBundleRequest(
+        key=ref,
+        session_key=session_key,
+        iv=iv,
+        checksum_sha256=checksum_sha256,
+        format=_checksum_format(checksum_format),
+    )
+    r = _call(lambda: client.signer.SealBundle(req, timeout=client.timeout))
+    return SealedBundle(KeyInfo.from_pb(r.key), r.iv_session_key, r.signed_checksum)
+
+
+def seal_session_key(client: Client, key: str | pb.KeyRef, session_key: bytes) -> Signature:
+    ref = parse_key_ref(key) if isinstance(key, str) else key
+    req = pb.SealSessionKeyRequest(key=ref, session_key=session_key)
+    r = _call(lambda: client.signer.SealSessionKey(req, timeout=client.timeout))
+    return Signature(KeyInfo.from_pb(r.key), r.sealed_session_key)
+
+
+def sign_checksums(
+    client: Client,
+    key: str | pb.KeyRef,
+    checksums_sha256: Sequence[bytes],
+    checksum_format: str = "v3",
+    batch_size: int = 1000,
+) -> tuple[KeyInfo, list[str]]:
+    """SignChecksums in batches of ``batch_size``; all with the same key version.
+
+    Raises RemoteError if the daemon answers with different versions across batches (the key
+    was rotated mid-release), so that one release never mixes key versions.
+    """
+    ref = parse_key_ref(key) if isinstance(key, str) else key
+    out: list[str] = []
+    info: KeyInfo | None = None
+    for start in range(0, len(checksums_sha256), batch_size):
+        chunk = checksums_sha256[start : start + batch_size]
+        req = pb.SignChecksumsRequest(
+            key=ref, checksums_sha256=chunk, format=_checksum_format(checksum_format)
+        )
+        r = _call(functools.partial(client.signer.SignChecksums, req, timeout=client.timeout))
+        this = KeyInfo.from_pb(r.key)
+        if info is None:
+            info = this
+            # pin the version for the remaining batches
+            ref = pb.KeyRef(name=this.name, version=this.version)
+        elif this.fingerprint != info.fingerprint:
+            raise RemoteError("ABORTED", "the key changed between batches; run again")
+        out.extend(r.signed_checksums)
+    if info is None:
+        raise UsageError("no checksums to sign")
+    return info, out
