@@ -113,6 +113,61 @@ RSA_OAEP_SHA256 = Mech(
     "CKM_RSA_PKCS_OAEP with SHA-256, MGF1-SHA-256, no label",
 )
 
+# Unwrap (server.unwrap): raw RSA lets PKCS#1 v1.5 padding be checked outside the token's
+# error path (implicit rejection); the HMAC key derives the rejection value inside the token.
+RSA_X_509 = Mech(Mechanism.RSA_X_509, None, "CKM_RSA_X_509 (raw RSA)")
+SHA256_HMAC = Mech(Mechanism.SHA256_HMAC, None, "CKM_SHA256_HMAC")
+GENERIC_SECRET_KEY_GEN = Mech(
+    Mechanism.GENERIC_SECRET_KEY_GEN, None, "CKM_GENERIC_SECRET_KEY_GEN (256 bits)"
+)
+
+#: Label of the per-token secret that derives PKCS#1 v1.5 implicit-rejection keys.
+IMPLICIT_REJECTION_LABEL = "hsmsign:implicit-rejection"
+
+# C_UnwrapKey not offered for this mechanism/key/template: fall back to C_Decrypt.
+_UNWRAP_NOT_OFFERED = (
+    p11e.FunctionNotSupported,
+    p11e.FunctionRejected,
+    p11e.MechanismInvalid,
+    p11e.MechanismParamInvalid,
+    p11e.ArgumentsBad,
+    p11e.KeyTypeInconsistent,
+    p11e.TemplateInconsistent,
+    p11e.TemplateIncomplete,
+    p11e.AttributeValueInvalid,
+)
+# The token refused the ciphertext itself (SoftHSM2 answers CKR_GENERAL_ERROR for every bad
+# padding, OAEP or v1.5, and for an empty or oversized input).
+_CIPHERTEXT_REJECTED = (
+    p11e.EncryptedDataInvalid,
+    p11e.EncryptedDataLenRange,
+    p11e.WrappedKeyInvalid,
+    p11e.WrappedKeyLenRange,
+    p11e.DataInvalid,
+    p11e.DataLenRange,
+    p11e.GeneralError,
+)
+# The mechanism or its parameters are refused. Our parameters come from the table above and
+# are well formed, so CKR_ARGUMENTS_BAD means the token rejects them: SoftHSM2 2.6.1 answers
+# it for OAEP with SHA-256 (DESIGN.md fact 3).
+_MECHANISM_REFUSED = (p11e.MechanismInvalid, p11e.MechanismParamInvalid, p11e.ArgumentsBad)
+
+# A session-only, readable secret object: C_UnwrapKey's result is read once and destroyed.
+_SESSION_SECRET_TEMPLATE: Mapping[Attribute, Any] = {
+    Attribute.TOKEN: False,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: False,
+    Attribute.EXTRACTABLE: True,
+    Attribute.ENCRYPT: False,
+    Attribute.DECRYPT: False,
+    Attribute.SIGN: False,
+    Attribute.VERIFY: False,
+    Attribute.WRAP: False,
+    Attribute.UNWRAP: False,
+    Attribute.DERIVE: False,
+}
+_IMPLICIT_REJECTION_LOCK = threading.Lock()
+
 
 @dataclass(frozen=True)
 class KeyObjectInfo:
@@ -193,6 +248,123 @@ class Session:
             mech.description,
             lambda k: bytes(k.decrypt(data, mechanism=mech.mechanism, mechanism_param=mech.param)),
         )
+
+    # -- unwrap (server.unwrap) ---------------------------------------------------------------
+
+    #: Handle of the implicit-rejection secret, looked up once per session.
+    _implicit_rejection_key: Any = None
+
+    def _rsa_private_op(
+        self, cka_id: bytes, mech: Mech, op: Callable[[Any], bytes]
+    ) -> bytes | None:
+        try:
+            return self._with_key(cka_id, mech.description, op)
+        except _MECHANISM_REFUSED as e:
+            raise MechanismUnsupported(
+                f"the token does not support {mech.description} ({type(e).__name__})"
+            ) from None
+        except _CIPHERTEXT_REJECTED:
+            return None
+
+    def decrypt_or_none(self, cka_id: bytes, mech: Mech, data: bytes) -> bytes | None:
+        """C_Decrypt; None when the token rejects the ciphertext (any reason, not told apart).
+
+        Raises MechanismUnsupported naming ``mech`` when the token refuses the mechanism.
+        """
+        return self._rsa_private_op(
+            cka_id,
+            mech,
+            lambda k: bytes(k.decrypt(data, mechanism=mech.mechanism, mechanism_param=mech.param)),
+        )
+
+    def unwrap_secret(self, cka_id: bytes, mech: Mech, wrapped: bytes) -> bytes | None:
+        """The secret an RSA ciphertext carries; None when the token rejects the ciphertext.
+
+        C_UnwrapKey into a session-only (CKA_TOKEN=false) generic-secret object that is not
+        sensitive, so its value can be read; the object is destroyed at once. Falls back to
+        C_Decrypt where the token, the key or the template does not allow unwrap with ``mech``.
+        Raises MechanismUnsupported naming ``mech`` when the token refuses the mechanism.
+        """
+
+        def op(k: Any) -> bytes:
+            try:
+                obj = k.unwrap_key(
+                    ObjectClass.SECRET_KEY,
+                    KeyType.GENERIC_SECRET,
+                    wrapped,
+                    mechanism=mech.mechanism,
+                    mechanism_param=mech.param,
+                    store=False,
+                    template=dict(_SESSION_SECRET_TEMPLATE),
+                )
+            except _UNWRAP_NOT_OFFERED:
+                return bytes(
+                    k.decrypt(wrapped, mechanism=mech.mechanism, mechanism_param=mech.param)
+                )
+            try:
+                return bytes(obj[Attribute.VALUE])
+            finally:
+                obj.destroy()
+
+        return self._rsa_private_op(cka_id, mech, op)
+
+    def _find_implicit_rejection_key(self) -> Any:
+        objs = list(
+            self.raw.get_objects(
+                {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: IMPLICIT_REJECTION_LABEL}
+            )
+        )
+        # Two daemons creating it at once leave two: every daemon picks the lowest CKA_ID.
+        return min(objs, key=lambda o: bytes(o[Attribute.ID])) if objs else None
+
+    def _implicit_rejection_secret(self) -> Any:
+        key = self._implicit_rejection_key or self._find_implicit_rejection_key()
+        if key is None:
+            with _IMPLICIT_REJECTION_LOCK:
+                key = self._find_implicit_rejection_key()
+                if key is None:
+                    self.raw.generate_key(
+                        KeyType.GENERIC_SECRET,
+                        256,
+                        id=self.random(16),
+                        label=IMPLICIT_REJECTION_LABEL,
+                        store=True,
+                        mechanism=GENERIC_SECRET_KEY_GEN.mechanism,
+                        template={
+                            Attribute.TOKEN: True,
+                            Attribute.PRIVATE: True,
+                            Attribute.SENSITIVE: True,
+                            Attribute.EXTRACTABLE: False,
+                            Attribute.MODIFIABLE: False,
+                            Attribute.SIGN: True,
+                            Attribute.VERIFY: False,
+                            Attribute.ENCRYPT: False,
+                            Attribute.DECRYPT: False,
+                            Attribute.WRAP: False,
+                            Attribute.UNWRAP: False,
+                            Attribute.DERIVE: False,
+                        },
+                    )
+                    log.info("created the token's implicit-rejection secret")
+                    key = self._find_implicit_rejection_key()
+        self._implicit_rejection_key = key
+        return key
+
+    def implicit_rejection_mac(self, data: bytes) -> bytes:
+        """HMAC-SHA-256 of ``data`` under the token's implicit-rejection secret.
+
+        The secret is a generic-secret token object (sensitive, never extractable, sign only),
+        created on first need; it never leaves the token.
+        """
+        for attempt in (1, 2):
+            key = self._implicit_rejection_secret()
+            try:
+                return bytes(key.sign(data, mechanism=SHA256_HMAC.mechanism))
+            except _HANDLE_STALE:
+                self._implicit_rejection_key = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     # -- object management (key ring, admin) -----------------------------------------------
 
