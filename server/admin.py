@@ -1,37 +1,382 @@
-"""Key administration on the token: used by the KeyAdmin service and by `hsmsignd keys`."""
+"""Key administration on the token: used by the KeyAdmin service and by `hsmsignd keys`.
+
+Every change goes through ``KeyRing.update`` (the ring state in the token, compare-and-swap),
+so a running daemon and an offline ceremony see the same ring. A new version is made in three
+steps: its number is reserved in the state (so two processes rotating at once cannot both make
+"v3"), the key pair is generated (or imported) in the token, then the version is recorded as
+enabled. Each function raises KeyNotFound, InvalidArgument or FailedPrecondition with a
+one-line message, and token errors as classified by ``server.token``.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
+from datetime import timedelta
 
-from server.errors import FailedPrecondition, InvalidArgument
-from server.keyring import ALLOWED_BITS, KeyRing, KeyVersion, Purpose, check_name, version_label
-from server.token import Token
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from hsmsign import keyformats
+from server.errors import FailedPrecondition, InvalidArgument, KeyNotFound
+from server.keyring import (
+    ALLOWED_BITS,
+    PENDING,
+    Key,
+    KeyRecord,
+    KeyRing,
+    KeyVersion,
+    Purpose,
+    RingState,
+    State,
+    VersionRecord,
+    check_name,
+    now_utc,
+    spki_b64,
+    version_label,
+)
+from server.token import KeyObjectInfo, Session, Token
+
+log = logging.getLogger(__name__)
+
+#: Default delay before a scheduled destruction when the caller names none.
+DEFAULT_DESTRUCTION_DELAY = timedelta(hours=24)
+
+MakeObjects = Callable[[Session, str, bytes], KeyObjectInfo]
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in ALLOWED_BITS:
+        raise InvalidArgument(f"RSA-{bits} is not offered; choose 2048, 3072 or 4096")
+
+
+def _record(state: RingState, name: str) -> KeyRecord:
+    rec = state.keys.get(name)
+    if rec is None or not any(v.state != PENDING for v in rec.versions.values()):
+        raise KeyNotFound(f"no key named {name!r}")
+    return rec
+
+
+def _version_record(state: RingState, name: str, version: int) -> tuple[KeyRecord, VersionRecord]:
+    rec = _record(state, name)
+    vr = rec.versions.get(version)
+    if vr is None or vr.state == PENDING:
+        raise KeyNotFound(f"key {name!r} has no version {version}")
+    return rec, vr
+
+
+def _new_version(
+    ring: KeyRing,
+    name: str,
+    purpose: Purpose,
+    bits: int,
+    *,
+    new_key: bool,
+    make_primary: bool,
+    imported: bool,
+    make_objects: MakeObjects,
+    spki: str | None = None,
+) -> KeyVersion:
+    check_name(name)
+    cka_id = os.urandom(16)
+
+    def reserve(state: RingState) -> int:
+        if spki is not None:
+            for other_name, other in state.keys.items():
+                for n, v in other.versions.items():
+                    if v.spki == spki:
+                        raise FailedPrecondition(
+                            f"this key is already in the ring as key {other_name!r} version {n}"
+                        )
+        rec = state.keys.get(name)
+        exists = rec is not None and any(v.state != PENDING for v in rec.versions.values())
+        if new_key and exists:
+            raise FailedPrecondition(f"a key named {name!r} already exists; rotate it instead")
+        if rec is None or not exists:
+            if not new_key and not imported:
+                raise KeyNotFound(f"no key named {name!r}")
+            rec = state.keys[name] = KeyRecord(purpose=purpose.value, bits=bits)
+        elif rec.purpose != purpose.value:
+            raise FailedPrecondition(
+                f"key {name!r} is a {rec.purpose} key; a {purpose.value} version cannot join it"
+            )
+        elif rec.bits != bits:
+            raise FailedPrecondition(
+                f"key {name!r} is RSA-{rec.bits}; an RSA-{bits} version cannot join it"
+            )
+        n = max(rec.versions, default=0) + 1
+        rec.versions[n] = VersionRecord(
+            state=PENDING, cka_id=cka_id.hex(), created_at=now_utc(), imported=imported
+        )
+        return n
+
+    version = ring.update(reserve)
+    label = version_label(name, version)
+    try:
+        with ring.token.session(f"making key pair {label}") as s:
+            info = make_objects(s, label, cka_id)
+    except BaseException:
+
+        def release(state: RingState) -> None:
+            rec = state.keys.get(name)
+            if rec is not None:
+                rec.versions.pop(version, None)
+                if not rec.versions:
+                    del state.keys[name]
+
+        ring.update(release)
+        raise
+
+    pub = keyformats.public_key_from_numbers(info.modulus, info.public_exponent)
+
+    def finish(state: RingState) -> None:
+        rec = state.keys[name]
+        vr = rec.versions[version]
+        vr.state = State.ENABLED.value
+        vr.cka_id = cka_id.hex()
+        vr.spki = spki_b64(pub)
+        current = rec.versions.get(rec.primary)
+        if make_primary or current is None or current.state != State.ENABLED.value:
+            rec.primary = version
+
+    ring.update(finish)
+    log.info(
+        "%s %s (RSA-%d %s) sha256:%s",
+        "imported" if imported else "generated",
+        label,
+        bits,
+        purpose.value,
+        keyformats.fingerprint(pub),
+    )
+    return ring.get(name).version(version)
+
+
+def _generate(purpose: Purpose, bits: int) -> MakeObjects:
+    def make(s: Session, label: str, cka_id: bytes) -> KeyObjectInfo:
+        return s.generate_rsa_keypair(
+            bits,
+            label,
+            cka_id,
+            sign=purpose is Purpose.SIGN,
+            decrypt=purpose is Purpose.UNWRAP,
+        )
+
+    return make
 
 
 def create_key(token: Token, ring: KeyRing, name: str, purpose: Purpose, bits: int) -> KeyVersion:
     """Generates version 1 of a new key inside the token. Raises if the name is taken."""
     check_name(name)
-    if bits not in ALLOWED_BITS:
-        raise InvalidArgument(f"RSA-{bits} is not offered; choose 2048, 3072 or 4096")
-    ring.refresh()
-    if any(k.name == name for k in ring.list_keys()):
-        raise FailedPrecondition(f"a key named {name!r} already exists; rotate it instead")
-    return _generate(token, ring, name, 1, purpose, bits)
+    _check_bits(bits)
+    return _new_version(
+        ring,
+        name,
+        purpose,
+        bits,
+        new_key=True,
+        make_primary=True,
+        imported=False,
+        make_objects=_generate(purpose, bits),
+    )
 
 
-def _generate(
-    token: Token, ring: KeyRing, name: str, version: int, purpose: Purpose, bits: int
+def rotate_key(ring: KeyRing, name: str, make_primary: bool) -> KeyVersion:
+    """Generates the next version of a key, with the key's purpose and size."""
+    key = ring.get(check_name(name))
+    return _new_version(
+        ring,
+        name,
+        key.purpose,
+        key.bits,
+        new_key=False,
+        make_primary=make_primary,
+        imported=False,
+        make_objects=_generate(key.purpose, key.bits),
+    )
+
+
+def import_key(
+    ring: KeyRing, name: str, purpose: Purpose, private_key_der: bytes, make_primary: bool
 ) -> KeyVersion:
-    label = version_label(name, version)
-    with token.session(f"generating RSA-{bits} key {label}") as s:
-        s.generate_rsa_keypair(
-            bits,
+    """Writes an existing RSA private key (unencrypted DER PKCS#8) into the token as a new
+    version of ``name`` (a new key when the name is free). Never logs key material."""
+    check_name(name)
+    try:
+        key = serialization.load_der_private_key(private_key_der, password=None)
+    except (ValueError, TypeError):
+        raise InvalidArgument(
+            "private_key_der is not an unencrypted DER PKCS#8 private key"
+        ) from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise InvalidArgument(
+            f"only RSA keys can be imported; this is a {type(key).__name__.lstrip('_')}"
+        )
+    bits = key.key_size
+    if bits < 2048:
+        raise InvalidArgument(f"RSA-{bits} is too small to import; at least 2048 bits")
+    _check_bits(bits)
+    priv = key.private_numbers()
+    numbers = {
+        "n": priv.public_numbers.n,
+        "e": priv.public_numbers.e,
+        "d": priv.d,
+        "p": priv.p,
+        "q": priv.q,
+        "dmp1": priv.dmp1,
+        "dmq1": priv.dmq1,
+        "iqmp": priv.iqmp,
+    }
+    del key, priv
+
+    def make(s: Session, label: str, cka_id: bytes) -> KeyObjectInfo:
+        return s.import_rsa_private_key(
             label,
-            os.urandom(16),
+            cka_id,
+            numbers,
             sign=purpose is Purpose.SIGN,
             decrypt=purpose is Purpose.UNWRAP,
         )
+
+    pub = keyformats.public_key_from_numbers(numbers["n"], numbers["e"])
+    try:
+        return _new_version(
+            ring,
+            name,
+            purpose,
+            bits,
+            new_key=False,
+            make_primary=make_primary,
+            imported=True,
+            make_objects=make,
+            spki=spki_b64(pub),
+        )
+    finally:
+        numbers.clear()
+
+
+def _live_version(ring: KeyRing, name: str, version: int) -> KeyVersion:
+    """The version as the ring sees it (objects included); refuses destroyed versions."""
     ring.refresh()
-    key = ring.get(name)
-    return next(v for v in key.versions if v.version == version)
+    v = ring.get(check_name(name)).version(version)
+    return v
+
+
+def set_primary(ring: KeyRing, name: str, version: int) -> Key:
+    v = _live_version(ring, name, version)
+    if v.state is not State.ENABLED:
+        raise FailedPrecondition(
+            f"{v.describe()} is {v.state.value}; only an enabled version can be primary"
+        )
+    if v.refused:
+        raise FailedPrecondition(v.refused)
+
+    def mutate(state: RingState) -> None:
+        rec, vr = _version_record(state, name, version)
+        if vr.state != State.ENABLED.value:
+            raise FailedPrecondition(f"{v.describe()} is {vr.state}")
+        rec.primary = version
+
+    ring.update(mutate)
+    return ring.get(name)
+
+
+def disable_version(ring: KeyRing, name: str, version: int) -> Key:
+    v = _live_version(ring, name, version)
+    if v.state is State.DESTROYED:
+        raise FailedPrecondition(f"{v.describe()} is destroyed")
+
+    def mutate(state: RingState) -> None:
+        rec, vr = _version_record(state, name, version)
+        if rec.primary == version:
+            raise FailedPrecondition(
+                f"{v.describe()} is the primary version; set another primary first"
+            )
+        if vr.state == State.DESTRUCTION_SCHEDULED.value:
+            raise FailedPrecondition(
+                f"{v.describe()} is scheduled for destruction (and so unusable); cancel the "
+                "destruction to make it disabled"
+            )
+        if vr.state != State.DESTROYED.value:
+            vr.state = State.DISABLED.value
+
+    ring.update(mutate)
+    return ring.get(name)
+
+
+def enable_version(ring: KeyRing, name: str, version: int) -> Key:
+    v = _live_version(ring, name, version)
+    if v.state is State.DESTROYED:
+        raise FailedPrecondition(f"{v.describe()} is destroyed and cannot be enabled")
+
+    def mutate(state: RingState) -> None:
+        _rec, vr = _version_record(state, name, version)
+        if vr.state == State.DESTROYED.value:
+            raise FailedPrecondition(f"{v.describe()} is destroyed and cannot be enabled")
+        if vr.state == State.DESTRUCTION_SCHEDULED.value:
+            raise FailedPrecondition(
+                f"{v.describe()} is scheduled for destruction; cancel the destruction first"
+            )
+        vr.state = State.ENABLED.value
+
+    ring.update(mutate)
+    return ring.get(name)
+
+
+def schedule_destruction(ring: KeyRing, name: str, version: int, delay: timedelta | None) -> Key:
+    """Schedules the version's objects for destruction after ``delay`` (default 24 h, never
+    less than the configured minimum). Whoever refreshes the ring after that time destroys
+    them."""
+    minimum = timedelta(seconds=ring.config.keyring.min_destruction_delay_seconds)
+    if delay is None:
+        delay = max(DEFAULT_DESTRUCTION_DELAY, minimum)
+    if delay < timedelta(0):
+        raise InvalidArgument("delay must not be negative")
+    if delay < minimum:
+        raise InvalidArgument(
+            f"delay {delay} is below this daemon's minimum of {minimum} "
+            "(keyring.min_destruction_delay_hours)"
+        )
+    v = _live_version(ring, name, version)
+    if v.state is State.DESTROYED:
+        raise FailedPrecondition(f"{v.describe()} is already destroyed")
+    destroy_at = now_utc() + delay
+
+    def mutate(state: RingState) -> None:
+        rec, vr = _version_record(state, name, version)
+        if rec.primary == version:
+            raise FailedPrecondition(
+                f"{v.describe()} is the primary version; set another primary first"
+            )
+        if vr.state == State.DESTRUCTION_SCHEDULED.value:
+            raise FailedPrecondition(
+                f"{v.describe()} is already scheduled for destruction at {vr.destroy_at}; "
+                "cancel it first to change the time"
+            )
+        if vr.state == State.DESTROYED.value:
+            raise FailedPrecondition(f"{v.describe()} is already destroyed")
+        vr.state = State.DESTRUCTION_SCHEDULED.value
+        vr.destroy_at = destroy_at
+
+    ring.update(mutate)
+    log.warning("%s scheduled for destruction at %s", v.describe(), destroy_at.isoformat())
+    # A zero delay destroys at once (the refresh that follows finds it due).
+    ring.refresh()
+    return ring.get(name)
+
+
+def cancel_destruction(ring: KeyRing, name: str, version: int) -> Key:
+    """Cancels a scheduled destruction; the version becomes disabled (enable it to use it)."""
+    v = _live_version(ring, name, version)
+
+    def mutate(state: RingState) -> None:
+        _rec, vr = _version_record(state, name, version)
+        if vr.state != State.DESTRUCTION_SCHEDULED.value or v.state is State.DESTROYED:
+            raise FailedPrecondition(
+                f"{v.describe()} is {v.state.value}, not scheduled for destruction"
+            )
+        vr.state = State.DISABLED.value
+        vr.destroy_at = None
+
+    ring.update(mutate)
+    return ring.get(name)

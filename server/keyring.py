@@ -1,30 +1,53 @@
 """The key ring: key names, versions, the primary version and version states.
 
 Each key version is one RSA key pair in the token whose objects carry the label
-``hsmsign:<name>:v<version>`` and a random 16-byte CKA_ID. The ring is derived from the
-token's objects (so every daemon on the same token agrees, without a restart) and re-read at
-most every ``keyring.refresh_seconds``, or at once when a request names something unknown.
+``hsmsign:<name>:v<version>`` and a random 16-byte CKA_ID. What the objects cannot say (the
+primary version, disabled and scheduled states, creation time, whether a version was imported,
+the public key of a destroyed version) lives in the token too, in one CKO_DATA object
+(application ``hsmsign``, label ``hsmsign:keyring``) holding JSON with a generation number.
+Every daemon on the same token therefore agrees without a restart: the ring is re-read at most
+every ``keyring.refresh_seconds``, or at once when a request names something unknown. The
+choice and its residual race are written down in docs/adr/0002-key-ring-state.md.
+
+A data object's value cannot be changed (DESIGN.md fact 7), so a write creates the next
+generation, then destroys the older ones; readers take the highest generation.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import copy
+import json
 import logging
+import os
+import random
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import Enum
+from typing import Any, TypeVar
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hsmsign import keyformats
 from server.config import Config
-from server.errors import FailedPrecondition, InvalidArgument, KeyNotFound
-from server.token import KeyObjectInfo, Token
+from server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    KeyNotFound,
+    ServerError,
+    StartupError,
+)
+from server.token import KeyObjectInfo, Session, Token
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 LABEL_PREFIX = "hsmsign:"
 _LABEL_RE = re.compile(
@@ -32,6 +55,13 @@ _LABEL_RE = re.compile(
 )
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ALLOWED_BITS = (2048, 3072, 4096)
+
+#: Where the ring state lives: a CKO_DATA object with this application and label.
+STATE_APPLICATION = "hsmsign"
+STATE_LABEL = "hsmsign:keyring"
+STATE_FORMAT = 1
+#: Attempts at a state write that keeps colliding with another process's write.
+_WRITE_ATTEMPTS = 8
 
 
 class Purpose(Enum):
@@ -43,6 +73,11 @@ class State(Enum):
     ENABLED = "enabled"
     DISABLED = "disabled"
     DESTRUCTION_SCHEDULED = "destruction-scheduled"
+    DESTROYED = "destroyed"
+
+
+#: A version whose number is reserved in the state while its key pair is being made.
+PENDING = "pending"
 
 
 def version_label(name: str, version: int) -> str:
@@ -56,6 +91,139 @@ def check_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if t else None
+
+
+def _parse_time(s: Any) -> datetime | None:
+    if not isinstance(s, str) or not s:
+        return None
+    try:
+        return datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+# -- the state kept in the token ------------------------------------------------------------
+
+
+@dataclass
+class VersionRecord:
+    """What the state object says of one version (the objects say the rest)."""
+
+    state: str
+    cka_id: str = ""
+    spki: str = ""  # base64 DER SubjectPublicKeyInfo: lets a destroyed version stay listed
+    created_at: datetime | None = None
+    destroy_at: datetime | None = None
+    imported: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "cka_id": self.cka_id,
+            "spki": self.spki,
+            "created_at": _iso(self.created_at),
+            "destroy_at": _iso(self.destroy_at),
+            "imported": self.imported,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> VersionRecord:
+        return cls(
+            state=str(d.get("state", State.ENABLED.value)),
+            cka_id=str(d.get("cka_id", "")),
+            spki=str(d.get("spki", "")),
+            created_at=_parse_time(d.get("created_at")),
+            destroy_at=_parse_time(d.get("destroy_at")),
+            imported=bool(d.get("imported", False)),
+        )
+
+
+@dataclass
+class KeyRecord:
+    purpose: str
+    bits: int
+    primary: int = 0
+    versions: dict[int, VersionRecord] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "purpose": self.purpose,
+            "bits": self.bits,
+            "primary": self.primary,
+            "versions": {str(n): v.to_json() for n, v in sorted(self.versions.items())},
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> KeyRecord:
+        return cls(
+            purpose=str(d.get("purpose", Purpose.SIGN.value)),
+            bits=int(d.get("bits", 2048)),
+            primary=int(d.get("primary", 0)),
+            versions={int(n): VersionRecord.from_json(v) for n, v in d.get("versions", {}).items()},
+        )
+
+
+@dataclass
+class RingState:
+    """The whole ring state: one JSON document in one CKO_DATA object per generation."""
+
+    generation: int = 0
+    writer: str = ""
+    keys: dict[str, KeyRecord] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "format": STATE_FORMAT,
+                "generation": self.generation,
+                "writer": self.writer,
+                "keys": {n: k.to_json() for n, k in sorted(self.keys.items())},
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> RingState:
+        d = json.loads(raw)
+        if not isinstance(d, dict) or d.get("format") != STATE_FORMAT:
+            raise ValueError("unknown key-ring state format")
+        return cls(
+            generation=int(d["generation"]),
+            writer=str(d.get("writer", "")),
+            keys={n: KeyRecord.from_json(k) for n, k in d.get("keys", {}).items()},
+        )
+
+
+def _read_states(s: Session) -> list[tuple[Any, RingState]]:
+    out = []
+    for obj, label, value in s.data_objects(STATE_APPLICATION):
+        if label != STATE_LABEL:
+            continue
+        try:
+            out.append((obj, RingState.from_bytes(value)))
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring an unreadable key-ring state object in the token")
+    return out
+
+
+def _best(states: list[tuple[Any, RingState]]) -> RingState:
+    """The current state: highest generation; on a tie, the smallest writer id (every reader
+    picks the same one)."""
+    if not states:
+        return RingState()
+    return min((st for _obj, st in states), key=lambda st: (-st.generation, st.writer))
+
+
+# -- the ring as requests see it ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -74,6 +242,8 @@ class KeyVersion:
     created_at: datetime | None = None
     destroy_at: datetime | None = None
     imported: bool = False
+    #: Why this version may not be used even though its state allows it (extractable key).
+    refused: str | None = None
 
     @property
     def bits(self) -> int:
@@ -92,10 +262,17 @@ class Key:
     name: str
     purpose: Purpose
     versions: tuple[KeyVersion, ...]
+    bits: int = 2048
 
     @property
     def primary(self) -> KeyVersion | None:
         return next((v for v in self.versions if v.primary), None)
+
+    def version(self, n: int) -> KeyVersion:
+        v = next((v for v in self.versions if v.version == n), None)
+        if v is None:
+            raise KeyNotFound(f"key {self.name!r} has no version {n}")
+        return v
 
 
 @dataclass(frozen=True)
@@ -129,65 +306,255 @@ def _purpose(info: KeyObjectInfo) -> Purpose | None:
     return None
 
 
-def build_keys(objects: list[KeyObjectInfo]) -> dict[str, Key]:
-    """Groups the token's key objects into keys; the highest version is primary."""
-    grouped: dict[str, list[KeyVersion]] = {}
+def spki_b64(public_key: rsa.RSAPublicKey) -> str:
+    return base64.b64encode(keyformats.spki_der(public_key)).decode()
+
+
+def _public_key_from_spki(b64: str) -> rsa.RSAPublicKey | None:
+    try:
+        pk = serialization.load_der_public_key(base64.b64decode(b64))
+    except ValueError:
+        return None
+    return pk if isinstance(pk, rsa.RSAPublicKey) else None
+
+
+def _objects_by_version(objects: list[KeyObjectInfo]) -> dict[str, dict[int, KeyObjectInfo]]:
+    out: dict[str, dict[int, KeyObjectInfo]] = {}
     for info in objects:
         m = _LABEL_RE.match(info.label)
-        if not m:
-            continue
-        purpose = _purpose(info)
-        if purpose is None:
-            log.warning("ignoring %s: it is allowed both to sign and to decrypt", info.label)
-            continue
-        pub = keyformats.public_key_from_numbers(info.modulus, info.public_exponent)
-        grouped.setdefault(m["name"], []).append(
-            KeyVersion(
-                name=m["name"],
-                version=int(m["version"]),
-                purpose=purpose,
-                info=info,
-                public_key=pub,
-                fingerprint=keyformats.fingerprint(pub),
-                capgo_key_id=keyformats.capgo_key_id(pub),
-                imported=not info.local,
-            )
-        )
+        if m:
+            out.setdefault(m["name"], {})[int(m["version"])] = info
+    return out
+
+
+def adopt(state: RingState, objects: list[KeyObjectInfo]) -> None:
+    """Records in ``state`` the versions found in the token that it does not know yet
+    (keys made outside hsmsign that follow the label scheme, or pending reservations whose
+    key pair now exists), so that they stay listed after their objects are destroyed."""
+    for name, versions in _objects_by_version(objects).items():
+        for n, info in versions.items():
+            purpose = _purpose(info)
+            if purpose is None:
+                continue
+            pub = keyformats.public_key_from_numbers(info.modulus, info.public_exponent)
+            rec = state.keys.get(name)
+            if rec is None:
+                rec = state.keys[name] = KeyRecord(purpose=purpose.value, bits=pub.key_size)
+            vr = rec.versions.get(n)
+            if vr is None:
+                vr = rec.versions[n] = VersionRecord(state=State.ENABLED.value)
+            if vr.state == PENDING:
+                vr.state = State.ENABLED.value
+            vr.cka_id = info.cka_id.hex()
+            vr.spki = spki_b64(pub)
+            if vr.created_at is None:
+                vr.created_at = now_utc()
+        rec = state.keys.get(name)
+        if rec is not None and rec.primary not in rec.versions:
+            live = [n for n, v in rec.versions.items() if v.state == State.ENABLED.value]
+            rec.primary = max(live, default=0)
+
+
+def build_keys(
+    objects: list[KeyObjectInfo], state: RingState, config: Config | None = None
+) -> dict[str, Key]:
+    """Joins the token's key objects with the ring state into keys.
+
+    A version with objects but no record is enabled; a version whose objects are gone is
+    destroyed (whatever its record said); a key with no recorded primary uses its highest
+    enabled version.
+    """
+    found = _objects_by_version(objects)
     keys: dict[str, Key] = {}
-    for name, versions in grouped.items():
-        versions.sort(key=lambda v: v.version)
-        top = versions[-1].version
-        marked = tuple(KeyVersion(**{**v.__dict__, "primary": v.version == top}) for v in versions)
-        keys[name] = Key(name=name, purpose=marked[-1].purpose, versions=marked)
+    for name in sorted(set(found) | set(state.keys)):
+        rec = state.keys.get(name)
+        objs = found.get(name, {})
+        numbers = sorted(set(objs) | set(rec.versions if rec else ()))
+        key_purpose = Purpose(rec.purpose) if rec else None
+        options = config.key_options(name) if config else None
+        versions: list[KeyVersion] = []
+        for n in numbers:
+            vr = rec.versions.get(n) if rec else None
+            info = objs.get(n)
+            if info is None:
+                if vr is None or vr.state == PENDING:
+                    continue
+                pub = _public_key_from_spki(vr.spki)
+                if pub is None:
+                    continue
+                nums = pub.public_numbers()
+                info = KeyObjectInfo(
+                    cka_id=bytes.fromhex(vr.cka_id),
+                    label=version_label(name, n),
+                    modulus=nums.n,
+                    public_exponent=nums.e,
+                    can_sign=False,
+                    can_decrypt=False,
+                    can_unwrap=False,
+                    local=False,
+                    never_extractable=False,
+                    always_sensitive=False,
+                    extractable=False,
+                    sensitive=False,
+                )
+                purpose = key_purpose or Purpose.SIGN
+                state_ = State.DESTROYED
+            else:
+                found_purpose = _purpose(info)
+                if found_purpose is None:
+                    log.warning("ignoring %s: it may both sign and decrypt", info.label)
+                    continue
+                if key_purpose is not None and found_purpose is not key_purpose:
+                    log.warning(
+                        "ignoring %s: it is a %s key but key %r is for %s",
+                        info.label,
+                        found_purpose.value,
+                        name,
+                        key_purpose.value,
+                    )
+                    continue
+                key_purpose = key_purpose or found_purpose
+                purpose = found_purpose
+                pub = keyformats.public_key_from_numbers(info.modulus, info.public_exponent)
+                state_ = (
+                    State(vr.state) if vr is not None and vr.state != PENDING else State.ENABLED
+                )
+            refused = None
+            if info.extractable and not (options and options.allow_extractable):
+                refused = (
+                    f"key {name!r} version {n} is refused: the token reports its private key "
+                    f"as extractable (set [keys.{name}] allow_extractable = true to accept it)"
+                )
+            versions.append(
+                KeyVersion(
+                    name=name,
+                    version=n,
+                    purpose=purpose,
+                    info=info,
+                    public_key=pub,
+                    fingerprint=keyformats.fingerprint(pub),
+                    capgo_key_id=keyformats.capgo_key_id(pub),
+                    state=state_,
+                    created_at=vr.created_at if vr else None,
+                    destroy_at=vr.destroy_at if vr else None,
+                    imported=vr.imported if vr else not info.local,
+                    refused=refused,
+                )
+            )
+        if not versions or key_purpose is None:
+            continue
+        usable = [v.version for v in versions if v.state is State.ENABLED]
+        if rec is not None and rec.primary in usable:
+            primary = rec.primary
+        else:
+            primary = max(usable, default=0)
+        marked = tuple(
+            KeyVersion(**{**v.__dict__, "primary": v.version == primary}) for v in versions
+        )
+        bits = rec.bits if rec else marked[-1].bits
+        keys[name] = Key(name=name, purpose=key_purpose, versions=marked, bits=bits)
     return keys
 
 
 class KeyRing:
-    """Resolves key references to versions; thread-safe; refreshes from the token."""
+    """Resolves key references to versions; thread-safe; refreshes from the token.
+
+    ``update`` is the one way to change the ring state (admin calls and scheduled
+    destruction go through it).
+    """
 
     def __init__(self, token: Token, config: Config) -> None:
         self._token = token
         self._config = config
         self._snapshot = _Snapshot()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # guards reading + installing a snapshot
+        self._write_lock = threading.RLock()  # one state writer per process
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self.refresh()
 
-    def refresh(self) -> None:
+    @property
+    def token(self) -> Token:
+        return self._token
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _reload(self) -> list[KeyVersion]:
+        """Re-reads objects and state; installs the snapshot; returns versions now due for
+        destruction. Call with ``_lock`` held."""
         with self._token.session("reading the key ring") as s:
             objects = s.find_key_objects(LABEL_PREFIX)
-        keys = build_keys(objects)
+            state = _best(_read_states(s))
+        keys = build_keys(objects, state, self._config)
         self._snapshot = _Snapshot(keys=keys, loaded_at=time.monotonic())
+        now = now_utc()
+        due = []
+        for name, rec in state.keys.items():
+            key = keys.get(name)
+            if key is None:
+                continue
+            for v in key.versions:
+                vr = rec.versions.get(v.version)
+                if vr is None:
+                    continue
+                scheduled_due = (
+                    vr.state == State.DESTRUCTION_SCHEDULED.value
+                    and vr.destroy_at is not None
+                    and vr.destroy_at <= now
+                )
+                # Destroyed in the state but objects still there: a destruction was cut short.
+                has_objects = v.info.can_sign or v.info.can_decrypt or v.info.can_unwrap
+                unfinished = vr.state == State.DESTROYED.value and has_objects
+                if scheduled_due or unfinished:
+                    due.append(v)
+        return due
+
+    def refresh(self) -> None:
+        """Re-reads the ring from the token, then destroys versions whose time has come."""
+        with self._lock:
+            due = self._reload()
+        if due:
+            self._destroy_due(due)
+
+    def _destroy_due(self, due: list[KeyVersion]) -> None:
+        with self._write_lock:
+            for v in due:
+                with self._token.session(f"destroying {v.describe()}") as s:
+                    n = s.destroy_key_objects(v.cka_id)
+                log.warning(
+                    "destroyed %s (sha256:%s): %d token objects removed as scheduled",
+                    v.describe(),
+                    v.fingerprint,
+                    n,
+                )
+
+            def mark(state: RingState) -> None:
+                for v in due:
+                    rec = state.keys.get(v.name)
+                    vr = rec.versions.get(v.version) if rec else None
+                    if vr is not None and vr.state in (
+                        State.DESTRUCTION_SCHEDULED.value,
+                        State.DESTROYED.value,
+                    ):
+                        vr.state = State.DESTROYED.value
+
+            self.update(mark)
 
     def _current(self) -> Mapping[str, Key]:
         snap = self._snapshot
-        if (
-            time.monotonic() - snap.loaded_at > self._config.keyring.refresh_seconds
-            and self._lock.acquire(blocking=False)
-        ):
-            try:
-                self.refresh()
-            finally:
-                self._lock.release()
+        if time.monotonic() - snap.loaded_at > self._config.keyring.refresh_seconds:
+            due: list[KeyVersion] = []
+            if self._lock.acquire(blocking=False):
+                try:
+                    due = self._reload()
+                finally:
+                    self._lock.release()
+            if due:
+                self._destroy_due(due)
         return self._snapshot.keys
 
     def list_keys(self) -> list[Key]:
@@ -196,8 +563,7 @@ class KeyRing:
     def get(self, name: str) -> Key:
         key = self._current().get(name)
         if key is None:
-            with self._lock:
-                self.refresh()
+            self.refresh()
             key = self._snapshot.keys.get(name)
         if key is None:
             raise KeyNotFound(f"no key named {name!r} in token {self._token.label!r}")
@@ -207,8 +573,7 @@ class KeyRing:
         """The version a reference names, whatever its state. Raises KeyNotFound."""
         version = self._find(ref)
         if version is None:
-            with self._lock:
-                self.refresh()
+            self.refresh()
             version = self._find(ref)
         if version is None:
             raise KeyNotFound(f"no {ref.describe()} in token {self._token.label!r}")
@@ -224,6 +589,8 @@ class KeyRing:
             )
         if version.state is not State.ENABLED:
             raise FailedPrecondition(f"{version.describe()} is {version.state.value}")
+        if version.refused:
+            raise FailedPrecondition(version.refused)
         return version
 
     def _find(self, ref: KeyReference) -> KeyVersion | None:
@@ -233,6 +600,10 @@ class KeyRing:
             if key is None:
                 return None
             if ref.version == 0:
+                if key.primary is None:
+                    raise FailedPrecondition(
+                        f"key {ref.name!r} has no enabled primary version; name a version"
+                    )
                 return key.primary
             return next((v for v in key.versions if v.version == ref.version), None)
         matches = [
@@ -248,3 +619,103 @@ class KeyRing:
                 f"{ref.describe()} is ambiguous (matches {found}); name the key and version"
             )
         return matches[0] if matches else None
+
+    # -- writing --------------------------------------------------------------------------
+
+    def update(self, mutate: Callable[[RingState], T]) -> T:
+        """Applies ``mutate`` to the current state and writes the next generation.
+
+        ``mutate`` must only change the state it is given (it may run more than once when
+        another process writes at the same moment) and may raise a ServerError to refuse.
+        Compare-and-swap in the token: write generation N+1, re-read; if another writer also
+        wrote N+1, withdraw ours and retry from what is there now. Raises TokenUnavailable
+        when the writes keep colliding.
+        """
+        with self._write_lock:
+            for attempt in range(_WRITE_ATTEMPTS):
+                with self._token.session("updating the key ring") as s:
+                    current = _best(_read_states(s))
+                    objects = s.find_key_objects(LABEL_PREFIX)
+                    new = copy.deepcopy(current)
+                    adopt(new, objects)
+                    result = mutate(new)
+                    new.generation = current.generation + 1
+                    new.writer = os.urandom(8).hex()
+                    s.create_data_object(STATE_APPLICATION, STATE_LABEL, new.to_bytes())
+                    states = _read_states(s)
+                    mine = [o for o, st in states if st.writer == new.writer]
+                    rivals = [
+                        st
+                        for _o, st in states
+                        if st.generation == new.generation and st.writer != new.writer
+                    ]
+                    if rivals:
+                        # Someone else wrote the same generation: withdraw ours, retry.
+                        for obj in mine:
+                            with contextlib.suppress(Exception):
+                                s.destroy_object(obj)
+                        log.info("key-ring write collided with another writer; retrying")
+                    else:
+                        for obj, st in states:
+                            if st.generation < new.generation:
+                                with contextlib.suppress(Exception):
+                                    s.destroy_object(obj)
+                if not rivals:
+                    break
+                time.sleep(random.uniform(0.02, 0.2) * (attempt + 1))  # noqa: S311 (jitter)
+            else:
+                raise FailedPrecondition(
+                    "the key-ring state kept changing under concurrent writers; retry"
+                )
+        with self._lock:
+            self._reload()
+        return result
+
+    # -- daemon life ----------------------------------------------------------------------
+
+    def check_config(self) -> list[str]:
+        """Checks [keys.NAME] tables against the ring. Raises StartupError for a table that
+        names no key; returns warnings (extractable keys) to log at start-up."""
+        keys = self._snapshot.keys
+        unknown = sorted(set(self._config.keys) - set(keys))
+        if unknown:
+            raise StartupError(
+                f"{self._config.path}: [keys.{unknown[0]}] names a key that is not in token "
+                f"{self._token.label!r} (keys: {', '.join(sorted(keys)) or 'none'})"
+            )
+        warnings = []
+        for key in keys.values():
+            for v in key.versions:
+                if v.state is State.DESTROYED or not v.info.extractable:
+                    continue
+                if v.refused:
+                    warnings.append(v.refused)
+                else:
+                    warnings.append(
+                        f"key {v.name!r} version {v.version}: the token reports its private key "
+                        f"as extractable; used only because [keys.{v.name}] allow_extractable "
+                        "= true"
+                    )
+        return warnings
+
+    def start_background_refresh(self) -> None:
+        """Re-reads the ring every refresh_seconds in a daemon thread, so that scheduled
+        destructions happen on time even when no request arrives."""
+        if self._thread is not None:
+            return
+
+        def loop() -> None:
+            interval = max(self._config.keyring.refresh_seconds, 0.2)
+            while not self._stop.wait(interval):
+                try:
+                    self.refresh()
+                except ServerError as e:
+                    log.warning("key-ring refresh failed: %s", e)
+                except Exception:
+                    log.exception("key-ring refresh failed")
+
+        self._thread = threading.Thread(target=loop, name="keyring-refresh", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -114,6 +114,9 @@ def serve(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
     token = Token(cfg.token)
     try:
         ring = KeyRing(token, cfg)
+        for warning in ring.check_config():  # raises StartupError for an unknown [keys.NAME]
+            log.warning("%s", warning)
+        ring.start_background_refresh()
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.server.workers, thread_name_prefix="rpc"),
             maximum_concurrent_rpcs=cfg.server.max_concurrent_calls,

@@ -464,6 +464,80 @@ class Session:
             }
         )
 
+    def destroy_object(self, obj: Any) -> None:
+        """Destroys an object returned by ``data_objects`` (state kept in data objects is
+        replaced, never edited: DESIGN.md fact 7)."""
+        obj.destroy()
+
+    def import_rsa_private_key(
+        self,
+        label: str,
+        cka_id: bytes,
+        numbers: Mapping[str, int],
+        *,
+        sign: bool,
+        decrypt: bool,
+    ) -> KeyObjectInfo:
+        """Writes an existing RSA key into the token as a private and a public object.
+
+        ``numbers`` holds n, e, d, p, q, dmp1, dmq1, iqmp. The private object is sensitive and
+        not extractable and has only its purpose's capabilities; the token reports it as not
+        local (it was not generated there) and neither always sensitive nor never extractable.
+        """
+
+        def big(name: str) -> bytes:
+            v = numbers[name]
+            return v.to_bytes((v.bit_length() + 7) // 8 or 1, "big")
+
+        private_template = {
+            Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+            Attribute.KEY_TYPE: KeyType.RSA,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.LABEL: label,
+            Attribute.ID: cka_id,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.SIGN: sign,
+            Attribute.SIGN_RECOVER: False,
+            Attribute.DECRYPT: decrypt,
+            Attribute.UNWRAP: decrypt,
+            Attribute.DERIVE: False,
+            Attribute.MODULUS: big("n"),
+            Attribute.PUBLIC_EXPONENT: big("e"),
+            Attribute.PRIVATE_EXPONENT: big("d"),
+            Attribute.PRIME_1: big("p"),
+            Attribute.PRIME_2: big("q"),
+            Attribute.EXPONENT_1: big("dmp1"),
+            Attribute.EXPONENT_2: big("dmq1"),
+            Attribute.COEFFICIENT: big("iqmp"),
+        }
+        public_template = {
+            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+            Attribute.KEY_TYPE: KeyType.RSA,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: False,
+            Attribute.LABEL: label,
+            Attribute.ID: cka_id,
+            Attribute.VERIFY: sign,
+            Attribute.ENCRYPT: decrypt,
+            Attribute.WRAP: decrypt,
+            Attribute.VERIFY_RECOVER: False,
+            Attribute.DERIVE: False,
+            Attribute.MODULUS: big("n"),
+            Attribute.PUBLIC_EXPONENT: big("e"),
+        }
+        priv = None
+        try:
+            priv = self.raw.create_object(private_template)
+            self.raw.create_object(public_template)
+        except p11e.PKCS11Error as e:
+            if priv is not None:  # no half-imported key left behind
+                with contextlib.suppress(p11e.PKCS11Error):
+                    priv.destroy()
+            raise classify(e, "importing an RSA private key") from None
+        return _describe(priv)
+
     def random(self, n: int) -> bytes:
         return bytes(self.raw.generate_random(n * 8))
 
