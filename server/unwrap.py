@@ -135,9 +135,8 @@ def _unwrap_pkcs1v15(token: Token, key: KeyVersion, wrapped: bytes) -> bytes:
     size = (key.bits + 7) // 8
     with token.session("PKCS#1 v1.5 unwrap with implicit rejection") as s:
         # Always computed, valid padding or not, before the padding is looked at.
-        fallback = s.implicit_rejection_mac(
-            _IR_CONTEXT + bytes.fromhex(key.fingerprint) + wrapped
-        )[:PKCS1V15_KEY_BYTES]
+        ir_input = _IR_CONTEXT + bytes.fromhex(key.fingerprint) + wrapped
+        fallback = s.implicit_rejection_mac(ir_input)[:PKCS1V15_KEY_BYTES]
         ok, message = _decrypt_pkcs1v15(s, id(token), key, wrapped, size)
     result = _select(ok, message, fallback)
     del message, fallback
@@ -198,4 +197,3 @@ def rewrap_session_key(
         )
     finally:
         del secret
-
