@@ -1,0 +1,238 @@
+"""Targets, the printed table and the PNG chart for bench.run's results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+LONG_RUN = Path(__file__).resolve().parent / "results" / "long_run.json"
+
+
+def _find(
+    rows: list[dict[str, Any]], group: str, prefix: str = "", bits: int | None = None, **match: Any
+) -> dict[str, Any] | None:
+    for r in rows:
+        if r.get("group") != group or not r["name"].startswith(prefix):
+            continue
+        if bits is not None and r.get("bits") != bits:
+            continue
+        if all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def _target(
+    name: str, value: float | None, goal: float, unit: str, higher: bool, why: str
+) -> dict[str, Any]:
+    if value is None:
+        return {
+            "target": name,
+            "value": None,
+            "goal": goal,
+            "result": "NOT MEASURED",
+            "detail": why,
+        }
+    ok = value >= goal if higher else value <= goal
+    return {
+        "target": name,
+        "value": round(value, 3),
+        "goal": goal,
+        "unit": unit,
+        "result": "PASS" if ok else "FAIL",
+        "detail": why,
+    }
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, each as a ratio of two rows from the same run."""
+    out = []
+    tok = _find(rows, "token", bits=2048)
+    tok_rate = tok["ops_per_s"] if tok else None
+    batch = _find(rows, "daemon", "batch SignDigests x64, 4 callers", daemon=_default())
+    u64 = _find(rows, "daemon", "unary SignDigest, 64 callers", daemon=_default())
+    paced = _find(rows, "daemon", "unary paced", daemon=_default())
+
+    def ratio(r: dict[str, Any] | None) -> float | None:
+        return r["ops_per_s"] / tok_rate if r and tok_rate else None
+
+    out.append(
+        _target(
+            "batched signing / token limit",
+            ratio(batch),
+            0.95,
+            "x",
+            True,
+            "SignDigests, 64 digests per call, RSA-2048",
+        )
+    )
+    out.append(
+        _target(
+            "unary at 64 callers / token limit", ratio(u64), 0.80, "x", True, "SignDigest, RSA-2048"
+        )
+    )
+    p99 = paced["p99_ms"] if paced else None
+    tok_p50 = tok["p50_ms"] if tok else None
+    out.append(
+        _target(
+            "p99 at half max unary / token p50",
+            p99 / tok_p50 if p99 and tok_p50 else None,
+            3.0,
+            "x",
+            False,
+            f"p99 {p99 or 0:.2f} ms vs token p50 {tok_p50 or 0:.3f} ms per op",
+        )
+    )
+    out += _bundle_targets(rows)
+    out.append(_rss_target())
+    return out
+
+
+def _default() -> str:
+    from bench.setup import DaemonSettings
+
+    return DaemonSettings().describe()
+
+
+def _bundle_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows from bench_bundle_encrypt: tool in hsmsign/openssl/capgo, size_mb, mb_per_s."""
+    out = []
+    sizes = sorted({r["size_mb"] for r in rows if r.get("group") == "bundle" and "size_mb" in r})
+    if not sizes:
+        return [
+            _target(
+                "bundle encryption / openssl",
+                None,
+                0.9,
+                "x",
+                True,
+                "bench/bench_bundle_encrypt.py not available yet",
+            )
+        ]
+    for size in sizes:
+        by = {
+            r.get("tool"): r
+            for r in rows
+            if r.get("group") == "bundle" and r.get("size_mb") == size and r.get("mb_per_s")
+        }
+        h, o, c = by.get("hsmsign"), by.get("openssl"), by.get("capgo")
+        out.append(
+            _target(
+                f"bundle encrypt {size:g} MB / openssl",
+                h["mb_per_s"] / o["mb_per_s"] if h and o else None,
+                0.9,
+                "x",
+                True,
+                "hsmsign bundle encrypt",
+            )
+        )
+        out.append(
+            _target(
+                f"bundle encrypt {size:g} MB / Capgo CLI",
+                h["mb_per_s"] / c["mb_per_s"] if h and c else None,
+                1.0,
+                "x",
+                True,
+                "must be faster (> 1x)",
+            )
+        )
+    return out
+
+
+def _rss_target() -> dict[str, Any]:
+    if not LONG_RUN.exists():
+        return _target(
+            "daemon RSS growth (make bench-long)", None, 20.0, "MB", False, "run make bench-long"
+        )
+    lr = json.loads(LONG_RUN.read_text())
+    return _target(
+        "daemon RSS growth (make bench-long)",
+        lr["growth_mb"],
+        20.0,
+        "MB",
+        False,
+        f"{lr['calls']:,} calls on {lr['date']} (from {LONG_RUN.name})",
+    )
+
+
+def _f(v: Any, fmt: str = "{:.0f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    tok = _find(rows, "token", bits=2048)
+    tok_rate = tok["ops_per_s"] if tok else None
+    lines = [
+        f"hsmsign bench {result['date']} on {result['machine']['cpus']} CPUs "
+        f"({result['machine']['note']}); {result['duration_per_config_s']} s per configuration",
+        "",
+        f"{'configuration':<66} {'sig/s':>7} {'/token':>7} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'srv cpu':>7} {'cli cpu':>7}",
+    ]
+    for r in rows:
+        if r.get("not_available"):
+            lines.append(f"{r['name']:<66} not available: {r['not_available']}")
+            continue
+        if r.get("group") == "bundle":
+            lines.append(f"{r['name']:<66} {_f(r.get('mb_per_s'), '{:.0f} MB/s'):>15}")
+            continue
+        share = r["ops_per_s"] / tok_rate if tok_rate and r.get("bits", 2048) == 2048 else None
+        window = result["duration_per_config_s"]
+        srv = r.get("daemon_cpu_seconds", r.get("cpu_seconds"))
+        cli = r.get("client_cpu_seconds")
+        lines.append(
+            f"{r['name']:<66} {r['ops_per_s']:>7.0f} {_f(share, '{:.2f}'):>7} "
+            f"{_f(r.get('p50_ms'), '{:.2f}'):>7} {_f(r.get('p99_ms'), '{:.2f}'):>7} "
+            f"{_f(srv / window if srv is not None else None, '{:.2f}'):>7} "
+            f"{_f(cli / window if cli is not None else None, '{:.2f}'):>7}"
+        )
+    lines += [
+        "",
+        "cpu columns: cores used on average (daemon or in-process bench; load generator processes)",
+        "",
+        "targets:",
+    ]
+    for t in result["targets"]:
+        v = "-" if t["value"] is None else f"{t['value']:.2f}{t.get('unit', '')}"
+        lines.append(
+            f"  [{t['result']:^12}] {t['target']:<44} {v:>9} (goal "
+            f"{'>=' if 'growth' not in t['target'] and 'p99' not in t['target'] else '<='}"
+            f" {t['goal']:g}) {t['detail']}"
+        )
+    return "\n".join(lines)
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r.get("ops_per_s") and not r.get("not_available")]
+    names = [r["name"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 0.45 * len(rows) + 2), sharey=True)
+    ax1.barh(
+        names,
+        [r["ops_per_s"] for r in rows],
+        color=[
+            "tab:gray"
+            if r["group"] == "physical"
+            else "tab:orange"
+            if r["group"] == "token"
+            else "tab:blue"
+            for r in rows
+        ],
+    )
+    ax1.set_xlabel("signatures/s")
+    ax1.invert_yaxis()
+    y = range(len(rows))
+    ax2.scatter([r.get("p50_ms") or 0 for r in rows], y, label="p50", marker="o")
+    ax2.scatter([r.get("p99_ms") or 0 for r in rows], y, label="p99", marker="x")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("latency per call, ms (log)")
+    ax2.legend()
+    fig.suptitle(f"hsmsign bench {result['date']} ({result['machine']['cpus']} CPUs, shared)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,85 @@
+"""The bench's own SoftHSM2 token, keys and daemon, built with the test suite's helpers."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import (
+    PROXY_MODULE,
+    Daemon,
+    TokenDir,
+    hsmsignd,
+    make_token,
+    start_daemon,
+)
+
+#: Key names the bench creates: one per modulus size.
+KEY_2048 = "bench2048"
+KEY_3072 = "bench3072"
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """The knobs the bench varies; everything else is the shipped default."""
+
+    sessions: int = 4
+    workers: int | None = None
+    log_level: str = "INFO"
+
+    def describe(self) -> str:
+        w = "default" if self.workers is None else str(self.workers)
+        return f"sessions={self.sessions} workers={w} log={self.log_level}"
+
+
+def write_bench_config(path: Path, token: TokenDir, s: DaemonSettings) -> Path:
+    workers = f"workers = {s.workers}\n" if s.workers is not None else ""
+    path.write_text(
+        f"""log_level = "{s.log_level}"
+[token]
+module = "{PROXY_MODULE}"
+label = "{token.label}"
+pin_file = "{token.pin_file}"
+sessions = {s.sessions}
+[token.environment]
+SOFTHSM2_CONF = "{token.conf}"
+[server]
+listen = "127.0.0.1:0"
+max_concurrent_calls = 1024
+{workers}"""
+    )
+    return path
+
+
+def make_bench_token(root: Path) -> TokenDir:
+    """A fresh token under ``root`` with an RSA-2048 and an RSA-3072 signing key."""
+    token = make_token(root / "token", "hsmsign-bench")
+    config = write_bench_config(root / "setup.toml", token, DaemonSettings())
+    hsmsignd(config, "keys", "create", KEY_2048)
+    hsmsignd(config, "keys", "create", KEY_3072, "--algorithm", "rsa-3072")
+    return token
+
+
+def launch(root: Path, token: TokenDir, s: DaemonSettings, name: str) -> Daemon:
+    config = write_bench_config(root / f"{name}.toml", token, s)
+    return start_daemon(config, root / name)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (from /proc, so it works for any child)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def wait_idle(seconds: float = 0.3) -> None:
+    """A short pause between configurations so one's tail does not overlap the next."""
+    time.sleep(seconds)
