@@ -12,13 +12,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from hsmsign import _cli_basic, _cli_keys, _cli_unwrap
+from hsmsign import _cli_basic, _cli_bundle, _cli_keys, _cli_unwrap
 from hsmsign.client import DEFAULT_SERVER, Client, TlsOptions
 from hsmsign.errors import HsmsignError, UsageError, VerificationError
 
 #: Modules that add command groups: each has ``register(subparsers)``; the parser's
 #: ``func`` default is called with (args, connect).
-COMMAND_MODULES = [_cli_basic, _cli_unwrap, _cli_keys]
+COMMAND_MODULES = [_cli_basic, _cli_bundle, _cli_keys, _cli_unwrap]
 
 Connect = Callable[[], Client]
 

@@ -48,6 +48,13 @@ def register(sub: Any) -> None:
         "json: everything",
     )
     p.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+    p.add_argument(
+        "--capacitor-config",
+        type=Path,
+        metavar="FILE",
+        help="write the PKCS#1 PEM into plugins.CapacitorUpdater.publicKey of this "
+        "capacitor.config.json (the rest of the file is kept)",
+    )
     p.set_defaults(func=cmd_pubkey)
 
     s = sub.add_parser(
@@ -118,6 +125,21 @@ def cmd_pubkey(args: argparse.Namespace, connect: Callable[[], Client]) -> int:
     with connect() as c:
         pk = c.public_key(args.key)
     k = pk.key
+    if args.capacitor_config is not None:
+        from hsmsign import capgo
+
+        if k.modulus_bits != capgo.CAPGO_RSA_BITS:
+            raise UsageError(
+                f"{k.name} v{k.version} is RSA-{k.modulus_bits}; "
+                "capacitor-updater requires RSA-2048"
+            )
+        capgo.set_capacitor_public_key(args.capacitor_config, pk.pkcs1_pem)
+        print(
+            f"wrote the public key of {k.name} v{k.version} (key_id {k.capgo_key_id}) to "
+            f"{args.capacitor_config}",
+            file=sys.stderr,
+        )
+        return 0
     if args.format == "spki":
         _emit(pk.spki_pem, args.output)
     elif args.format in ("pkcs1", "capgo"):

@@ -68,6 +68,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from hsmsign.errors import HsmsignError, UsageError, VerificationError
+
 __all__ = [
     "CAPGO_RSA_BITS",
     "BundleFormatError",
@@ -143,19 +145,19 @@ Progress = Callable[[int, int], None]
 # --- errors -------------------------------------------------------------------------------
 
 
-class CapgoError(Exception):
-    """Root of every error raised by this module."""
+class CapgoError(HsmsignError):
+    """Root of every error raised by this module (under hsmsign's one root)."""
 
 
-class BundleFormatError(CapgoError):
+class BundleFormatError(CapgoError, UsageError):
     """Input that is not in the shape Capgo expects (zip, key, ivSessionKey, sizes)."""
 
 
-class BundleVerificationError(CapgoError):
+class BundleVerificationError(CapgoError, VerificationError):
     """A bundle failed one of the device's checks; the message names the check."""
 
 
-class CapacitorConfigError(CapgoError):
+class CapacitorConfigError(CapgoError, UsageError):
     """capacitor.config cannot be updated automatically."""
 
 

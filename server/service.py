@@ -17,13 +17,14 @@ from server.keyring import KeyRing, KeyVersion, Purpose
 
 # Re-exported for the capability mixins.
 from server.rpc import key_reference, rpc, scheme_for, used_key
+from server.service_capgo import CapgoCalls
 from server.service_unwrap import UnwrapCalls
 from server.token import Token
 
 __all__ = ["SignerService", "key_reference", "rpc", "used_key"]
 
 
-class SignerService(UnwrapCalls, pb_grpc.SignerServicer):
+class SignerService(CapgoCalls, UnwrapCalls, pb_grpc.SignerServicer):
     """The calls build agents make."""
 
     def __init__(self, token: Token, ring: KeyRing, config: Config) -> None:

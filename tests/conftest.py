@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.capgo_cli import capgo_cli  # noqa: F401  (the pinned Capgo CLI, for every test)
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 HSMSIGND = str(BIN / "hsmsignd")
