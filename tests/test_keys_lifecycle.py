@@ -190,8 +190,14 @@ def test_provenance_of_generated_key(env: Env) -> None:
     assert v.HasField("created_at") and v.primary and key.primary_version == 1
     assert v.pkcs1_pem.startswith("-----BEGIN RSA PUBLIC KEY-----")
     listing = env.token.pkcs11_tool("-O")
-    block = listing.split("label:      hsmsign:prov:v1", 1)[1].split("Object;", 1)[0]
+    block = _private_block(listing, "hsmsign:prov:v1")
     assert "never extractable" in block and "always sensitive" in block and "local" in block
+
+
+def _private_block(listing: str, label: str) -> str:
+    """The pkcs11-tool -O lines of the private key object with this label (any order)."""
+    blocks = [b.split("Object;", 1)[0] for b in listing.split("Private Key Object;")[1:]]
+    return next(b for b in blocks if f"label:      {label}\n" in b)
 
 
 def test_purposes_are_exclusive(env: Env) -> None:
@@ -203,7 +209,7 @@ def test_purposes_are_exclusive(env: Env) -> None:
     with pytest.raises(RemoteError) as e:
         env.client.sign_digest("wrapper", DIGEST)
     assert e.value.status_name == "FAILED_PRECONDITION" and "unwrap key" in e.value.message
-    sign_usage = listing.split("label:      hsmsign:prov:v1", 1)[1].split("Usage:", 1)[1]
+    sign_usage = _private_block(listing, "hsmsign:prov:v1").split("Usage:", 1)[1]
     assert "decrypt" not in sign_usage.split("\n", 1)[0]
 
 
