@@ -62,9 +62,14 @@ def make_bench_token(root: Path) -> TokenDir:
     return token
 
 
-def launch(root: Path, token: TokenDir, s: DaemonSettings, name: str) -> Daemon:
+def launch(
+    root: Path, token: TokenDir, s: DaemonSettings, name: str, code: Path | None = None
+) -> Daemon:
+    """Starts hsmsignd; ``code`` runs another copy of the server (e.g. the last commit's,
+    from ``git archive``) to compare a change side by side."""
     config = write_bench_config(root / f"{name}.toml", token, s)
-    return start_daemon(config, root / name)
+    env = {"PYTHONPATH": str(code)} if code else None
+    return start_daemon(config, root / name, env=env)
 
 
 def cpu_seconds(pid: int) -> float:

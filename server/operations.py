@@ -6,7 +6,9 @@ relies on python-pkcs11's defaults (DESIGN.md fact 4).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Final
 
@@ -16,6 +18,14 @@ from server.token import RSA_PKCS, RSA_PSS_SHA256, RSA_PSS_SHA384, RSA_PSS_SHA51
 
 #: Most digests one batch call may carry.
 MAX_BATCH = 10_000
+
+#: A batch is split across sessions only when every part gets at least this many digests:
+#: one handoff to a helper thread costs far less than one RSA signature, but not nothing.
+MIN_DIGESTS_PER_SESSION = 8
+
+# Helper threads that sign the further parts of a split batch (docs/performance.md): one
+# session is one core of a software token, so a batch on one session used half the machine.
+_BATCH_HELPERS = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="batch")
 
 
 @dataclass(frozen=True)
@@ -87,8 +97,35 @@ def sign_digests(
     if len(digests) > MAX_BATCH:
         raise InvalidArgument(f"{len(digests)} digests in one call; at most {MAX_BATCH:,} allowed")
     blocks = [_check_digest(scheme, d, f"digests[{i}]") for i, d in enumerate(digests)]
-    with token.session(f"signing with {scheme.mech.description}") as s:
-        return s.sign_many(key.cka_id, scheme.mech, blocks)
+    what = f"signing with {scheme.mech.description}"
+
+    def sign_part(part: Sequence[bytes]) -> list[bytes]:
+        with token.session(what) as s:
+            return s.sign_many(key.cka_id, scheme.mech, part)
+
+    lanes = min(_parallel_sessions(token), len(blocks) // MIN_DIGESTS_PER_SESSION)
+    if lanes <= 1:
+        return sign_part(blocks)
+    size = -(-len(blocks) // lanes)
+    parts = [blocks[i : i + size] for i in range(0, len(blocks), size)]
+    # The caller signs the first part itself and holds no session while it waits for the
+    # helpers, so helpers waiting for a session can never deadlock against their callers.
+    helpers = [_BATCH_HELPERS.submit(sign_part, p) for p in parts[1:]]
+    try:
+        out = sign_part(parts[0])
+    finally:
+        futures.wait(helpers)  # no helper keeps signing after the call has answered
+    for h in helpers:
+        out += h.result()
+    return out
+
+
+def _parallel_sessions(token: Token) -> int:
+    """How many sessions one batch may use at once: 1 for a serialized module; else bounded
+    by the pool and by the cores (SoftHSM2 signs on the calling thread)."""
+    if token.config.threading == "serialized":
+        return 1
+    return max(1, min(token.config.sessions, os.cpu_count() or 1))
 
 
 def private_encrypt(token: Token, key: KeyVersion, blocks: Sequence[bytes]) -> list[bytes]:
