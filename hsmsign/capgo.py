@@ -53,11 +53,13 @@ import enum
 import hashlib
 import json
 import os
+import queue
 import re
 import secrets
 import shutil
 import stat
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -544,6 +546,49 @@ def _check_key_iv(session_key: bytes, iv: bytes) -> None:
         raise BundleFormatError(f"IV must be 16 bytes, got {len(iv)}")
 
 
+class _BackgroundHasher:
+    """SHA-256 over chunks in a second thread, overlapping the AES pass and the file I/O.
+
+    hashlib releases the GIL on large buffers, so hashing chunk i runs while the main thread
+    reads, encrypts and writes; buffers return to the free pool once hashed.
+    """
+
+    def __init__(self, buffers: int, size: int) -> None:
+        self.digest = hashlib.sha256()
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._todo: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._size, self._spare = size, buffers  # allocated on demand: small files need few
+        self._thread = threading.Thread(target=self._run, name="capgo-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._todo.get()) is not None:
+            buf, n = item
+            try:
+                if self._error is None:
+                    self.digest.update(memoryview(buf)[:n])
+            except BaseException as e:  # reported to the main thread in close()
+                self._error = e
+            self._free.put(buf)
+
+    def take(self) -> bytearray:
+        if self._spare and self._free.empty():
+            self._spare -= 1
+            return bytearray(self._size)
+        return self._free.get()
+
+    def give(self, buf: bytearray, n: int) -> None:
+        self._todo.put((buf, n))
+
+    def close(self) -> bytes:
+        self._todo.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.digest.digest()
+
+
 def _encrypt_stream(
     src: IO[bytes],
     dst: IO[bytes],
@@ -551,28 +596,39 @@ def _encrypt_stream(
     iv: bytes,
     total: int,
     progress: Progress | None,
+    regular: bool = False,
 ) -> bytes:
     """Hash and AES-128-CBC/PKCS#7-encrypt src into dst in one pass; returns sha256(plain)."""
     enc = Cipher(algorithms.AES(session_key), modes.CBC(iv)).encryptor()
-    digest = hashlib.sha256()
-    inbuf = bytearray(CHUNK_BYTES)
-    outbuf = bytearray(CHUNK_BYTES + AES_BLOCK)
-    inview, outview = memoryview(inbuf), memoryview(outbuf)
-    done = 0
-    while True:
-        n = src.readinto(inbuf)  # type: ignore[attr-defined]
-        if not n:
-            break
-        chunk = inview[:n]
-        digest.update(chunk)
-        k = enc.update_into(chunk, outbuf)
-        dst.write(outview[:k])
-        done += n
+    if regular and total <= 2 * CHUNK_BYTES:  # a thread costs more than it saves here
+        plain = src.read()
+        digest = hashlib.sha256(plain).digest()
+        pad = AES_BLOCK - len(plain) % AES_BLOCK
+        dst.write(enc.update(plain) + enc.update(bytes([pad]) * pad) + enc.finalize())
         if progress is not None:
-            progress(done, total)
+            progress(len(plain), total)
+        return digest
+    outbuf = bytearray(CHUNK_BYTES + AES_BLOCK)
+    outview = memoryview(outbuf)
+    hasher = _BackgroundHasher(4, CHUNK_BYTES)
+    done = 0
+    try:
+        while True:
+            buf = hasher.take()
+            n = src.readinto(buf)  # type: ignore[attr-defined]
+            if not n:
+                break
+            hasher.give(buf, n)  # read-only from here on: the hasher owns buf until returned
+            k = enc.update_into(memoryview(buf)[:n], outbuf)
+            dst.write(outview[:k])
+            done += n
+            if progress is not None:
+                progress(done, total)
+    finally:
+        digest = hasher.close()
     pad = AES_BLOCK - done % AES_BLOCK
     dst.write(enc.update(bytes([pad]) * pad) + enc.finalize())
-    return digest.digest()
+    return digest
 
 
 def encrypt_bundle(
@@ -592,9 +648,11 @@ def encrypt_bundle(
     _check_key_iv(session_key, iv)
     _refuse_same_file(src, dst)
     with src.open("rb", buffering=0) as fin:
-        total = os.fstat(fin.fileno()).st_size
+        st = os.fstat(fin.fileno())
         with _atomic_output(dst) as fout:
-            return _encrypt_stream(fin, fout, session_key, iv, total, progress)
+            return _encrypt_stream(
+                fin, fout, session_key, iv, st.st_size, progress, stat.S_ISREG(st.st_mode)
+            )
 
 
 def check_bundle_zip(path: Path) -> None:
