@@ -55,6 +55,7 @@ def _run_threads(
         "ops_per_s": len(all_lat) / duration,
         "latencies_ms": [round(x * 1000, 4) for x in all_lat[:: max(1, len(all_lat) // 5000)]],
         "cpu_seconds": cpu,
+        "cores": cpu / (duration + warmup),
         "threads": len(ops),
     }
 
