@@ -16,7 +16,7 @@ def atomic_output(path: Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
     directory = path.parent if str(path.parent) else Path()
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "w+b") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import enum
 import hashlib
 import json
@@ -61,7 +60,7 @@ import stat
 import tempfile
 import threading
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final, Protocol, runtime_checkable
@@ -70,6 +69,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from hsmsign._files import atomic_output
 from hsmsign.errors import HsmsignError, UsageError, VerificationError
 
 __all__ = [
@@ -503,30 +503,6 @@ class FileKeySealer:
 # --- files ------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic_output(dst: Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
-    """A temp file beside dst, renamed over it only if the body completes.
-
-    On any exception (KeyboardInterrupt included) the temp file is removed.
-    """
-    dst = Path(dst)
-    fd, tmp_name = tempfile.mkstemp(
-        dir=dst.parent or Path("."), prefix=f".{dst.name}.", suffix=".tmp"
-    )
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w+b") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
 def _refuse_same_file(src: Path, dst: Path) -> None:
     if Path(os.path.abspath(src)) == Path(os.path.abspath(dst)) or src.resolve() == dst.resolve():
         raise BundleFormatError(f"destination {dst} is the source file; refusing to overwrite it")
@@ -649,7 +625,7 @@ def encrypt_bundle(
     _refuse_same_file(src, dst)
     with src.open("rb", buffering=0) as fin:
         st = os.fstat(fin.fileno())
-        with _atomic_output(dst) as fout:
+        with atomic_output(dst) as fout:
             return _encrypt_stream(
                 fin, fout, session_key, iv, st.st_size, progress, stat.S_ISREG(st.st_mode)
             )
@@ -922,7 +898,7 @@ def verify_bundle(
         else:
             plain_out = Path(plain_out)
             _refuse_same_file(enc, plain_out)
-            with _atomic_output(plain_out) as fout:
+            with atomic_output(plain_out) as fout:
                 actual, plain_size = _decrypt_stream(fin, fout, session_key, iv, size)
                 check(actual)
     return VerifyResult(expected_hex, found_fmt, key_id(public_pem), plain_size, plain_out)
@@ -974,7 +950,7 @@ def make_bundle_zip(web_dir: Path, out: Path) -> str:
     if out.resolve().is_relative_to(web_dir.resolve()):
         raise BundleFormatError(f"the zip {out} must not be inside the web build {web_dir}")
     digest = hashlib.sha256()
-    with _atomic_output(out) as f:
+    with atomic_output(out) as f:
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as z:
             for p in files:
                 info = zipfile.ZipInfo(p.relative_to(root).as_posix(), _ZIP_EPOCH)
@@ -1032,7 +1008,7 @@ def set_capacitor_public_key(config_path: Path, pem: str) -> None:
     if text.endswith("\n"):
         out += "\n"
     mode = stat.S_IMODE(config_path.stat().st_mode)
-    with _atomic_output(config_path, mode) as f:
+    with atomic_output(config_path, mode) as f:
         f.write(out.encode("utf-8"))
 
 
