@@ -201,9 +201,16 @@ def table(result: dict[str, Any]) -> str:
             f"{_f(cli / window if cli is not None else None, '{:.2f}'):>7} "
             f"{_f(r['ops_per_s'] / cores if cores else None):>9}"
         )
+    if tok:
+        lines.append(
+            f"{'token reference for the ratios (mean of the RSA-2048 token rows)':<66} "
+            f"{tok_rate:>7.0f} {1.0:>7.2f} {tok['p50_ms']:>7.2f}"
+        )
     lines += [
         "",
-        "cpu columns: cores used on average (daemon or in-process bench; load generator processes)",
+        "srv cpu: cores used by the daemon (or the in-process bench); cli cpu: cores used by "
+        "the load generators;",
+        "sig/cpu-s: signatures per CPU-second of the signer (load-independent efficiency)",
         "",
         "targets:",
     ]
