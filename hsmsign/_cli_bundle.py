@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import brotli
+
 from hsmsign import capgo, legacy_bundle
 from hsmsign._progress import progress_bar
 from hsmsign.capgo_daemon import DaemonSealer
@@ -91,6 +93,12 @@ def register(sub: Any) -> None:
     d.add_argument("dir", type=Path)
     d.add_argument("--key", required=True, metavar="KEY")
     d.add_argument("-o", "--output", type=Path, required=True, help="new output directory")
+    d.add_argument(
+        "--disable-brotli",
+        action="store_true",
+        help="do not brotli-compress files (by default files of 8 KiB or more are "
+        "compressed when it helps, named NAME.br, as the Capgo CLI does)",
+    )
     _format_args(d)
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_encrypt_delta)
@@ -204,6 +212,11 @@ def cmd_encrypt(args: argparse.Namespace, connect: Connect) -> int:
     return 0
 
 
+def _brotli(data: bytes) -> bytes:
+    # Node's createBrotliCompress() defaults, which the Capgo CLI uses: quality 11.
+    return bytes(brotli.compress(data, quality=11))
+
+
 def cmd_encrypt_delta(args: argparse.Namespace, connect: Connect) -> int:
     fmt = _fmt(args)
     out: Path = args.output
@@ -218,7 +231,14 @@ def cmd_encrypt_delta(args: argparse.Namespace, connect: Connect) -> int:
             sealed = capgo.seal_bundle(
                 plain, out / "bundle_encrypted.zip", sealer, fmt, progress_bar("encrypting")
             )
-            delta = capgo.encrypt_delta(args.dir, out / "files", sealer, fmt, sealed.session)
+            delta = capgo.encrypt_delta(
+                args.dir,
+                out / "files",
+                sealer,
+                fmt,
+                sealed.session,
+                compress=None if args.disable_brotli else _brotli,
+            )
         plain.unlink()
         (out / "manifest.json").write_text(delta.manifest_json())
     except BaseException:
@@ -237,6 +257,7 @@ def cmd_encrypt_delta(args: argparse.Namespace, connect: Connect) -> int:
         "key": sealer.key.name,
         "key_version": sealer.key.version,
         "key_id": sealed.key_id,
+        "brotli_files": sum(e.compressed for e in delta.entries),
     }
     if args.json:
         print(json.dumps(result))

@@ -12,6 +12,7 @@ import os
 import zipfile
 from pathlib import Path
 
+import brotli
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -312,32 +313,43 @@ def test_encrypt_failure_leaves_no_output(daemon: Daemon, tmp_path: Path) -> Non
 
 def test_encrypt_delta_cli(daemon: Daemon, tmp_path: Path) -> None:
     www = _web_build(tmp_path, files=12)
-    out = json.loads(
-        daemon.hsmsign(
-            "bundle",
-            "encrypt-delta",
-            str(www),
-            "--key",
-            "demo",
-            "-o",
-            str(tmp_path / "rel"),
-            "--plugin-version",
-            "7.2.0",
-            "--json",
-        ).stdout
-    )
-    assert out["file_count"] == 13 and out["checksum_format"] == "v2"
+    # a large, compressible file: stored brotli-compressed as NAME.br, as the Capgo CLI does
+    (www / "assets" / "big.css").write_text("body { color: red; }\n" * 2000)
+    args = [
+        "bundle",
+        "encrypt-delta",
+        str(www),
+        "--key",
+        "demo",
+        "-o",
+        str(tmp_path / "rel"),
+        "--plugin-version",
+        "7.2.0",
+        "--json",
+    ]
+    out = json.loads(daemon.hsmsign(*args).stdout)
+    assert out["file_count"] == 14 and out["checksum_format"] == "v2"
+    assert out["brotli_files"] == 1
     manifest = json.loads((tmp_path / "rel" / "manifest.json").read_text())
-    assert len(manifest) == 13
+    assert len(manifest) == 14
+    assert "assets/big.css.br" in {e["file_name"] for e in manifest}
     pub = daemon.hsmsign("pubkey", "demo", "--format", "pkcs1").stdout.decode()
     for entry in manifest:
-        capgo.verify_delta_file(
+        plain = capgo.verify_delta_file(
             tmp_path / "rel" / "files" / entry["file_name"],
             pub,
             out["iv_session_key"],
             entry["file_hash"],
+            decompress=brotli.decompress,
         )
+        assert plain == (www / entry["file_name"].removesuffix(".br")).read_bytes()
     r = capgo.verify_bundle(
         Path(out["encrypted_bundle"]), pub, out["iv_session_key"], out["signed_checksum"]
     )
     assert r.checksum_format is capgo.ChecksumFormat.V2
+    # --disable-brotli stores every file as it is; an existing output directory is refused
+    args[6] = str(tmp_path / "plain")
+    out2 = json.loads(daemon.hsmsign(*args, "--disable-brotli").stdout)
+    assert out2["brotli_files"] == 0
+    again = daemon.hsmsign(*args, check=False)
+    assert again.returncode == 2 and b"already exists" in again.stderr
