@@ -260,3 +260,17 @@ client_ca = "{tmp_path / "ca.crt"}"
         assert b"BEGIN PUBLIC KEY" in out
     finally:
         d.stop()
+
+
+def test_token_selected_by_pkcs11_uri(token: TokenDir, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.toml", token)
+    text = cfg.read_text().replace(
+        f'label = "{token.label}"', f'uri = "pkcs11:token={token.label.replace("-", "%2D")}"'
+    )
+    cfg.write_text(text)
+    assert "demo" in hsmsignd(cfg, "keys", "list").stdout
+    cfg.write_text(text.replace('uri = "pkcs11:', 'uri = "pkcs11:pin-value=1234;'))
+    line = _fails(cfg)
+    assert "token.uri: must not carry a PIN" in line and "1234" not in line
+    cfg.write_text(text.replace('uri = "pkcs11:', 'uri = "http:'))
+    assert "RFC 7512" in _fails(cfg)
