@@ -9,6 +9,7 @@ and status.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import time
@@ -40,6 +41,10 @@ _ALGORITHMS: dict[int, str] = {
 }
 
 
+#: The key versions a call used, for its access-log line (set by ``used_key``).
+_keys_used: contextvars.ContextVar[list[str]] = contextvars.ContextVar("keys_used")
+
+
 def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Maps errors to status codes and writes one access-log line per call."""
 
@@ -47,6 +52,8 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
     def wrapper(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
         start = time.perf_counter()
         status = "OK"
+        used: list[str] = []
+        _keys_used.set(used)
         try:
             return handler(self, request, context)
         except ServerError as e:
@@ -59,10 +66,11 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
             context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
         finally:
             access_log.info(
-                "%s peer=%s status=%s ms=%.1f",
+                "%s peer=%s status=%s key=%s ms=%.1f",
                 handler.__name__,
                 context.peer(),
                 status,
+                ",".join(used) or "-",
                 (time.perf_counter() - start) * 1000,
             )
 
@@ -93,6 +101,10 @@ def key_reference(ref: pb.KeyRef, field: str = "key") -> KeyReference:
 
 
 def used_key(v: KeyVersion) -> pb.UsedKey:
+    """The UsedKey of a response; also records the version for the call's access-log line."""
+    used = _keys_used.get(None)
+    if used is not None:
+        used.append(f"{v.name}@{v.version}")
     return pb.UsedKey(
         name=v.name,
         version=v.version,

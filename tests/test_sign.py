@@ -242,5 +242,5 @@ def test_log_carries_no_digest(client: Client, daemon: Daemon) -> None:
     digest = hashlib.sha256(b"secret-ish release").digest()
     client.sign_digest("demo", digest)
     log = daemon.log()
-    assert "SignDigest" in log
+    assert "SignDigest" in log and "status=OK key=demo@1" in log
     assert digest.hex() not in log and base64.b64encode(digest).decode() not in log
