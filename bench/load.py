@@ -27,7 +27,7 @@ class LoadSpec:
     """One configuration of load; ``callers`` is the total over all processes."""
 
     target: str
-    call: str  # "unary", "batch" or "seal"
+    call: str  # "unary", "batch", "seal" or "floor" (GetPublicKey: no token work)
     key: str
     callers: int
     processes: int = 2
@@ -47,6 +47,9 @@ def _request(spec: LoadSpec) -> tuple[str, Any]:
         return "SignDigests", pb.SignDigestsRequest(
             key=ref, algorithm=alg, digests=[digest] * spec.batch
         )
+    if spec.call == "floor":
+        # No token work at all: what gRPC and the daemon's Python cost per call.
+        return "GetPublicKey", pb.GetPublicKeyRequest(key=ref)
     if spec.call == "seal":
         return "SealBundle", pb.SealBundleRequest(
             key=ref,
@@ -143,7 +146,7 @@ def run_load(spec: LoadSpec, daemon_pid: int | None = None) -> dict[str, Any]:
         "spec": asdict(spec),
         "calls": calls,
         "calls_per_s": calls / spec.duration,
-        "ops_per_s": calls * spec.batch * (2 if spec.call == "seal" else 1) / spec.duration,
+        "ops_per_s": calls * spec.batch * {"seal": 2, "floor": 0}.get(spec.call, 1) / spec.duration,
         "p50_ms": _pct(lat, 50),
         "p99_ms": _pct(lat, 99),
         "errors": errors,
