@@ -91,17 +91,24 @@ def sign_digest(token: Token, key: KeyVersion, scheme: SignatureScheme, digest: 
 def sign_digests(
     token: Token, key: KeyVersion, scheme: SignatureScheme, digests: Sequence[bytes]
 ) -> list[bytes]:
-    """Signs many digests on one borrowed session (one key lookup, one pool round trip)."""
+    """Signs many digests with one key lookup; large batches use several sessions at once."""
     if not digests:
         raise InvalidArgument("digests is empty; send 1 to 10,000 digests")
     if len(digests) > MAX_BATCH:
         raise InvalidArgument(f"{len(digests)} digests in one call; at most {MAX_BATCH:,} allowed")
     blocks = [_check_digest(scheme, d, f"digests[{i}]") for i, d in enumerate(digests)]
-    what = f"signing with {scheme.mech.description}"
+    return _sign_blocks(token, key, scheme.mech, blocks, f"signing with {scheme.mech.description}")
+
+
+def _sign_blocks(
+    token: Token, key: KeyVersion, mech: Mech, blocks: Sequence[bytes], what: str
+) -> list[bytes]:
+    """Signs blocks in order; a large batch is split across sessions signing in parallel
+    (one SoftHSM2 session signs on one core)."""
 
     def sign_part(part: Sequence[bytes]) -> list[bytes]:
         with token.session(what) as s:
-            return s.sign_many(key.cka_id, scheme.mech, part)
+            return s.sign_many(key.cka_id, mech, part)
 
     lanes = min(_parallel_sessions(token), len(blocks) // MIN_DIGESTS_PER_SESSION)
     if lanes <= 1:
@@ -134,5 +141,4 @@ def private_encrypt(token: Token, key: KeyVersion, blocks: Sequence[bytes]) -> l
     This signs whatever it is given, so only purpose-built callers that have checked their
     input lengths (Capgo's 16-byte session key, 32/48-byte checksum inputs) may use it.
     """
-    with token.session("Capgo private-encrypt (CKM_RSA_PKCS)") as s:
-        return s.sign_many(key.cka_id, RSA_PKCS, list(blocks))
+    return _sign_blocks(token, key, RSA_PKCS, list(blocks), "Capgo private-encrypt (CKM_RSA_PKCS)")
