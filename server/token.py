@@ -385,31 +385,11 @@ class Session:
     ) -> KeyObjectInfo:
         """Generates a key pair inside the token: sensitive, never extractable, one purpose."""
         public_template = {
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: False,
-            Attribute.LABEL: label,
-            Attribute.ID: cka_id,
+            **_public_key_template(label, cka_id, sign=sign, decrypt=decrypt),
             Attribute.MODULUS_BITS: bits,
             Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01",
-            Attribute.VERIFY: sign,
-            Attribute.ENCRYPT: decrypt,
-            Attribute.WRAP: decrypt,
-            Attribute.VERIFY_RECOVER: False,
-            Attribute.DERIVE: False,
         }
-        private_template = {
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: True,
-            Attribute.LABEL: label,
-            Attribute.ID: cka_id,
-            Attribute.SENSITIVE: True,
-            Attribute.EXTRACTABLE: False,
-            Attribute.SIGN: sign,
-            Attribute.SIGN_RECOVER: False,
-            Attribute.DECRYPT: decrypt,
-            Attribute.UNWRAP: decrypt,
-            Attribute.DERIVE: False,
-        }
+        private_template = _private_key_template(label, cka_id, sign=sign, decrypt=decrypt)
         try:
             _pub, priv = self.raw.generate_keypair(
                 KeyType.RSA,
@@ -423,10 +403,6 @@ class Session:
             raise classify(e, f"generating an RSA-{bits} key pair") from None
         return _describe(priv)
 
-    def create_objects(self, templates: Sequence[Mapping[Any, Any]]) -> None:
-        for t in templates:
-            self.raw.create_object(dict(t))
-
     def destroy_key_objects(self, cka_id: bytes) -> int:
         """Destroys the private and public objects with this CKA_ID; returns how many."""
         n = 0
@@ -436,11 +412,6 @@ class Session:
                 n += 1
         self.forget(cka_id)
         return n
-
-    def set_private_attributes(self, cka_id: bytes, attrs: Mapping[Any, Any]) -> None:
-        key = self._private_key(cka_id)
-        for k, v in attrs.items():
-            key[k] = v
 
     def data_objects(self, application: str) -> list[tuple[Any, str, bytes]]:
         """CKO_DATA objects of an application: (object, label, value)."""
@@ -492,17 +463,7 @@ class Session:
         private_template = {
             Attribute.CLASS: ObjectClass.PRIVATE_KEY,
             Attribute.KEY_TYPE: KeyType.RSA,
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: True,
-            Attribute.LABEL: label,
-            Attribute.ID: cka_id,
-            Attribute.SENSITIVE: True,
-            Attribute.EXTRACTABLE: False,
-            Attribute.SIGN: sign,
-            Attribute.SIGN_RECOVER: False,
-            Attribute.DECRYPT: decrypt,
-            Attribute.UNWRAP: decrypt,
-            Attribute.DERIVE: False,
+            **_private_key_template(label, cka_id, sign=sign, decrypt=decrypt),
             Attribute.MODULUS: big("n"),
             Attribute.PUBLIC_EXPONENT: big("e"),
             Attribute.PRIVATE_EXPONENT: big("d"),
@@ -515,15 +476,7 @@ class Session:
         public_template = {
             Attribute.CLASS: ObjectClass.PUBLIC_KEY,
             Attribute.KEY_TYPE: KeyType.RSA,
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: False,
-            Attribute.LABEL: label,
-            Attribute.ID: cka_id,
-            Attribute.VERIFY: sign,
-            Attribute.ENCRYPT: decrypt,
-            Attribute.WRAP: decrypt,
-            Attribute.VERIFY_RECOVER: False,
-            Attribute.DERIVE: False,
+            **_public_key_template(label, cka_id, sign=sign, decrypt=decrypt),
             Attribute.MODULUS: big("n"),
             Attribute.PUBLIC_EXPONENT: big("e"),
         }
@@ -540,6 +493,40 @@ class Session:
 
     def random(self, n: int) -> bytes:
         return bytes(self.raw.generate_random(n * 8))
+
+
+def _public_key_template(label: str, cka_id: bytes, *, sign: bool, decrypt: bool) -> dict[Any, Any]:
+    """A version's public key object: on the token, readable, only its purpose's uses."""
+    return {
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: False,
+        Attribute.LABEL: label,
+        Attribute.ID: cka_id,
+        Attribute.VERIFY: sign,
+        Attribute.ENCRYPT: decrypt,
+        Attribute.WRAP: decrypt,
+        Attribute.VERIFY_RECOVER: False,
+        Attribute.DERIVE: False,
+    }
+
+
+def _private_key_template(
+    label: str, cka_id: bytes, *, sign: bool, decrypt: bool
+) -> dict[Any, Any]:
+    """A version's private key object: sensitive, never extractable, one purpose only."""
+    return {
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.LABEL: label,
+        Attribute.ID: cka_id,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.SIGN: sign,
+        Attribute.SIGN_RECOVER: False,
+        Attribute.DECRYPT: decrypt,
+        Attribute.UNWRAP: decrypt,
+        Attribute.DERIVE: False,
+    }
 
 
 def _flag(obj: Any, attr: Attribute) -> bool:

@@ -167,5 +167,7 @@ def make_project(root: Path, updater_version: str = "8.51.23") -> Path:
 def capgo_cli() -> CapgoCli:
     node = shutil.which("node")
     if node is None or shutil.which("npm") is None:
-        pytest.skip("node/npm not installed: the Capgo CLI peer tests need them")
+        pytest.fail(
+            "node/npm not installed: run `make test`, which installs them for the Capgo CLI peer tests"
+        )
     return CapgoCli(cli_entry(), node)
