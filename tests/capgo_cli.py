@@ -168,6 +168,7 @@ def capgo_cli() -> CapgoCli:
     node = shutil.which("node")
     if node is None or shutil.which("npm") is None:
         pytest.fail(
-            "node/npm not installed: run `make test`, which installs them for the Capgo CLI peer tests"
+            "node/npm not installed: run `make test`, which installs them for the Capgo "
+            "CLI peer tests"
         )
     return CapgoCli(cli_entry(), node)
