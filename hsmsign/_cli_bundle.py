@@ -219,6 +219,11 @@ def _brotli(data: bytes) -> bytes:
 
 def cmd_encrypt_delta(args: argparse.Namespace, connect: Connect) -> int:
     fmt = _fmt(args)
+    if args.plugin_version and not capgo.plugin_supports_delta(args.plugin_version):
+        raise UsageError(
+            f"capacitor-updater {args.plugin_version} does not apply delta updates; it needs "
+            "5.10.0, 6.25.0, 7.0.30 or later: ship a full bundle with 'hsmsign bundle encrypt'"
+        )
     out: Path = args.output
     if out.exists():
         raise UsageError(f"{out} already exists; give a new directory")

@@ -272,28 +272,44 @@ class ChecksumFormat(enum.Enum):
     V2 = "v2"  # the 64-char hex string base64-decoded (48 bytes) signed, base64 (344 chars)
 
 
+def _plugin_version(version: str) -> tuple[tuple[int, int, int], bool]:
+    """(major, minor, patch) and whether it is a pre-release. Raises BundleFormatError."""
+    m = _VERSION.fullmatch(version.strip())
+    if m is None:
+        raise BundleFormatError(
+            f"cannot parse capacitor-updater version {version!r}; expected e.g. 8.51.23"
+        )
+    return (int(m[1]), int(m[2]), int(m[3])), m[4] is not None
+
+
+def _at_least(version: str, minimum: dict[int, tuple[int, int, int]], from_major: int) -> bool:
+    triple, prerelease = _plugin_version(version)
+    if triple[0] >= from_major:
+        return True
+    floor = minimum.get(triple[0])
+    if floor is None:
+        return False
+    return triple > floor or (triple == floor and not prerelease)
+
+
 def checksum_format_for_plugin(version: str) -> ChecksumFormat:
     """The checksum format a given @capgo/capacitor-updater version accepts.
 
     Raises BundleFormatError for a version that is not MAJOR.MINOR.PATCH (optional leading v,
     pre-release and build suffixes allowed; a pre-release sorts before its release).
     """
-    m = _VERSION.fullmatch(version.strip())
-    if m is None:
-        raise BundleFormatError(
-            f"cannot parse capacitor-updater version {version!r}; expected e.g. 8.51.23"
-        )
-    triple = (int(m[1]), int(m[2]), int(m[3]))
-    prerelease = m[4] is not None
-    major = triple[0]
-    if major >= 8:
-        return ChecksumFormat.V3
-    minimum = _V3_MINIMUM.get(major)
-    if minimum is None:
-        return ChecksumFormat.V2
-    if triple > minimum or (triple == minimum and not prerelease):
-        return ChecksumFormat.V3
-    return ChecksumFormat.V2
+    return ChecksumFormat.V3 if _at_least(version, _V3_MINIMUM, 8) else ChecksumFormat.V2
+
+
+#: The first updater of each major that applies delta (manifest) updates, as the Capgo CLI
+#: 8.68.1 checks before it uploads one.
+_DELTA_MINIMUM: Final = {5: (5, 10, 0), 6: (6, 25, 0), 7: (7, 0, 30)}
+
+
+def plugin_supports_delta(version: str) -> bool:
+    """Whether a @capgo/capacitor-updater version applies delta updates. Raises
+    BundleFormatError for an unparsable version."""
+    return _at_least(version, _DELTA_MINIMUM, 8)
 
 
 def _require_digest(digest: bytes) -> None:

@@ -353,3 +353,8 @@ def test_encrypt_delta_cli(daemon: Daemon, tmp_path: Path) -> None:
     assert out2["brotli_files"] == 0
     again = daemon.hsmsign(*args, check=False)
     assert again.returncode == 2 and b"already exists" in again.stderr
+    args[6] = str(tmp_path / "old")
+    args[8] = "6.24.9"
+    old = daemon.hsmsign(*args, check=False)
+    assert old.returncode == 2 and b"does not apply delta updates" in old.stderr
+    assert not (tmp_path / "old").exists()
