@@ -718,4 +718,8 @@ class KeyRing:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stops the background refresh and waits for a refresh in flight to finish, so that
+        the token is not closed under it."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)

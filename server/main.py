@@ -112,6 +112,7 @@ def _write_ready_file(path: Path, address: str) -> None:
 
 def serve(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
     token = Token(cfg.token)
+    ring: KeyRing | None = None
     try:
         ring = KeyRing(token, cfg)
         for warning in ring.check_config():  # raises StartupError for an unknown [keys.NAME]
@@ -189,6 +190,8 @@ def serve(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
         log.info("stopped")
         return 0
     finally:
+        if ring is not None:
+            ring.stop()
         token.close()
 
 

@@ -129,13 +129,15 @@ def test_health_and_reflection(daemon: Daemon) -> None:
         assert {"hsmsign.v1.Signer", "hsmsign.v1.KeyAdmin", "grpc.health.v1.Health"} <= names
 
 
-def test_sigterm_drains_in_flight_calls(config: Path, tmp_path: Path) -> None:
-    d = start_daemon(config, tmp_path / "d")
-    digests = [hashlib.sha256(str(i).encode()).digest() for i in range(3000)]
+def test_sigterm_drains_in_flight_calls(token: TokenDir, tmp_path: Path) -> None:
+    # A generous grace period: the in-flight call must finish even on a slow machine.
+    cfg = write_config(tmp_path / "c.toml", token, extra="[server]\ngrace_seconds = 120\n")
+    d = start_daemon(cfg, tmp_path / "d")
+    digests = [hashlib.sha256(str(i).encode()).digest() for i in range(10_000)]
     result: dict[str, object] = {}
 
     def big_call() -> None:
-        with Client(d.address) as c:
+        with Client(d.address, timeout=120) as c:
             try:
                 result["sigs"] = c.sign_digests("demo", digests)[1]
             except RemoteError as e:
@@ -143,12 +145,12 @@ def test_sigterm_drains_in_flight_calls(config: Path, tmp_path: Path) -> None:
 
     t = threading.Thread(target=big_call)
     t.start()
-    time.sleep(0.5)  # the call is now in flight (3000 signatures take seconds)
+    time.sleep(1.0)  # the call is now in flight (10,000 signatures take several seconds)
     assert d.proc.poll() is None
     rc = d.stop(signal.SIGTERM)
     t.join(60)
     assert rc == 0
-    assert "error" not in result and len(result["sigs"]) == 3000  # type: ignore[arg-type]
+    assert "error" not in result and len(result["sigs"]) == 10_000  # type: ignore[arg-type]
     assert "SIGTERM received: draining" in d.log() and "stopped" in d.log()
 
 
