@@ -10,6 +10,8 @@ import argparse
 import hashlib
 import json
 import sys
+import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -276,10 +278,34 @@ def cmd_encrypt_delta(args: argparse.Namespace, connect: Connect) -> int:
     return 0
 
 
+def _installable(plain: Path) -> None:
+    """What the device does after the checks: unzip, and find index.html."""
+    try:
+        with zipfile.ZipFile(plain) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise VerificationError(
+            f"the decrypted bundle is not a zip the device can unzip: {e}"
+        ) from None
+    if bad is not None:
+        raise VerificationError(f"the decrypted bundle's zip is corrupt at {bad}")
+    try:
+        capgo.check_bundle_zip(plain)
+    except capgo.BundleFormatError as e:
+        raise VerificationError(f"the decrypted bundle would not install: {e}") from None
+
+
 def cmd_verify(args: argparse.Namespace, connect: Connect) -> int:
-    r = capgo.verify_bundle(
-        args.encrypted, _read_pem(args.public_key), args.iv_session_key, args.checksum
-    )
+    with tempfile.TemporaryDirectory(prefix="hsmsign-verify-") as tmp:
+        plain = Path(tmp) / "bundle.zip"
+        r = capgo.verify_bundle(
+            args.encrypted,
+            _read_pem(args.public_key),
+            args.iv_session_key,
+            args.checksum,
+            plain_out=plain,
+        )
+        _installable(plain)
     if args.plain is not None:
         h = hashlib.sha256()
         try:

@@ -358,3 +358,34 @@ def test_encrypt_delta_cli(daemon: Daemon, tmp_path: Path) -> None:
     old = daemon.hsmsign(*args, check=False)
     assert old.returncode == 2 and b"does not apply delta updates" in old.stderr
     assert not (tmp_path / "old").exists()
+
+
+def test_verify_refuses_a_signed_bundle_that_would_not_install(
+    client: Client, daemon: Daemon, tmp_path: Path
+) -> None:
+    """Correctly sealed and signed, but the plain payload is no zip: the device would fail to
+    unzip it, so the release manager's check fails too, naming why."""
+    not_a_zip = tmp_path / "notes.txt"
+    not_a_zip.write_bytes(os.urandom(5000))
+    sealer = DaemonSealer(client, "demo")
+    session = capgo.open_session(sealer)
+    enc = tmp_path / "enc.zip"
+    digest = capgo.encrypt_bundle(not_a_zip, enc, session.session_key, session.iv)
+    signed = capgo.encode_signed_checksum(
+        sealer.sign_checksum(digest, capgo.ChecksumFormat.V3), capgo.ChecksumFormat.V3
+    )
+    pub = tmp_path / "pub.pem"
+    pub.write_text(client.public_key("demo").pkcs1_pem)
+    r = daemon.hsmsign(
+        "bundle",
+        "verify",
+        str(enc),
+        "--public-key",
+        str(pub),
+        "--iv-session-key",
+        session.iv_session_key,
+        "--checksum",
+        signed,
+        check=False,
+    )
+    assert r.returncode == 3 and b"not a zip the device can unzip" in r.stderr
