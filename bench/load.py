@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
@@ -27,7 +28,8 @@ class LoadSpec:
     """One configuration of load; ``callers`` is the total over all processes."""
 
     target: str
-    call: str  # "unary", "batch", "seal" or "floor" (GetPublicKey: no token work)
+    # "unary", "batch", "seal", "floor" (GetPublicKey: no token work) or "health" (gRPC only)
+    call: str
     key: str
     callers: int
     processes: int = 2
@@ -47,6 +49,9 @@ def _request(spec: LoadSpec) -> tuple[str, Any]:
         return "SignDigests", pb.SignDigestsRequest(
             key=ref, algorithm=alg, digests=[digest] * spec.batch
         )
+    if spec.call == "health":
+        # The gRPC framework alone: the standard health check runs none of hsmsign's code.
+        return "Check", health_pb2.HealthCheckRequest(service="")
     if spec.call == "floor":
         # No token work at all: what gRPC and the daemon's Python cost per call.
         return "GetPublicKey", pb.GetPublicKeyRequest(key=ref)
@@ -68,7 +73,10 @@ async def _worker(spec: LoadSpec, callers: int, start: float) -> dict[str, Any]:
     done = [0]
     errors: dict[str, int] = {}
     async with grpc.aio.insecure_channel(spec.target) as ch:
-        fn = getattr(pb_grpc.SignerStub(ch), method)
+        stub: Any = (
+            health_pb2_grpc.HealthStub(ch) if spec.call == "health" else pb_grpc.SignerStub(ch)
+        )
+        fn = getattr(stub, method)
         interval = spec.processes * callers / spec.rate if spec.rate else 0.0
 
         async def caller(i: int) -> None:
@@ -146,7 +154,10 @@ def run_load(spec: LoadSpec, daemon_pid: int | None = None) -> dict[str, Any]:
         "spec": asdict(spec),
         "calls": calls,
         "calls_per_s": calls / spec.duration,
-        "ops_per_s": calls * spec.batch * {"seal": 2, "floor": 0}.get(spec.call, 1) / spec.duration,
+        "ops_per_s": calls
+        * spec.batch
+        * {"seal": 2, "floor": 0, "health": 0}.get(spec.call, 1)
+        / spec.duration,
         "p50_ms": _pct(lat, 50),
         "p99_ms": _pct(lat, 99),
         "errors": errors,

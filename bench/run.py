@@ -136,11 +136,13 @@ def daemon_rows(
         rows.append(
             daemon_row(f"{tag}Capgo SealBundle (2 signatures), 64 callers", spec("seal", 64), pid)
         )
-        r = daemon_row(
-            f"{tag}gRPC floor: GetPublicKey (no token work), 64 callers", spec("floor", 64), pid
-        )
-        r["floor"] = True
-        rows.append(r)
+        for call, what in (
+            ("health", "gRPC alone: health Check (no hsmsign code)"),
+            ("floor", "gRPC floor: GetPublicKey (no token work)"),
+        ):
+            r = daemon_row(f"{tag}{what}, 64 callers", spec(call, 64), pid)
+            r["floor"] = True
+            rows.append(r)
         half = max_unary / 2
         r = daemon_row(
             f"{tag}unary paced at half max ({half:.0f} calls/s), 16 callers",
