@@ -546,7 +546,12 @@ class KeyRing:
 
     def _current(self) -> Mapping[str, Key]:
         snap = self._snapshot
-        if time.monotonic() - snap.loaded_at > self._config.keyring.refresh_seconds:
+        max_age = self._config.keyring.refresh_seconds
+        if self._thread is not None:
+            # The background thread keeps the snapshot fresh; a request re-reads the token
+            # itself (several ms on its latency) only if that thread has fallen behind.
+            max_age *= 3
+        if time.monotonic() - snap.loaded_at > max_age:
             due: list[KeyVersion] = []
             if self._lock.acquire(blocking=False):
                 try:
