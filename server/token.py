@@ -370,15 +370,18 @@ class Session:
 
     def find_key_objects(self, label_prefix: str) -> list[KeyObjectInfo]:
         """Every RSA private key whose label starts with ``label_prefix``, with its attributes."""
-        out = []
-        for obj in self.raw.get_objects(
-            {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType.RSA}
-        ):
-            label = obj[Attribute.LABEL] or ""
-            if not label.startswith(label_prefix):
-                continue
-            out.append(_describe(obj))
-        return out
+
+        def scan() -> list[KeyObjectInfo]:
+            out = []
+            for obj in self.raw.get_objects(
+                {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType.RSA}
+            ):
+                label = obj[Attribute.LABEL] or ""
+                if label.startswith(label_prefix):
+                    out.append(_describe(obj))
+            return out
+
+        return _rescan_if_changed(scan)
 
     def generate_rsa_keypair(
         self, bits: int, label: str, cka_id: bytes, *, sign: bool, decrypt: bool
@@ -408,19 +411,26 @@ class Session:
         n = 0
         for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
             for obj in list(self.raw.get_objects({Attribute.CLASS: cls, Attribute.ID: cka_id})):
-                obj.destroy()
-                n += 1
+                try:
+                    obj.destroy()
+                    n += 1
+                except _HANDLE_STALE:
+                    pass  # another process destroyed it first: the outcome is the same
         self.forget(cka_id)
         return n
 
     def data_objects(self, application: str) -> list[tuple[Any, str, bytes]]:
         """CKO_DATA objects of an application: (object, label, value)."""
-        out = []
-        for obj in self.raw.get_objects(
-            {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: application}
-        ):
-            out.append((obj, obj[Attribute.LABEL] or "", bytes(obj[Attribute.VALUE])))
-        return out
+
+        def scan() -> list[tuple[Any, str, bytes]]:
+            return [
+                (obj, obj[Attribute.LABEL] or "", bytes(obj[Attribute.VALUE]))
+                for obj in self.raw.get_objects(
+                    {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: application}
+                )
+            ]
+
+        return _rescan_if_changed(scan)
 
     def create_data_object(self, application: str, label: str, value: bytes) -> None:
         self.raw.create_object(
@@ -437,8 +447,10 @@ class Session:
 
     def destroy_object(self, obj: Any) -> None:
         """Destroys an object returned by ``data_objects`` (state kept in data objects is
-        replaced, never edited: DESIGN.md fact 7)."""
-        obj.destroy()
+        replaced, never edited: DESIGN.md fact 7). One already destroyed by another process
+        counts as destroyed."""
+        with contextlib.suppress(*_HANDLE_STALE):
+            obj.destroy()
 
     def import_rsa_private_key(
         self,
@@ -493,6 +505,19 @@ class Session:
 
     def random(self, n: int) -> bytes:
         return bytes(self.raw.generate_random(n * 8))
+
+
+def _rescan_if_changed(scan: Callable[[], T]) -> T:
+    """Runs an object scan again when another process destroyed an object between
+    C_FindObjects and reading its attributes (DESIGN.md fact 7: changes by other processes are
+    visible at once); the third collision in a row is reported."""
+    for attempt in range(3):
+        try:
+            return scan()
+        except _HANDLE_STALE:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _public_key_template(label: str, cka_id: bytes, *, sign: bool, decrypt: bool) -> dict[Any, Any]:
