@@ -109,9 +109,16 @@ def test_bundle_decrypt_failures_leave_no_file(
         *base, ivsk, "--scheme", "rsa-oaep-sha1", "--checksum", wrong, "-o", str(out), check=False
     )
     assert r.returncode == 3 and "checksum mismatch" in r.stderr.decode()
-    # Truncated payload: the last block's padding is wrong (or the size is not a multiple).
-    bundle.write_bytes(bundle.read_bytes()[:-16])
+    # Truncated payload. A size that is not a multiple of the block size always fails; a
+    # whole block cut off may still unpad by chance (1 in 256), so the checksum catches it.
+    full = bundle.read_bytes()
+    bundle.write_bytes(full[:-1])
     r = unwrap_daemon.hsmsign(*base, ivsk, "--scheme", "rsa-oaep-sha1", "-o", str(out), check=False)
+    assert r.returncode == 3
+    bundle.write_bytes(full[:-16])
+    r = unwrap_daemon.hsmsign(
+        *base, ivsk, "--scheme", "rsa-oaep-sha1", "--checksum", crc, "-o", str(out), check=False
+    )
     assert r.returncode == 3
     # Capgo v1's own scheme (OAEP-SHA-256) on SoftHSM2: the documented status, exit 1.
     _b, _p, ivsk256, _c = make_v1_bundle(tmp_path, uc, OAEP_SHA256, size=100)
