@@ -52,6 +52,19 @@ def parse_key_ref(text: str) -> pb.KeyRef:
     return pb.KeyRef(name=name)
 
 
+def key_ref(key: str | pb.KeyRef) -> pb.KeyRef:
+    """A KeyRef as is, or parsed from its text form (see parse_key_ref)."""
+    return parse_key_ref(key) if isinstance(key, str) else key
+
+
+def choose(table: dict[str, T], name: str, what: str) -> T:
+    """``table[name]``, or a UsageError listing what is allowed."""
+    try:
+        return table[name]
+    except KeyError:
+        raise UsageError(f"unknown {what} {name!r}; choose from {', '.join(table)}") from None
+
+
 @dataclass(frozen=True)
 class KeyInfo:
     """Which key version produced a result."""
@@ -147,7 +160,7 @@ class Client:
         return _call(fn)
 
     def public_key(self, key: str | pb.KeyRef) -> PublicKey:
-        ref = parse_key_ref(key) if isinstance(key, str) else key
+        ref = key_ref(key)
         r = _call(
             lambda: self.signer.GetPublicKey(pb.GetPublicKeyRequest(key=ref), timeout=self.timeout)
         )
@@ -156,7 +169,7 @@ class Client:
     def sign_digest(
         self, key: str | pb.KeyRef, digest: bytes, algorithm: str = "rsa-pkcs1-sha256"
     ) -> Signature:
-        ref = parse_key_ref(key) if isinstance(key, str) else key
+        ref = key_ref(key)
         req = pb.SignDigestRequest(key=ref, algorithm=_algorithm(algorithm), digest=digest)
         r = _call(lambda: self.signer.SignDigest(req, timeout=self.timeout))
         return Signature(KeyInfo.from_pb(r.key), r.signature)
@@ -164,19 +177,14 @@ class Client:
     def sign_digests(
         self, key: str | pb.KeyRef, digests: Sequence[bytes], algorithm: str = "rsa-pkcs1-sha256"
     ) -> tuple[KeyInfo, list[bytes]]:
-        ref = parse_key_ref(key) if isinstance(key, str) else key
+        ref = key_ref(key)
         req = pb.SignDigestsRequest(key=ref, algorithm=_algorithm(algorithm), digests=digests)
         r = _call(lambda: self.signer.SignDigests(req, timeout=self.timeout))
         return KeyInfo.from_pb(r.key), list(r.signatures)
 
 
 def _algorithm(name: str) -> pb.SignatureAlgorithm.ValueType:
-    try:
-        return ALGORITHMS[name]
-    except KeyError:
-        raise UsageError(
-            f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}"
-        ) from None
+    return choose(ALGORITHMS, name, "algorithm")
 
 
 @contextmanager
@@ -207,10 +215,7 @@ class SealedBundle:
 
 
 def _checksum_format(name: str) -> pb.ChecksumFormat.ValueType:
-    try:
-        return CHECKSUM_FORMATS[name]
-    except KeyError:
-        raise UsageError(f"unknown checksum format {name!r}; choose v3 or v2") from None
+    return choose(CHECKSUM_FORMATS, name, "checksum format")
 
 
 def seal_bundle(
@@ -222,7 +227,7 @@ def seal_bundle(
     checksum_format: str = "v3",
 ) -> SealedBundle:
     """SealBundle: the sealed session key (as ivSessionKey) and the signed checksum."""
-    ref = parse_key_ref(key) if isinstance(key, str) else key
+    ref = key_ref(key)
     req = pb.SealBundleRequest(
         key=ref,
         session_key=session_key,
@@ -235,7 +240,7 @@ def seal_bundle(
 
 
 def seal_session_key(client: Client, key: str | pb.KeyRef, session_key: bytes) -> Signature:
-    ref = parse_key_ref(key) if isinstance(key, str) else key
+    ref = key_ref(key)
     req = pb.SealSessionKeyRequest(key=ref, session_key=session_key)
     r = _call(lambda: client.signer.SealSessionKey(req, timeout=client.timeout))
     return Signature(KeyInfo.from_pb(r.key), r.sealed_session_key)
@@ -253,7 +258,7 @@ def sign_checksums(
     Raises RemoteError if the daemon answers with different versions across batches (the key
     was rotated mid-release), so that one release never mixes key versions.
     """
-    ref = parse_key_ref(key) if isinstance(key, str) else key
+    ref = key_ref(key)
     out: list[str] = []
     info: KeyInfo | None = None
     for start in range(0, len(checksums_sha256), batch_size):

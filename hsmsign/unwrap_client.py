@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hsmsign.client import Client, KeyInfo, parse_key_ref
-from hsmsign.errors import UsageError
+from hsmsign.client import Client, KeyInfo, choose, key_ref
 from hsmsign.v1 import hsmsign_pb2 as pb
 
 #: Unwrap schemes by the names the CLI and library accept.
@@ -37,16 +36,7 @@ class RewrappedKey:
 
 
 def unwrap_scheme(name: str) -> pb.UnwrapScheme.ValueType:
-    try:
-        return UNWRAP_SCHEMES[name]
-    except KeyError:
-        raise UsageError(
-            f"unknown unwrap scheme {name!r}; choose from {', '.join(UNWRAP_SCHEMES)}"
-        ) from None
-
-
-def _ref(key: str | pb.KeyRef) -> pb.KeyRef:
-    return parse_key_ref(key) if isinstance(key, str) else key
+    return choose(UNWRAP_SCHEMES, name, "unwrap scheme")
 
 
 def unwrap_session_key(
@@ -54,7 +44,7 @@ def unwrap_session_key(
 ) -> UnwrappedKey:
     """The session key ``wrapped`` carries, unwrapped by the daemon with an unwrap key."""
     req = pb.UnwrapSessionKeyRequest(
-        key=_ref(key), wrapped_key=wrapped, scheme=unwrap_scheme(scheme)
+        key=key_ref(key), wrapped_key=wrapped, scheme=unwrap_scheme(scheme)
     )
     r = client.call(lambda: client.signer.UnwrapSessionKey(req, timeout=client.timeout))
     return UnwrappedKey(KeyInfo.from_pb(r.key), r.session_key)
@@ -71,10 +61,10 @@ def rewrap_session_key(
 ) -> RewrappedKey:
     """``wrapped`` re-encrypted to ``to_key``; the session key never reaches this process."""
     req = pb.RewrapSessionKeyRequest(
-        from_key=_ref(from_key),
+        from_key=key_ref(from_key),
         wrapped_key=wrapped,
         from_scheme=unwrap_scheme(from_scheme),
-        to_key=_ref(to_key),
+        to_key=key_ref(to_key),
         to_scheme=unwrap_scheme(to_scheme),
     )
     r = client.call(lambda: client.signer.RewrapSessionKey(req, timeout=client.timeout))
