@@ -146,7 +146,7 @@ def _bundle_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 0.9,
                 "x",
                 True,
-                "bench/bench_bundle_encrypt.py not available yet",
+                "no bundle rows in this run",
             )
         ]
     for size in sizes:
@@ -289,7 +289,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
     ax2.set_xscale("log")
     ax2.set_xlabel("latency per call, ms (log)")
     ax2.legend()
-    fig.suptitle(f"hsmsign bench {result['date']} ({result['machine']['cpus']} CPUs, shared)")
+    fig.suptitle(f"hsmsign bench {result['date']} ({result['machine']['cpus']} CPUs)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
