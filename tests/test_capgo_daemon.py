@@ -200,20 +200,11 @@ def test_capgo_cli_bundle_is_accepted_by_hsmsign_verify(
     project = make_project(tmp_path / "proj")
     capgo_cli.run(["key", "create", "--force"], project)
     z = _bundle(tmp_path)
-    res = capgo_cli.json(
-        [
-            "bundle",
-            "encrypt",
-            str(z),
-            capgo.sha256_file_hex(z)
-            if hasattr(capgo, "sha256_file_hex")
-            else hashlib.sha256(z.read_bytes()).hexdigest(),
-        ],
-        project,
-    )
+    checksum = hashlib.sha256(z.read_bytes()).hexdigest()
+    res = capgo_cli.json(["bundle", "encrypt", str(z), checksum], project)
     enc = next(tmp_path.glob("*encrypted*.zip"), None) or Path(res.get("filename", ""))
     pub = project / ".capgo_key_v2.pub"
-    r = daemon.hsmsign(
+    verify = [
         "bundle",
         "verify",
         str(enc),
@@ -223,24 +214,14 @@ def test_capgo_cli_bundle_is_accepted_by_hsmsign_verify(
         res["ivSessionKey"],
         "--checksum",
         res["checksum"],
-    )
+    ]
+    r = daemon.hsmsign(*verify)
     assert b"bundle OK" in r.stdout
     # a flipped byte in the encrypted zip is caught and named
     data = bytearray(enc.read_bytes())
     data[len(data) // 2] ^= 1
     enc.write_bytes(bytes(data))
-    bad = daemon.hsmsign(
-        "bundle",
-        "verify",
-        str(enc),
-        "--public-key",
-        str(pub),
-        "--iv-session-key",
-        res["ivSessionKey"],
-        "--checksum",
-        res["checksum"],
-        check=False,
-    )
+    bad = daemon.hsmsign(*verify, check=False)
     assert bad.returncode == 3 and b"checksum" in bad.stderr.lower()
 
 
