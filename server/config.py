@@ -90,7 +90,7 @@ class TokenConfig:
     #: "parallel": sessions used from many threads at once (module must be thread-safe);
     #: "serialized": every PKCS#11 call behind one lock.
     threading: ThreadingMode
-    #: Sessions in the pool (besides the login session).
+    #: Sessions in the pool (besides the login session), in each serving process.
     sessions: int
     #: Seconds a call waits for a free session before RESOURCE_EXHAUSTED.
     session_wait_seconds: float
@@ -112,15 +112,19 @@ class TlsConfig:
 class ServerConfig:
     #: host:port to listen on; port 0 picks a free port (printed at start-up).
     listen: str
-    #: Threads serving calls.
+    #: Threads serving calls, in each serving process.
     workers: int
-    #: Calls admitted at once; beyond that callers get RESOURCE_EXHAUSTED.
+    #: Calls admitted at once by each serving process; beyond that callers get
+    #: RESOURCE_EXHAUSTED.
     max_concurrent_calls: int
     #: Seconds SIGTERM waits for in-flight calls before cancelling them.
     grace_seconds: float
     tls: TlsConfig | None
     #: Serve gRPC server reflection (for grpcurl and friends).
     reflection: bool
+    #: Serving processes sharing the port (SO_REUSEPORT), each with its own token login,
+    #: session pool and threads; 1 serves from the main process. See docs/adr/0003.
+    processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,7 @@ class _Table:
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self.path}: {self._key(key)}: {message}")
 
-    def get(self, key: str, kind: type, default: Any, allowed: str) -> Any:
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any, allowed: str) -> Any:
         self.used.add(key)
         if key not in self.data:
             return default
@@ -271,7 +275,7 @@ def _token(root: _Table) -> TokenConfig:
     threading = t.get("threading", str, default_threading, '"parallel" or "serialized"')
     if threading not in ("parallel", "serialized"):
         raise t.error("threading", f'got {threading!r}; allowed: "parallel" or "serialized"')
-    sessions = t.positive("sessions", int, 4, 256)
+    sessions = t.positive("sessions", int, DEFAULT_SESSIONS, 256)
     wait = t.positive("session_wait_seconds", float, 5.0, 600)
     t.finish()
     return TokenConfig(
@@ -286,16 +290,25 @@ def _token(root: _Table) -> TokenConfig:
     )
 
 
-def _server(root: _Table) -> ServerConfig:
+#: token.sessions when not set: per serving process. Two per process measured best on the
+#: 2-core reference machine with SoftHSM2 (docs/performance.md); an HSM that answers over the
+#: network wants about its own parallelism divided by server.processes.
+DEFAULT_SESSIONS = 2
+
+
+def _server(root: _Table, sessions: int) -> ServerConfig:
     s = root.table("server")
     listen = s.get("listen", str, "127.0.0.1:50051", '"HOST:PORT"')
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise s.error("listen", f'got {listen!r}; allowed: "HOST:PORT" such as "127.0.0.1:50051"')
-    workers = s.positive("workers", int, 32, 1024)
+    # Default: two threads per session, so a call can be read and answered while its
+    # neighbour signs; more only queue on the GIL (docs/performance.md).
+    workers = s.positive("workers", int, 2 * sessions, 1024)
     max_calls = s.positive("max_concurrent_calls", int, 256, 100_000)
     grace = s.positive("grace_seconds", float, 10.0, 3600)
     reflection = s.get("reflection", bool, True, "true or false")
+    processes = _processes(s)
     tls: TlsConfig | None = None
     if "tls" in s.data:
         tt = s.table("tls")
@@ -306,7 +319,29 @@ def _server(root: _Table) -> ServerConfig:
         )
         tt.finish()
     s.finish()
-    return ServerConfig(listen, workers, max_calls, grace, tls, reflection)
+    return ServerConfig(listen, workers, max_calls, grace, tls, reflection, processes)
+
+
+#: Upper bound for server.processes: each process logs in and opens its own sessions.
+MAX_PROCESSES = 64
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, so containers and taskset count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _processes(s: _Table) -> int:
+    allowed = f'"auto" (one per CPU) or a number from 1 to {MAX_PROCESSES}'
+    value = s.get("processes", (int, str), "auto", allowed)
+    if value == "auto":
+        return min(available_cpus(), MAX_PROCESSES)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_PROCESSES:
+        raise s.error("processes", f"got {value!r}; allowed: {allowed}")
+    return value
 
 
 def _keyring(root: _Table) -> KeyRingConfig:
@@ -344,10 +379,11 @@ def load(path: Path) -> Config:
     level = root.get("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise root.error("log_level", f"got {level!r}; allowed: DEBUG, INFO, WARNING or ERROR")
+    token = _token(root)
     config = Config(
         path=root.path,
-        token=_token(root),
-        server=_server(root),
+        token=token,
+        server=_server(root, token.sessions),
         keyring=_keyring(root),
         keys=_keys(root),
         log_level=level,

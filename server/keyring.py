@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -456,6 +456,16 @@ def build_keys(
     return keys
 
 
+class ChangeCounter(Protocol):
+    """A counter shared by a daemon's serving processes (server.supervisor.SharedCounter)."""
+
+    def read(self) -> int: ...
+
+    def bump(self) -> int:
+        """Adds one; returns the new value."""
+        ...
+
+
 class KeyRing:
     """Resolves key references to versions; thread-safe; refreshes from the token.
 
@@ -463,9 +473,13 @@ class KeyRing:
     destruction go through it).
     """
 
-    def __init__(self, token: Token, config: Config) -> None:
+    def __init__(self, token: Token, config: Config, siblings: ChangeCounter | None = None) -> None:
         self._token = token
         self._config = config
+        # Serving processes of one daemon share a counter that each bumps after changing the
+        # ring, so a sibling re-reads before its next request (read-your-writes across them).
+        self._siblings = siblings
+        self._seen_change = siblings.read() if siblings else 0
         self._snapshot = _Snapshot()
         self._lock = threading.RLock()  # guards reading + installing a snapshot
         self._write_lock = threading.RLock()  # one state writer per process
@@ -516,6 +530,22 @@ class KeyRing:
     def refresh(self) -> None:
         """Re-reads the ring from the token, then destroys versions whose time has come."""
         with self._lock:
+            if self._siblings is not None:
+                self._seen_change = self._siblings.read()
+            due = self._reload()
+        if due:
+            self._destroy_due(due)
+
+    def _catch_up(self) -> None:
+        """Re-reads the ring if a sibling process changed it since this one last read it."""
+        siblings = self._siblings
+        if siblings is None:
+            return
+        with self._lock:
+            change = siblings.read()
+            if change == self._seen_change:
+                return  # another thread caught up while this one waited for the lock
+            self._seen_change = change
             due = self._reload()
         if due:
             self._destroy_due(due)
@@ -545,6 +575,10 @@ class KeyRing:
             self.update(mark)
 
     def _current(self) -> Mapping[str, Key]:
+        if self._siblings is not None and self._siblings.read() != self._seen_change:
+            # A sibling process changed the ring: requests wait for the re-read, so that no
+            # call made after the change's response uses the old state.
+            self._catch_up()
         snap = self._snapshot
         max_age = self._config.keyring.refresh_seconds
         if self._thread is not None:
@@ -672,7 +706,12 @@ class KeyRing:
                 raise FailedPrecondition(
                     "the key-ring state kept changing under concurrent writers; retry"
                 )
+        # Bump before re-reading: a sibling's change that bumped earlier is in the token
+        # already, so this re-read includes it.
+        change = self._siblings.bump() if self._siblings is not None else None
         with self._lock:
+            if change is not None:
+                self._seen_change = change
             self._reload()
         return result
 

@@ -25,11 +25,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from server import config as config_mod
-from server import keys_cli
+from server import keys_cli, supervisor
 from server.config import Config
 from server.errors import ConfigError, ServerError, StartupError
 from server.keyring import KeyRing
 from server.service import SignerService
+from server.supervisor import SharedCounter, WorkerSpec
 from server.token import Token
 
 log = logging.getLogger("hsmsignd")
@@ -66,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
             metavar="FILE",
             help="write {address, pid} as JSON here once serving",
         )
+        # Internal: how the supervisor starts a serving process (server/supervisor.py).
+        sp.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     keys_cli.add_parser(sub)
     return p
 
@@ -77,10 +80,10 @@ def _config_path(arg: Path | None) -> Path:
     return Path(env) if env else DEFAULT_CONFIG
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, tag: str = "") -> None:
     logging.basicConfig(
         level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
         stream=sys.stderr,
     )
     # grpc's own loggers are chatty about client disconnects at INFO.
@@ -110,18 +113,27 @@ def _write_ready_file(path: Path, address: str) -> None:
     os.replace(tmp, path)
 
 
-def serve(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
+def serve(
+    cfg: Config, listen: str | None, ready_file: Path | None, worker: WorkerSpec | None = None
+) -> int:
+    """Serves until SIGTERM/SIGINT. With server.processes > 1 (and not itself one of them)
+    this process supervises that many serving processes instead (server/supervisor.py)."""
+    if worker is None and cfg.server.processes > 1:
+        return supervisor.run(cfg, listen, ready_file)
     token = Token(cfg.token)
     ring: KeyRing | None = None
     try:
-        ring = KeyRing(token, cfg)
-        for warning in ring.check_config():  # raises StartupError for an unknown [keys.NAME]
-            log.warning("%s", warning)
+        ring = KeyRing(token, cfg, SharedCounter(worker.counter_fd) if worker else None)
+        warnings = ring.check_config()  # raises StartupError for an unknown [keys.NAME]
+        if worker is None:  # the supervisor logged them once
+            for warning in warnings:
+                log.warning("%s", warning)
         ring.start_background_refresh()
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.server.workers, thread_name_prefix="rpc"),
             maximum_concurrent_rpcs=cfg.server.max_concurrent_calls,
-            options=[("grpc.so_reuseport", 0)],
+            # Serving processes share the supervisor's port; a lone daemon must own its port.
+            options=[("grpc.so_reuseport", 1 if worker else 0)],
         )
         pb_grpc.add_SignerServicer_to_server(SignerService(token, ring, cfg), server)
         pb_grpc.add_KeyAdminServicer_to_server(keys_cli.admin_service(token, ring, cfg), server)
@@ -147,47 +159,35 @@ def serve(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
         if port == 0:
             raise StartupError(f"cannot listen on {address} (in use, or not a local address?)")
         bound = f"{address.rpartition(':')[0]}:{port}"
-        server.start()
-        for name in ("", "hsmsign.v1.Signer", "hsmsign.v1.KeyAdmin"):
-            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        keys = ring.list_keys()
-        summary = (
-            ", ".join(
-                f"{k.name} v{k.primary.version} sha256:{k.primary.fingerprint}"
-                for k in keys
-                if k.primary
-            )
-            or "no keys yet (create one with 'hsmsignd keys create NAME')"
-        )
-        log.info(
-            "listening on %s (%s) token %r; keys: %s",
-            bound,
-            "TLS"
-            + (" with client certificates" if cfg.server.tls and cfg.server.tls.client_ca else "")
-            if creds
-            else "plaintext",
-            token.label,
-            summary,
-        )
-        if ready_file is not None:
-            _write_ready_file(ready_file, bound)
-
         stop = threading.Event()
 
         def on_signal(signum: int, _frame: object) -> None:
-            log.info(
-                "%s received: draining in-flight calls (up to %gs)",
-                signal.Signals(signum).name,
-                cfg.server.grace_seconds,
-            )
+            if worker is None:
+                log.info(
+                    "%s received: draining in-flight calls (up to %gs)",
+                    signal.Signals(signum).name,
+                    cfg.server.grace_seconds,
+                )
             stop.set()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        server.start()
+        for name in ("", "hsmsign.v1.Signer", "hsmsign.v1.KeyAdmin"):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if worker is not None:
+            worker.watch_lifeline(stop)
+            worker.announce_ready()
+            log.info("%s ready on %s (pid %d)", worker.name, bound, os.getpid())
+        else:
+            log.info("%s", supervisor.listening_line(cfg, bound, token.label, ring, 1))
+            if ready_file is not None:
+                _write_ready_file(ready_file, bound)
         stop.wait()
         health_servicer.enter_graceful_shutdown()
         server.stop(cfg.server.grace_seconds).wait()
-        log.info("stopped")
+        if worker is None:
+            log.info("stopped")
         return 0
     finally:
         if ring is not None:
@@ -201,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.load(_config_path(args.config))
         _setup_logging(cfg.log_level)
         if args.command in (None, "serve"):
-            return serve(cfg, args.listen, args.ready_file)
+            worker = WorkerSpec.decode(args.worker) if args.worker else None
+            if worker is not None:
+                # Serving processes log through the supervisor's stderr: tag their lines.
+                logging.getLogger().handlers.clear()
+                _setup_logging(cfg.log_level, f"[{worker.index}/{worker.count}] ")
+            return serve(cfg, args.listen, args.ready_file, worker)
         return keys_cli.run(args, cfg)
     except ConfigError as e:
         print(f"hsmsignd: config error: {e}", file=sys.stderr)

@@ -1,0 +1,376 @@
+"""Several serving processes behind one port: the daemon's process model (docs/adr/0003).
+
+With ``server.processes`` above 1 the process hsmsignd starts as becomes a small supervisor:
+
+1. it checks the token once (one login attempt, so a wrong PIN costs the token one retry, not
+   one per process), reads the key ring, checks ``[keys.NAME]`` tables and makes sure the
+   token's implicit-rejection secret exists (so no two processes create one each);
+2. it reserves the port (a socket bound with SO_REUSEPORT, never listening), so a port in use
+   fails here with one clear line and port 0 picks one port for every process;
+3. it starts the serving processes (``python -m server.main ... serve --worker SPEC``), each
+   with its own PKCS#11 login, session pool and threads, all listening on the port with
+   SO_REUSEPORT so the kernel spreads connections over them;
+4. it forwards SIGTERM/SIGINT (each process drains its calls), restarts a process that dies,
+   and gives up (exit 1) if they keep dying.
+
+The processes share one counter (a memfd) that each bumps after changing the key ring; the
+others re-read the ring before their next request, so a change is visible to every later call
+whichever process it reaches. A lifeline pipe ends every serving process if the supervisor is
+killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import mmap
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.config import Config
+from server.errors import StartupError
+from server.keyring import KeyRing
+from server.token import Token
+
+log = logging.getLogger("hsmsignd")
+
+#: A serving process that dies this many times within RESTART_WINDOW seconds stops the daemon.
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+#: Seconds a serving process may take from start to serving.
+START_TIMEOUT = 60.0
+
+
+class SharedCounter:
+    """Eight bytes of memory shared by the daemon's processes (a memfd inherited by each).
+
+    Readers only compare values, so a read needs no lock; ``bump`` takes a POSIX record lock
+    (per process) and a thread lock (per thread), so increments from different processes are
+    never lost.
+    """
+
+    _thread_lock = threading.Lock()
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._map = mmap.mmap(fd, 8)
+
+    @classmethod
+    def create(cls) -> SharedCounter:
+        fd = os.memfd_create("hsmsignd-ring-changes", 0)
+        os.ftruncate(fd, 8)
+        return cls(fd)
+
+    def read(self) -> int:
+        value: int = struct.unpack_from("<Q", self._map)[0]
+        return value
+
+    def bump(self) -> int:
+        with self._thread_lock:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX)
+            try:
+                value = self.read() + 1
+                struct.pack_into("<Q", self._map, 0, value)
+                return value
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a serving process gets from its supervisor (``--worker INDEX/COUNT:C:R:L``)."""
+
+    index: int
+    count: int
+    counter_fd: int
+    ready_fd: int
+    lifeline_fd: int
+
+    def encode(self) -> str:
+        return f"{self.index}/{self.count}:{self.counter_fd}:{self.ready_fd}:{self.lifeline_fd}"
+
+    @classmethod
+    def decode(cls, text: str) -> WorkerSpec:
+        try:
+            position, counter, ready, lifeline = text.split(":")
+            index, count = position.split("/")
+            return cls(int(index), int(count), int(counter), int(ready), int(lifeline))
+        except ValueError:
+            raise StartupError(
+                f"--worker {text!r} is internal to hsmsignd (INDEX/COUNT:FD:FD:FD)"
+            ) from None
+
+    @property
+    def name(self) -> str:
+        return f"serving process {self.index}/{self.count}"
+
+    def announce_ready(self) -> None:
+        os.write(self.ready_fd, f"ready {self.index} {os.getpid()}\n".encode())
+
+    def watch_lifeline(self, on_orphaned: threading.Event) -> None:
+        """Sets ``on_orphaned`` when the supervisor is gone (the pipe's write end closes)."""
+
+        def wait() -> None:
+            while True:
+                try:
+                    if not os.read(self.lifeline_fd, 64):
+                        break
+                except InterruptedError:
+                    continue
+                except OSError:
+                    break
+            if not on_orphaned.is_set():
+                log.warning("%s: the supervisor is gone; draining and exiting", self.name)
+                on_orphaned.set()
+
+        threading.Thread(target=wait, name="lifeline", daemon=True).start()
+
+
+def listening_line(cfg: Config, address: str, label: str, ring: KeyRing, processes: int) -> str:
+    """The INFO line that says the daemon is up: where, how, which token and keys."""
+    tls = cfg.server.tls
+    how = (
+        "plaintext"
+        if tls is None
+        else "TLS" + (" with client certificates" if tls.client_ca else "")
+    )
+    keys = ", ".join(
+        f"{k.name} v{k.primary.version} sha256:{k.primary.fingerprint}"
+        for k in ring.list_keys()
+        if k.primary
+    )
+    procs = f", {processes} serving processes" if processes > 1 else ""
+    keys = keys or "no keys yet (create one with 'hsmsignd keys create NAME')"
+    return f"listening on {address} ({how}{procs}) token {label!r}; keys: {keys}"
+
+
+def preflight(cfg: Config, address: str) -> str:
+    """Checks what every serving process needs, once; returns the line to log when serving.
+    Raises the same one-line errors a single-process daemon would."""
+    token = Token(cfg.token)
+    try:
+        ring = KeyRing(token, cfg)
+        for warning in ring.check_config():
+            log.warning("%s", warning)
+        with token.session("preparing the implicit-rejection secret") as s:
+            s.implicit_rejection_mac(b"hsmsignd start-up")
+        return listening_line(cfg, address, token.label, ring, cfg.server.processes)
+    finally:
+        token.close()
+
+
+def reserve_port(listen: str) -> tuple[socket.socket, str]:
+    """Binds ``listen`` without SO_REUSEPORT (fails if anything holds it), then keeps a
+    SO_REUSEPORT socket bound to the chosen port, never listening, for the daemon's life."""
+    host, _, port = listen.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, ValueError) as e:
+        raise StartupError(f"cannot listen on {listen}: {e}") from None
+    family, _type, _proto, _name, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(address)
+        except OSError:
+            raise StartupError(
+                f"cannot listen on {listen} (in use, or not a local address?)"
+            ) from None
+        chosen = probe.getsockname()[1]
+    hold = socket.socket(family, socket.SOCK_STREAM)
+    hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        hold.bind((address[0], chosen, *address[2:]))
+    except OSError:
+        hold.close()
+        raise StartupError(f"cannot listen on {listen} (taken while starting)") from None
+    return hold, f"{host}:{chosen}"
+
+
+class _Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid_ready: int | None = None
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, listen: str | None, ready_file: Path | None) -> None:
+        self.cfg = cfg
+        self.listen = listen or cfg.server.listen
+        self.ready_file = ready_file
+        self.count = cfg.server.processes
+        self.workers = [_Worker(i + 1) for i in range(self.count)]
+        self.stop = threading.Event()
+        self.restarts: list[float] = []
+
+    # -- starting -------------------------------------------------------------------------
+
+    def _spawn(self, w: _Worker) -> None:
+        spec = WorkerSpec(w.index, self.count, self.counter.fd, self.ready_w, self.lifeline_r)
+        cmd = [
+            sys.executable,
+            "-m",
+            "server.main",
+            "--config",
+            str(self.cfg.path),
+            "serve",
+            "--listen",
+            self.address,
+            "--worker",
+            spec.encode(),
+        ]
+        w.pid_ready = None
+        w.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            pass_fds=(self.counter.fd, self.ready_w, self.lifeline_r),
+        )
+
+    def _read_ready(self, timeout: float) -> None:
+        """Reads 'ready INDEX PID' lines until every worker is ready or ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while any(w.pid_ready is None for w in self.workers):
+            for w in self.workers:
+                if w.pid_ready is None and w.proc is not None and w.proc.poll() is not None:
+                    raise StartupError(
+                        f"serving process {w.index}/{self.count} exited with code "
+                        f"{w.proc.returncode} while starting (its error is above)"
+                    )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StartupError(
+                    f"serving processes not ready within {timeout:g}s (the log above says why)"
+                )
+            ready, _, _ = select.select([self.ready_r], [], [], min(left, 0.2))
+            if ready:
+                self._take_ready_lines()
+
+    def _take_ready_lines(self) -> None:
+        data = os.read(self.ready_r, 4096).decode(errors="replace")
+        for line in data.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "ready":
+                index, pid = int(parts[1]), int(parts[2])
+                w = self.workers[index - 1]
+                if w.proc is not None and w.proc.pid == pid:
+                    w.pid_ready = pid
+
+    def _write_ready_file(self) -> None:
+        if self.ready_file is None:
+            return
+        fd, tmp = tempfile.mkstemp(dir=self.ready_file.parent, prefix=".ready-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(
+                {
+                    "address": self.address,
+                    "pid": os.getpid(),
+                    "workers": [w.proc.pid for w in self.workers if w.proc is not None],
+                },
+                f,
+            )
+        os.replace(tmp, self.ready_file)
+
+    # -- running --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.hold, self.address = reserve_port(self.listen)
+        try:
+            line = preflight(self.cfg, self.address)
+        except BaseException:
+            self.hold.close()
+            raise
+        self.counter = SharedCounter.create()
+        self.ready_r, self.ready_w = os.pipe()
+        self.lifeline_r, lifeline_w = os.pipe()
+        os.set_inheritable(lifeline_w, False)
+
+        def on_signal(signum: int, _frame: object) -> None:
+            if not self.stop.is_set():
+                log.info(
+                    "%s received: draining in-flight calls in %d serving processes (up to %gs)",
+                    signal.Signals(signum).name,
+                    self.count,
+                    self.cfg.server.grace_seconds,
+                )
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        try:
+            for w in self.workers:
+                self._spawn(w)
+            self._read_ready(START_TIMEOUT)
+            log.info("%s", line)
+            self._write_ready_file()
+            return self._watch()
+        finally:
+            self._stop_all()
+            os.close(lifeline_w)
+            self.hold.close()
+
+    def _watch(self) -> int:
+        while not self.stop.wait(0.2):
+            with contextlib.suppress(BlockingIOError):
+                if select.select([self.ready_r], [], [], 0)[0]:
+                    self._take_ready_lines()
+            for w in self.workers:
+                code = w.proc.poll() if w.proc is not None else None
+                if w.proc is None or code is None or self.stop.is_set():
+                    continue
+                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+                now = time.monotonic()
+                self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW] + [now]
+                if len(self.restarts) > MAX_RESTARTS:
+                    log.error(
+                        "serving process %d/%d exited with %s; %d exits within %gs: stopping",
+                        w.index,
+                        self.count,
+                        how,
+                        len(self.restarts),
+                        RESTART_WINDOW,
+                    )
+                    return 1
+                log.error(
+                    "serving process %d/%d (pid %d) exited with %s; starting it again",
+                    w.index,
+                    self.count,
+                    w.proc.pid,
+                    how,
+                )
+                self._spawn(w)
+                self._write_ready_file()
+        return 0
+
+    def _stop_all(self) -> None:
+        running = [w.proc for w in self.workers if w.proc is not None and w.proc.poll() is None]
+        for p in running:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.cfg.server.grace_seconds + 10
+        for p in running:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("serving process pid %d did not stop; killing it", p.pid)
+                p.kill()
+                p.wait()
+        if running:
+            log.info("stopped")
+
+
+def run(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
+    return Supervisor(cfg, listen, ready_file).run()
