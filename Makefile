@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEB_PACKAGES := softhsm2 p11-kit-modules opensc openssl
+DEB_PACKAGES := softhsm2 p11-kit-modules opensc openssl nghttp2-client
 CONFIG ?= hsm_config/dev.toml
 
 .PHONY: run test lint bench bench-long bench-unwrap protos check-protos deps deb venv dev-token clean-dev-token

@@ -8,6 +8,7 @@ from the scheduled time, so queueing is not hidden) measures latency at a given 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import multiprocessing as mp
 import os
@@ -21,6 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
+
+#: Callers sharing one channel (one HTTP/2 connection) in a client process.
+CALLERS_PER_CONNECTION = 4
 
 
 @dataclass(frozen=True)
@@ -72,14 +76,25 @@ async def _worker(spec: LoadSpec, callers: int, start: float) -> dict[str, Any]:
     lat: list[float] = []
     done = [0]
     errors: dict[str, int] = {}
-    async with grpc.aio.insecure_channel(spec.target) as ch:
-        stub: Any = (
-            health_pb2_grpc.HealthStub(ch) if spec.call == "health" else pb_grpc.SignerStub(ch)
-        )
-        fn = getattr(stub, method)
+    async with contextlib.AsyncExitStack() as stack:
+        # One connection per CALLERS_PER_CONNECTION callers, as separate build agents would
+        # open: the daemon's serving processes share the port and the kernel spreads
+        # connections, not calls, over them.
+        fns = []
+        for _ in range(-(-callers // CALLERS_PER_CONNECTION)):
+            ch = await stack.enter_async_context(
+                grpc.aio.insecure_channel(
+                    spec.target, options=[("grpc.use_local_subchannel_pool", 1)]
+                )
+            )
+            stub: Any = (
+                health_pb2_grpc.HealthStub(ch) if spec.call == "health" else pb_grpc.SignerStub(ch)
+            )
+            fns.append(getattr(stub, method))
         interval = spec.processes * callers / spec.rate if spec.rate else 0.0
 
         async def caller(i: int) -> None:
+            fn = fns[i % len(fns)]
             # Paced callers start staggered so the schedule is smooth.
             due = time.time() + (interval * i / callers if interval else 0.0)
             while True:
@@ -133,12 +148,12 @@ def run_load(spec: LoadSpec, daemon_pid: int | None = None) -> dict[str, Any]:
         p.start()
     daemon_cpu: float | None = None
     if daemon_pid is not None:
-        from bench.setup import cpu_seconds
+        from bench.setup import tree_cpu_seconds
 
         time.sleep(max(0.0, start - time.time()))
-        c0 = cpu_seconds(daemon_pid)
+        c0 = tree_cpu_seconds(daemon_pid)
         time.sleep(max(0.0, start + spec.duration - time.time()))
-        daemon_cpu = cpu_seconds(daemon_pid) - c0
+        daemon_cpu = tree_cpu_seconds(daemon_pid) - c0
     results = [out.get(timeout=spec.duration + 120) for _ in procs]
     for p in procs:
         p.join()

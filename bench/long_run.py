@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from bench.load import LoadSpec, run_load
-from bench.setup import KEY_2048, DaemonSettings, launch, make_bench_token, rss_kib
+from bench.setup import KEY_2048, DaemonSettings, launch, make_bench_token
+from bench.setup import tree_rss_kib as rss_kib
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -76,7 +77,7 @@ def main() -> int:
         "growth_mb": round((end - baseline) / 1024, 2),
         "errors": errors,
         "samples": samples,
-        "note": "2-core machine shared with other test runs",
+        "note": "VmRSS summed over the supervisor and its serving processes",
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))

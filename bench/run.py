@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.load import LoadSpec, run_load
+from bench.h2load import H2Spec, failed_calls, grpc_frame, run_h2load
+from bench.h2load import available as h2load_available
+from bench.load import LoadSpec, _request, run_load
 from bench.setup import KEY_2048, KEY_3072, DaemonSettings, launch, make_bench_token
-from tests.conftest import TokenDir
+from tests.conftest import Daemon, TokenDir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -98,22 +100,69 @@ def daemon_row(name: str, spec: LoadSpec, pid: int) -> dict[str, Any]:
     r = run_load(spec, pid)
     r.pop("latencies_ms")
     r["cores"] = r["daemon_cpu_seconds"] / spec.duration
-    r["name"], r["group"] = name, "daemon"
+    r["client_cores"] = r["client_cpu_seconds"] / spec.duration
+    r["name"], r["group"], r["load"] = name, "daemon", "python"
     if r["errors"]:
         # A row whose calls failed measures nothing: say so instead of printing its rate.
         r["not_available"] = f"{spec.call}: calls failed {r['errors']}"
+    _print_row(r)
+    return r
+
+
+def _print_row(r: dict[str, Any]) -> None:
+    failed = f" {r['not_available']}" if "not_available" in r else ""
     print(
-        f"  {name}: {r['ops_per_s']:.0f} sig/s p50 {r['p50_ms'] or 0:.2f} ms "
-        f"p99 {r['p99_ms'] or 0:.2f} ms errors {r['errors']}",
+        f"  {r['name']}: {r['ops_per_s']:.0f} sig/s, {r['calls_per_s']:.0f} calls/s, "
+        f"p50 {r['p50_ms'] or 0:.2f} ms p99 {r['p99_ms'] or 0:.2f} ms, "
+        f"daemon {r.get('cores') or 0:.2f} cores{failed}",
         flush=True,
     )
+
+
+#: h2load rows: (call, method, connections, signatures per call, name).
+H2_ROWS = [
+    ("unary", "hsmsign.v1.Signer/SignDigest", 1, 1, "unary SignDigest, 1 caller"),
+    ("unary", "hsmsign.v1.Signer/SignDigest", 64, 1, "unary SignDigest, 64 callers"),
+    ("seal", "hsmsign.v1.Signer/SealBundle", 64, 2, "Capgo SealBundle (2 signatures), 64 callers"),
+    ("health", "grpc.health.v1.Health/Check", 64, 0, "gRPC alone: health Check, 64 callers"),
+    ("floor", "hsmsign.v1.Signer/GetPublicKey", 64, 0, "gRPC floor: GetPublicKey, 64 callers"),
+]
+
+
+def h2_row(
+    d: Daemon, call: str, method: str, connections: int, sigs: int, name: str, duration: float
+) -> dict[str, Any]:
+    """One row with nghttp2's h2load as the load generator (bench/h2load.py)."""
+    spec = LoadSpec(d.address, call, KEY_2048, connections)
+    _method, message = _request(spec)
+    before = failed_calls(d.log(), method.rsplit("/", 1)[1])
+    r = run_h2load(
+        H2Spec(d.address, method, connections, 1, max(1, round(duration))),
+        grpc_frame(message),
+        d.proc.pid,
+    )
+    after = failed_calls(d.log(), method.rsplit("/", 1)[1])
+    failed = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
+    r.update(
+        name=f"{name} (h2load)",
+        group="daemon",
+        load="h2load",
+        ops_per_s=r["calls_per_s"] * sigs,
+        cores=r["daemon_cores"],
+        client_cores=r["client_cpu_seconds"] / r["spec"]["duration"],
+    )
+    if sigs == 0:
+        r["floor"] = True
+    if failed or r["http_failed"]:
+        r["not_available"] = f"{call}: calls failed {failed or r['http_failed']}"
+    _print_row(r)
     return r
 
 
 def daemon_rows(
     root: Path, token: TokenDir, s: DaemonSettings, duration: float, tag: str = ""
 ) -> list[dict[str, Any]]:
-    d = launch(root, token, s, f"daemon-{s.sessions}-{s.workers}-{s.log_level}")
+    d = launch(root, token, s, f"daemon-{s.processes}-{s.sessions}-{s.workers}-{s.log_level}")
     rows: list[dict[str, Any]] = []
     try:
         pid, addr = d.proc.pid, d.address
@@ -121,9 +170,14 @@ def daemon_rows(
         def spec(call: str, callers: int, **kw: Any) -> LoadSpec:
             return LoadSpec(addr, call, kw.pop("key", KEY_2048), callers, duration=duration, **kw)
 
+        if h2load_available():
+            for call, method, conns, sigs, name in H2_ROWS:
+                rows.append(h2_row(d, call, method, conns, sigs, f"{tag}{name}", duration))
         for c in (1, 16, 64):
-            rows.append(daemon_row(f"{tag}unary SignDigest, {c} callers", spec("unary", c), pid))
-        max_unary = max(r["calls_per_s"] for r in rows)
+            rows.append(
+                daemon_row(f"{tag}unary SignDigest, {c} callers (Python)", spec("unary", c), pid)
+            )
+        max_unary = max(r["calls_per_s"] for r in rows if r["name"].startswith(f"{tag}unary"))
         rows.append(
             daemon_row(f"{tag}batch SignDigests x64, 4 callers", spec("batch", 4, batch=64), pid)
         )
@@ -135,18 +189,24 @@ def daemon_rows(
             )
         )
         rows.append(
-            daemon_row(f"{tag}Capgo SealBundle (2 signatures), 64 callers", spec("seal", 64), pid)
+            daemon_row(
+                f"{tag}Capgo SealBundle (2 signatures), 64 callers (Python)",
+                spec("seal", 64),
+                pid,
+            )
         )
         for call, what in (
             ("health", "gRPC alone: health Check (no hsmsign code)"),
             ("floor", "gRPC floor: GetPublicKey (no token work)"),
         ):
-            r = daemon_row(f"{tag}{what}, 64 callers", spec(call, 64), pid)
+            r = daemon_row(f"{tag}{what}, 64 callers (Python)", spec(call, 64), pid)
             r["floor"] = True
             rows.append(r)
         half = max_unary / 2
+        # Paced load needs an even schedule: the Python generator sends each call at its
+        # time and counts latency from then (h2load's --rps sends in bursts).
         r = daemon_row(
-            f"{tag}unary paced at half max ({half:.0f} calls/s), 16 callers",
+            f"{tag}unary paced at half max ({half:.0f} calls/s), 16 callers (Python)",
             spec("unary", 16, rate=half),
             pid,
         )
@@ -157,6 +217,28 @@ def daemon_rows(
     for r in rows:
         r["daemon"] = s.describe()
     return rows
+
+
+def single_process_row(root: Path, token: TokenDir, duration: float) -> list[dict[str, Any]]:
+    """The previous design beside the shipped one: every call served by one process."""
+    if not h2load_available():
+        return []
+    s = DaemonSettings(processes=1, sessions=4, workers=32)
+    d = launch(root, token, s, "daemon-single-process")
+    try:
+        r = h2_row(
+            d,
+            "unary",
+            "hsmsign.v1.Signer/SignDigest",
+            64,
+            1,
+            "one serving process (4 sessions, 32 threads): unary SignDigest, 64 callers",
+            duration,
+        )
+    finally:
+        d.stop()
+    r["daemon"] = s.describe()
+    return [r]
 
 
 def bundle_rows(quick: bool) -> list[dict[str, Any]]:
@@ -218,7 +300,7 @@ def main() -> int:
     p.add_argument(
         "--sweep",
         action="store_true",
-        help="also run the daemon rows with sessions=2 and 8, workers=8 and 64",
+        help="also run the daemon rows with sessions=1 and 4, workers=2 and 8",
     )
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
@@ -235,8 +317,11 @@ def main() -> int:
         print("2. token limit (python-pkcs11 in-process, through p11-kit-proxy)", flush=True)
         rows.append(token_limit(token, 2048, [1, 2] if a.quick else [1, 2, 4], duration))
         rows.append(token_limit(token, 3072, [2] if a.quick else [1, 2], duration))
-        print("3. the daemon (load from 2 client processes)", flush=True)
+        print("3. the daemon (h2load, then 2 Python gRPC client processes)", flush=True)
+        if not h2load_available():
+            print("  h2load not found (Debian: nghttp2-client): Python clients only", flush=True)
         rows += daemon_rows(root, token, DaemonSettings(), duration)
+        rows += single_process_row(root, token, duration)
         # Again after the daemon rows: the machine is shared, so the reference drifts; the
         # targets use the mean of both token measurements.
         best = str(rows[2]["threads"])
@@ -245,10 +330,10 @@ def main() -> int:
         rows.append(again)
         if a.sweep:
             for s in (
-                DaemonSettings(sessions=2),
-                DaemonSettings(sessions=8),
+                DaemonSettings(sessions=1),
+                DaemonSettings(sessions=4),
+                DaemonSettings(workers=2),
                 DaemonSettings(workers=8),
-                DaemonSettings(workers=64),
             ):
                 rows += daemon_rows(root, token, s, duration, tag=f"[{s.describe()}] ")
         print("4. bundle encryption", flush=True)

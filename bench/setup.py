@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -25,25 +26,32 @@ KEY_3072 = "bench3072"
 class DaemonSettings:
     """The knobs the bench varies; everything else is the shipped default."""
 
-    sessions: int = 4
+    sessions: int | None = None
     workers: int | None = None
     log_level: str = "INFO"
+    processes: int | None = None
 
     def describe(self) -> str:
-        w = "default" if self.workers is None else str(self.workers)
-        return f"sessions={self.sessions} workers={w} log={self.log_level}"
+        def d(v: int | None) -> str:
+            return "default" if v is None else str(v)
+
+        return (
+            f"processes={d(self.processes)} sessions={d(self.sessions)} "
+            f"workers={d(self.workers)} log={self.log_level}"
+        )
 
 
 def write_bench_config(path: Path, token: TokenDir, s: DaemonSettings) -> Path:
     workers = f"workers = {s.workers}\n" if s.workers is not None else ""
+    workers += f"processes = {s.processes}\n" if s.processes is not None else ""
+    sessions = f"sessions = {s.sessions}\n" if s.sessions is not None else ""
     path.write_text(
         f"""log_level = "{s.log_level}"
 [token]
 module = "{PROXY_MODULE}"
 label = "{token.label}"
 pin_file = "{token.pin_file}"
-sessions = {s.sessions}
-[token.environment]
+{sessions}[token.environment]
 SOFTHSM2_CONF = "{token.conf}"
 [server]
 listen = "127.0.0.1:0"
@@ -56,7 +64,7 @@ max_concurrent_calls = 1024
 def make_bench_token(root: Path) -> TokenDir:
     """A fresh token under ``root`` with an RSA-2048 and an RSA-3072 signing key."""
     token = make_token(root / "token", "hsmsign-bench")
-    config = write_bench_config(root / "setup.toml", token, DaemonSettings())
+    config = write_bench_config(root / "setup.toml", token, DaemonSettings(processes=1))
     hsmsignd(config, "keys", "create", KEY_2048)
     hsmsignd(config, "keys", "create", KEY_3072, "--algorithm", "rsa-3072")
     return token
@@ -76,6 +84,37 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process (from /proc, so it works for any child)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its children: a daemon's supervisor and its serving processes."""
+    pids = [pid]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a daemon: its supervisor plus every serving process alive now."""
+    total = 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):  # exited between the listing and the read
+            total += cpu_seconds(p)
+    return total
+
+
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS summed over the daemon's processes (shared pages counted in each)."""
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError, RuntimeError):
+            total += rss_kib(p)
+    return total
 
 
 def rss_kib(pid: int) -> int:

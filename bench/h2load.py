@@ -1,0 +1,142 @@
+"""Load from nghttp2's h2load: a C HTTP/2 load generator sending gRPC calls.
+
+A Python gRPC client spends about 0.3 ms of CPU per call; on a 2-core machine that CPU is
+taken from the daemon it measures. h2load spends a few hundredths of a millisecond, so its
+rows show what the daemon does when its callers run elsewhere, as build agents do. The
+Python client rows (bench/load.py) stay in the table beside them.
+
+h2load only sees HTTP statuses; a gRPC error is an HTTP 200 with a grpc-status trailer. The
+caller therefore checks the daemon's access log for failed calls after each run
+(``failed_calls``).
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import Message
+
+from bench.setup import tree_cpu_seconds
+
+
+def available() -> bool:
+    return shutil.which("h2load") is not None
+
+
+def grpc_frame(message: Message) -> bytes:
+    """One length-prefixed gRPC message (no compression), the body of a unary call."""
+    data = message.SerializeToString()
+    return b"\0" + len(data).to_bytes(4, "big") + data
+
+
+@dataclass(frozen=True)
+class H2Spec:
+    target: str  # host:port
+    method: str  # e.g. "hsmsign.v1.Signer/SignDigest"
+    connections: int  # separate HTTP/2 connections, like separate callers' channels
+    streams: int = 1  # calls in flight per connection
+    duration: int = 4
+    warmup: int = 1
+    rate: float | None = None  # calls/s over all connections; None = as fast as possible
+
+
+def run_h2load(spec: H2Spec, body: bytes, daemon_pid: int | None = None) -> dict[str, Any]:
+    """Runs h2load; returns calls/s, p50/p99 from its per-request log, and CPU use."""
+    with tempfile.TemporaryDirectory(prefix="hsmsign-h2load-") as tmp:
+        body_file, log_file = Path(tmp) / "body", Path(tmp) / "requests.tsv"
+        body_file.write_bytes(body)
+        cmd = [
+            "h2load",
+            "--duration",
+            str(spec.duration),
+            "--warm-up-time",
+            str(spec.warmup),
+            "--clients",
+            str(spec.connections),
+            "--max-concurrent-streams",
+            str(spec.streams),
+            "--data",
+            str(body_file),
+            "--header",
+            "content-type: application/grpc",
+            "--header",
+            "te: trailers",
+            "--log-file",
+            str(log_file),
+        ]
+        if spec.rate:
+            cmd += ["--rps", f"{spec.rate / spec.connections:.3f}"]
+        cmd.append(f"http://{spec.target}/{spec.method}")
+        own0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cpu: list[float] = []
+        started = time.time()
+        if daemon_pid is not None:
+            time.sleep(spec.warmup + 0.3)  # connections up, warm-up over
+            cpu.append(tree_cpu_seconds(daemon_pid))
+            t_cpu = time.time()
+        out, _ = proc.communicate(timeout=spec.duration + spec.warmup + 120)
+        if daemon_pid is not None:
+            # h2load stops sending at the end of its window; measure to just before that.
+            cpu.append(tree_cpu_seconds(daemon_pid))
+            cpu_window = time.time() - t_cpu
+        own1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode != 0:
+            raise RuntimeError(f"h2load failed ({proc.returncode}): {out.strip()[-500:]}")
+        lat = _latencies(log_file)
+    rps = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out)
+    req = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    if rps is None or req is None:
+        raise RuntimeError(f"cannot read h2load's summary: {out.strip()[-500:]}")
+    calls = int(req.group(3))
+    # h2load's CPU over its whole run, scaled to the measured window (warm-up excluded).
+    client_cpu = (own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime) * (
+        spec.duration / (spec.duration + spec.warmup)
+    )
+    return {
+        "spec": asdict(spec),
+        "tool": "h2load",
+        "calls": calls,
+        "http_failed": int(req.group(2)) - calls,
+        "calls_per_s": float(rps.group(1)),
+        "p50_ms": _pct(lat, 50),
+        "p99_ms": _pct(lat, 99),
+        "client_cpu_seconds": client_cpu,
+        "daemon_cpu_seconds": cpu[1] - cpu[0] if len(cpu) == 2 else None,
+        "daemon_cores": (cpu[1] - cpu[0]) / cpu_window if len(cpu) == 2 else None,
+        "wall_seconds": time.time() - started,
+    }
+
+
+def _latencies(log_file: Path) -> list[float]:
+    """Per-request durations (ms) from h2load's log: start µs, status, duration µs."""
+    out = []
+    for line in log_file.read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 3 and parts[1] == "200":
+            out.append(int(parts[2]) / 1000)
+    out.sort()
+    return out
+
+
+def _pct(sorted_ms: list[float], p: float) -> float | None:
+    if not sorted_ms:
+        return None
+    return sorted_ms[min(len(sorted_ms) - 1, round(p / 100 * (len(sorted_ms) - 1)))]
+
+
+def failed_calls(log_text: str, method: str) -> dict[str, int]:
+    """Status counts other than OK in the daemon's access log for ``method``."""
+    counts: dict[str, int] = {}
+    for m in re.finditer(rf" {method} peer=\S+ status=(\w+)", log_text):
+        if m.group(1) != "OK":
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
