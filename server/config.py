@@ -8,6 +8,7 @@ variable or a systemd credential.
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import tomllib
@@ -324,21 +325,46 @@ def _server(root: _Table, sessions: int) -> ServerConfig:
 
 #: Upper bound for server.processes: each process logs in and opens its own sessions.
 MAX_PROCESSES = 64
+#: "auto" stops here: past a few processes an HSM's own limit dominates, while every process
+#: costs the token a login and sessions. Larger machines set a number.
+MAX_AUTO_PROCESSES = 8
+
+
+def _cgroup_cpu_limit() -> float | None:
+    """CPUs allowed by a cgroup quota (containers: docker --cpus, Kubernetes limits.cpu)."""
+    try:  # cgroup v2
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
 
 
 def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, so containers and taskset count)."""
+    """CPUs this process may use: its affinity mask (taskset, cpusets), further limited by a
+    cgroup CPU quota (rounded up)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        cpus = min(cpus, max(1, math.ceil(limit)))
+    return cpus
 
 
 def _processes(s: _Table) -> int:
-    allowed = f'"auto" (one per CPU) or a number from 1 to {MAX_PROCESSES}'
+    allowed = (
+        f'"auto" (one per CPU, at most {MAX_AUTO_PROCESSES}) or a number from 1 to {MAX_PROCESSES}'
+    )
     value = s.get("processes", (int, str), "auto", allowed)
     if value == "auto":
-        return min(available_cpus(), MAX_PROCESSES)
+        return min(available_cpus(), MAX_AUTO_PROCESSES)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_PROCESSES:
         raise s.error("processes", f"got {value!r}; allowed: {allowed}")
     return value

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,15 @@ from hsmsign.admin_client import KeyAdmin
 from hsmsign.client import Client
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
-from tests.conftest import Daemon, TokenDir, hsmsignd, make_token, start_daemon, write_config
+from tests.conftest import (
+    HSMSIGND,
+    Daemon,
+    TokenDir,
+    hsmsignd,
+    make_token,
+    start_daemon,
+    write_config,
+)
 
 DIGEST = hashlib.sha256(b"hsmsign processes").digest()
 
@@ -220,4 +229,44 @@ def test_bad_processes_value(token: TokenDir, tmp_path: Path, value: str, words:
     cfg = write_config(tmp_path / "c.toml", token, extra=f"[server]\nprocesses = {value}\n")
     r = hsmsignd(cfg, check=False, timeout=60)
     assert r.returncode == 2
-    assert words in r.stderr and '"auto" (one per CPU) or a number from 1 to 64' in r.stderr
+    assert (
+        words in r.stderr and '"auto" (one per CPU, at most 8) or a number from 1 to 64' in r.stderr
+    )
+
+
+def test_auto_follows_the_cpus_the_daemon_may_use(token: TokenDir, tmp_path: Path) -> None:
+    """processes = "auto" (the default) counts the CPU affinity mask: under `taskset -c 0`
+    the daemon serves from one process, with no supervisor."""
+    cfg = write_config(tmp_path / "c.toml", token)
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            "0",
+            HSMSIGND,
+            "--config",
+            str(cfg),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--ready-file",
+            str(ready),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        info = json.loads(ready.read_text())
+        assert "workers" not in info and info["pid"] == proc.pid
+        assert _sign_on_new_connection(info["address"], "demo").key.name == "demo"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "serving processes" not in err and "listening on" in err

@@ -1,0 +1,44 @@
+"""The bench's h2load driver (bench/h2load.py) against a real daemon: it measures calls and
+latencies, and gRPC errors (HTTP 200 with a grpc-status trailer, invisible to h2load) are
+caught from the daemon's access log."""
+
+from __future__ import annotations
+
+import hashlib
+
+from bench.h2load import H2Spec, failed_calls, grpc_frame, run_h2load
+from hsmsign.v1 import hsmsign_pb2 as pb
+from tests.conftest import Daemon
+
+
+def _body(key: str) -> bytes:
+    return grpc_frame(
+        pb.SignDigestRequest(
+            key=pb.KeyRef(name=key),
+            algorithm=pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256,
+            digest=hashlib.sha256(b"bench").digest(),
+        )
+    )
+
+
+def test_h2load_measures_real_calls(daemon: Daemon) -> None:
+    before = failed_calls(daemon.log(), "SignDigest")
+    r = run_h2load(
+        H2Spec(daemon.address, "hsmsign.v1.Signer/SignDigest", 2, 1, duration=1),
+        _body("demo"),
+        daemon.proc.pid,
+    )
+    assert r["calls"] > 10 and r["http_failed"] == 0
+    assert r["p50_ms"] is not None and 0 < r["p50_ms"] <= r["p99_ms"]
+    assert r["daemon_cpu_seconds"] > 0 and r["client_cpu_seconds"] > 0
+    assert failed_calls(daemon.log(), "SignDigest") == before
+
+
+def test_grpc_errors_are_counted_from_the_access_log(daemon: Daemon) -> None:
+    before = failed_calls(daemon.log(), "SignDigest").get("NOT_FOUND", 0)
+    r = run_h2load(
+        H2Spec(daemon.address, "hsmsign.v1.Signer/SignDigest", 1, 1, duration=1),
+        _body("no-such-key"),
+    )
+    assert r["calls"] > 0  # h2load counts them as successes: HTTP 200
+    assert failed_calls(daemon.log(), "SignDigest").get("NOT_FOUND", 0) - before >= r["calls"]
