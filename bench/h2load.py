@@ -140,3 +140,93 @@ def failed_calls(log_text: str, method: str) -> dict[str, int]:
         if m.group(1) != "OK":
             counts[m.group(1)] = counts.get(m.group(1), 0) + 1
     return counts
+
+
+def run_h2load_paced(
+    target: str,
+    method: str,
+    body: bytes,
+    rate: float,
+    duration: float,
+    daemon_pid: int | None = None,
+    connections: int = 8,
+    warmup: float = 1.0,
+) -> dict[str, Any]:
+    """Open-loop load at ``rate`` calls/s with an even schedule, latency from each call's
+    scheduled time.
+
+    h2load's --rps sends each second's calls in a burst, and all clients of one h2load run
+    the same timing script in step; so this runs one h2load per connection, each with a
+    timing script shifted by 1/connections of the interval. Streams per connection are not
+    limiting (64), so a call is sent at its time even when earlier ones are still out.
+    """
+    interval_ms = 1000.0 * connections / rate
+    n = int((warmup + duration) * 1000 / interval_ms)
+    uri = f"http://{target}/{method}"
+    with tempfile.TemporaryDirectory(prefix="hsmsign-h2load-") as tmp:
+        body_file = Path(tmp) / "body"
+        body_file.write_bytes(body)
+        procs, logs = [], []
+        own0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.time()
+        for c in range(connections):
+            script, log_file = Path(tmp) / f"script-{c}", Path(tmp) / f"log-{c}"
+            phase = interval_ms * c / connections
+            script.write_text("".join(f"{phase + k * interval_ms:.3f}\t{uri}\n" for k in range(n)))
+            logs.append(log_file)
+            procs.append(
+                subprocess.Popen(
+                    [
+                        "h2load",
+                        "--max-concurrent-streams",
+                        "64",
+                        "--data",
+                        str(body_file),
+                        "--header",
+                        "content-type: application/grpc",
+                        "--header",
+                        "te: trailers",
+                        "--timing-script-file",
+                        str(script),
+                        "--log-file",
+                        str(log_file),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+        cpu: list[float] = []
+        if daemon_pid is not None:
+            time.sleep(warmup)
+            cpu.append(tree_cpu_seconds(daemon_pid))
+            time.sleep(duration)
+            cpu.append(tree_cpu_seconds(daemon_pid))
+        outs = [p.communicate(timeout=duration + warmup + 120)[0] for p in procs]
+        own1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        for p, out in zip(procs, outs, strict=True):
+            if p.returncode != 0:
+                raise RuntimeError(f"h2load failed ({p.returncode}): {out.strip()[-500:]}")
+        # Requests that started after the warm-up: (start s, status, latency ms).
+        cut = start + warmup
+        measured = []
+        for log_file in logs:
+            for line in log_file.read_text().splitlines():
+                parts = line.split("\t")
+                if len(parts) >= 3 and int(parts[0]) / 1e6 >= cut:
+                    measured.append((parts[1], int(parts[2]) / 1000))
+    lat = sorted(ms for status, ms in measured if status == "200")
+    return {
+        "tool": "h2load",
+        "calls": len(lat),
+        "http_failed": len(measured) - len(lat),
+        "calls_per_s": len(lat) / duration,
+        "rate": rate,
+        "p50_ms": _pct(lat, 50),
+        "p99_ms": _pct(lat, 99),
+        "daemon_cpu_seconds": cpu[1] - cpu[0] if len(cpu) == 2 else None,
+        "daemon_cores": (cpu[1] - cpu[0]) / duration if len(cpu) == 2 else None,
+        "client_cpu_seconds": (own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime)
+        * duration
+        / (duration + warmup),
+    }

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.h2load import H2Spec, failed_calls, grpc_frame, run_h2load
+from bench.h2load import H2Spec, failed_calls, grpc_frame, run_h2load, run_h2load_paced
 from bench.h2load import available as h2load_available
 from bench.load import LoadSpec, _request, run_load
 from bench.setup import KEY_2048, KEY_3072, DaemonSettings, launch, make_bench_token
@@ -212,11 +212,41 @@ def daemon_rows(
         )
         r["paced"] = True
         rows.append(r)
+        if h2load_available():
+            rows.append(h2_paced_row(d, half, f"{tag}unary paced at half max", duration))
     finally:
         d.stop()
     for r in rows:
         r["daemon"] = s.describe()
     return rows
+
+
+def h2_paced_row(d: Daemon, rate: float, name: str, duration: float) -> dict[str, Any]:
+    _method, message = _request(LoadSpec(d.address, "unary", KEY_2048, 1))
+    before = failed_calls(d.log(), "SignDigest")
+    r = run_h2load_paced(
+        d.address,
+        "hsmsign.v1.Signer/SignDigest",
+        grpc_frame(message),
+        rate,
+        duration,
+        d.proc.pid,
+    )
+    after = failed_calls(d.log(), "SignDigest")
+    failed = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
+    r.update(
+        name=f"{name} ({rate:.0f} calls/s), 8 callers (h2load)",
+        group="daemon",
+        load="h2load",
+        paced=True,
+        ops_per_s=r["calls_per_s"],
+        cores=r["daemon_cores"],
+        client_cores=r["client_cpu_seconds"] / duration,
+    )
+    if failed or r["http_failed"]:
+        r["not_available"] = f"paced: calls failed {failed or r['http_failed']}"
+    _print_row(r)
+    return r
 
 
 def single_process_row(root: Path, token: TokenDir, duration: float) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 
-from bench.h2load import H2Spec, failed_calls, grpc_frame, run_h2load
+from bench.h2load import H2Spec, failed_calls, grpc_frame, run_h2load, run_h2load_paced
 from hsmsign.v1 import hsmsign_pb2 as pb
 from tests.conftest import Daemon
 
@@ -42,3 +42,18 @@ def test_grpc_errors_are_counted_from_the_access_log(daemon: Daemon) -> None:
     )
     assert r["calls"] > 0  # h2load counts them as successes: HTTP 200
     assert failed_calls(daemon.log(), "SignDigest").get("NOT_FOUND", 0) - before >= r["calls"]
+
+
+def test_paced_load_keeps_its_rate(daemon: Daemon) -> None:
+    r = run_h2load_paced(
+        daemon.address,
+        "hsmsign.v1.Signer/SignDigest",
+        _body("demo"),
+        rate=40,
+        duration=2,
+        connections=2,
+        warmup=0.5,
+    )
+    # An even schedule at 40 calls/s over 2 s: about 80 calls, every one answered.
+    assert 60 <= r["calls"] <= 100 and r["http_failed"] == 0
+    assert r["p50_ms"] is not None and r["p50_ms"] < 1000
