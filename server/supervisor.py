@@ -324,9 +324,8 @@ class Supervisor:
 
     def _watch(self) -> int:
         while not self.stop.wait(0.2):
-            with contextlib.suppress(BlockingIOError):
-                if select.select([self.ready_r], [], [], 0)[0]:
-                    self._take_ready_lines()
+            if select.select([self.ready_r], [], [], 0)[0]:
+                self._take_ready_lines()
             for w in self.workers:
                 code = w.proc.poll() if w.proc is not None else None
                 if w.proc is None or code is None or self.stop.is_set():
