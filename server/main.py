@@ -177,8 +177,8 @@ def serve(
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         if worker is not None:
             worker.watch_lifeline(stop)
-            worker.announce_ready()
             log.info("%s ready on %s (pid %d)", worker.name, bound, os.getpid())
+            worker.announce_ready()
         else:
             log.info("%s", supervisor.listening_line(cfg, bound, token.label, ring, 1))
             if ready_file is not None:
