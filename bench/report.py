@@ -60,7 +60,8 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     paced = paced if paced and not paced.get("not_available") else paced_py
 
     def ratio(r: dict[str, Any] | None) -> float | None:
-        return r["ops_per_s"] / tok_rate if r and tok_rate else None
+        ref = _reference(r, tok_rate)
+        return r["ops_per_s"] / ref if r and ref else None
 
     out.append(
         _target(
@@ -85,11 +86,17 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if u64 is not u64_py and ratio(u64_py) is not None
                 else ""
             )
-            + _unary_ceiling(rows, tok, u64["load"] if u64 else "python"),
+            + _unary_ceiling(rows, tok, u64),
         )
     )
     p99 = paced["p99_ms"] if paced else None
-    tok_p50 = tok["p50_ms"] if tok else None
+    tok_p50 = (
+        paced["token_bracket"]["p50_ms"]
+        if paced and paced.get("token_bracket")
+        else tok["p50_ms"]
+        if tok
+        else None
+    )
     py = (
         f" (Python clients: p99 {paced_py['p99_ms']:.2f} ms)"
         if paced is not paced_py and paced_py and paced_py.get("p99_ms")
@@ -111,7 +118,17 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _unary_ceiling(rows: list[dict[str, Any]], tok: dict[str, Any] | None, load: str) -> str:
+def _reference(r: dict[str, Any] | None, tok_rate: float | None) -> float | None:
+    """The token limit a row is compared with: measured right around it when the run did
+    (bench.run.Bracket), else the run's token reference."""
+    if r and r.get("token_bracket"):
+        return float(r["token_bracket"]["ops_per_s"])
+    return tok_rate
+
+
+def _unary_ceiling(
+    rows: list[dict[str, Any]], tok: dict[str, Any] | None, unary: dict[str, Any] | None
+) -> str:
     """The best unary share this machine allows, from the run's own per-call costs.
 
     Token, daemon and load generator share the same cores. Per signature the token needs
@@ -120,17 +137,30 @@ def _unary_ceiling(rows: list[dict[str, Any]], tok: dict[str, Any] | None, load:
     unary rate is at most token_cpu / (token_cpu + daemon_call_cpu + client_call_cpu) of the
     token limit.
     """
+    load = unary["load"] if unary else "python"
     floor = _find(rows, "daemon", "gRPC floor", daemon=_default(), load=load)
     if not tok or not floor or not floor.get("calls_per_s") or not tok.get("cores"):
         return ""
-    token_cpu = tok["cores"] / tok["ops_per_s"]
+    # CPU per signature of the token alone, at the speed the machine had around the row.
+    token_cpu = tok["cores"] / (_reference(unary, tok["ops_per_s"]) or tok["ops_per_s"])
     daemon_cpu = floor["cores"] / floor["calls_per_s"]
     client_cpu = floor["client_cores"] / floor["calls_per_s"]
     ceiling = token_cpu / (token_cpu + daemon_cpu + client_cpu)
-    return (
+    text = (
         f"; ceiling here {ceiling:.2f}x: per call token {token_cpu * 1000:.2f} ms CPU + "
         f"gRPC/daemon {daemon_cpu * 1000:.2f} ms + client {client_cpu * 1000:.2f} ms"
     )
+    # The same bound with none of hsmsign's code: grpcio serving the health check.
+    alone = _find(rows, "daemon", "gRPC alone", daemon=_default(), load=load)
+    if alone and alone.get("calls_per_s") and alone.get("cores"):
+        grpc_cpu = alone["cores"] / alone["calls_per_s"]
+        grpc_client = alone["client_cores"] / alone["calls_per_s"]
+        bound = token_cpu / (token_cpu + grpc_cpu + grpc_client)
+        text += (
+            f"; with grpcio alone ({grpc_cpu * 1000:.2f} ms per call, no hsmsign code) "
+            f"the bound is {bound:.2f}x"
+        )
+    return text
 
 
 def token_reference(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -243,7 +273,8 @@ def table(result: dict[str, Any]) -> str:
                 f"{_f(r.get('client_cores'), '{:.2f}'):>7}"
             )
             continue
-        share = r["ops_per_s"] / tok_rate if tok_rate and r.get("bits", 2048) == 2048 else None
+        ref = _reference(r, tok_rate)
+        share = r["ops_per_s"] / ref if ref and r.get("bits", 2048) == 2048 else None
         cores = r.get("cores")
         lines.append(
             f"{r['name']:<66} {r['ops_per_s']:>7.0f} {_f(share, '{:.2f}'):>7} "
@@ -259,6 +290,8 @@ def table(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
+        "/token: daemon rows against the token limit measured just before and after each "
+        "(2 threads, the mean); other rows against the token reference;",
         "srv cpu: cores used by the daemon (or the in-process bench); cli cpu: cores used by "
         "the load generators;",
         "sig/cpu-s: signatures per CPU-second of the signer (load-independent efficiency)",

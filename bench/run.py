@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,51 @@ def token_limit(token: TokenDir, bits: int, threads: list[int], duration: float)
     }
 
 
+class Bracket:
+    """The token limit measured right before and right after each daemon row (the 'after'
+    probe is the next row's 'before'), so a row's ratio does not depend on how the shared
+    machine's speed drifted between part 2 and that row."""
+
+    def __init__(self, token: TokenDir, duration: float) -> None:
+        self.token, self.duration = token, min(duration, 3.0)
+        self.threads = os.cpu_count() or 1
+        self.last: dict[str, Any] | None = None
+
+    def probe(self) -> dict[str, Any]:
+        r = _inprocess(
+            [
+                "token",
+                "--conf",
+                str(self.token.conf),
+                "--label",
+                self.token.label,
+                "--pin-file",
+                str(self.token.pin_file),
+                "--key",
+                KEY_2048,
+                "--threads",
+                str(self.threads),
+                "--duration",
+                str(self.duration),
+            ]
+        )
+        return {"ops_per_s": r["ops_per_s"], "p50_ms": r["p50_ms"]}
+
+    def around(self, make_row: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        before = self.last or self.probe()
+        row = make_row()
+        after = self.probe()
+        self.last = after
+        row["token_bracket"] = {
+            "ops_per_s": (before["ops_per_s"] + after["ops_per_s"]) / 2,
+            "p50_ms": (before["p50_ms"] + after["p50_ms"]) / 2,
+            "before": before["ops_per_s"],
+            "after": after["ops_per_s"],
+            "threads": self.threads,
+        }
+        return row
+
+
 def daemon_row(name: str, spec: LoadSpec, pid: int) -> dict[str, Any]:
     r = run_load(spec, pid)
     r.pop("latencies_ms")
@@ -164,6 +210,7 @@ def daemon_rows(
 ) -> list[dict[str, Any]]:
     d = launch(root, token, s, f"daemon-{s.processes}-{s.sessions}-{s.workers}-{s.log_level}")
     rows: list[dict[str, Any]] = []
+    br = Bracket(token, duration)
     try:
         pid, addr = d.proc.pid, d.address
 
@@ -172,14 +219,28 @@ def daemon_rows(
 
         if h2load_available():
             for call, method, conns, sigs, name in H2_ROWS:
-                rows.append(h2_row(d, call, method, conns, sigs, f"{tag}{name}", duration))
+                rows.append(
+                    br.around(
+                        lambda c=call, m=method, n=conns, g=sigs, nm=name: h2_row(
+                            d, c, m, n, g, f"{tag}{nm}", duration
+                        )
+                    )
+                )
         for c in (1, 16, 64):
             rows.append(
-                daemon_row(f"{tag}unary SignDigest, {c} callers (Python)", spec("unary", c), pid)
+                br.around(
+                    lambda c=c: daemon_row(
+                        f"{tag}unary SignDigest, {c} callers (Python)", spec("unary", c), pid
+                    )
+                )
             )
         max_unary = max(r["calls_per_s"] for r in rows if r["name"].startswith(f"{tag}unary"))
         rows.append(
-            daemon_row(f"{tag}batch SignDigests x64, 4 callers", spec("batch", 4, batch=64), pid)
+            br.around(
+                lambda: daemon_row(
+                    f"{tag}batch SignDigests x64, 4 callers", spec("batch", 4, batch=64), pid
+                )
+            )
         )
         rows.append(
             daemon_row(
@@ -188,11 +249,14 @@ def daemon_rows(
                 pid,
             )
         )
+        br.last = None  # time passed without a probe
         rows.append(
-            daemon_row(
-                f"{tag}Capgo SealBundle (2 signatures), 64 callers (Python)",
-                spec("seal", 64),
-                pid,
+            br.around(
+                lambda: daemon_row(
+                    f"{tag}Capgo SealBundle (2 signatures), 64 callers (Python)",
+                    spec("seal", 64),
+                    pid,
+                )
             )
         )
         for call, what in (
@@ -202,18 +266,23 @@ def daemon_rows(
             r = daemon_row(f"{tag}{what}, 64 callers (Python)", spec(call, 64), pid)
             r["floor"] = True
             rows.append(r)
+        br.last = None
         half = max_unary / 2
         # Paced load needs an even schedule: the Python generator sends each call at its
         # time and counts latency from then (h2load's --rps sends in bursts).
-        r = daemon_row(
-            f"{tag}unary paced at half max ({half:.0f} calls/s), 16 callers (Python)",
-            spec("unary", 16, rate=half),
-            pid,
+        r = br.around(
+            lambda: daemon_row(
+                f"{tag}unary paced at half max ({half:.0f} calls/s), 16 callers (Python)",
+                spec("unary", 16, rate=half),
+                pid,
+            )
         )
         r["paced"] = True
         rows.append(r)
         if h2load_available():
-            rows.append(h2_paced_row(d, half, f"{tag}unary paced at half max", duration))
+            rows.append(
+                br.around(lambda: h2_paced_row(d, half, f"{tag}unary paced at half max", duration))
+            )
     finally:
         d.stop()
     for r in rows:
@@ -256,14 +325,16 @@ def single_process_row(root: Path, token: TokenDir, duration: float) -> list[dic
     s = DaemonSettings(processes=1, sessions=4, workers=32)
     d = launch(root, token, s, "daemon-single-process")
     try:
-        r = h2_row(
-            d,
-            "unary",
-            "hsmsign.v1.Signer/SignDigest",
-            64,
-            1,
-            "one serving process (4 sessions, 32 threads): unary SignDigest, 64 callers",
-            duration,
+        r = Bracket(token, duration).around(
+            lambda: h2_row(
+                d,
+                "unary",
+                "hsmsign.v1.Signer/SignDigest",
+                64,
+                1,
+                "one serving process (4 sessions, 32 threads): unary SignDigest, 64 callers",
+                duration,
+            )
         )
     finally:
         d.stop()

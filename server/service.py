@@ -29,6 +29,9 @@ class SignerService(CapgoCalls, UnwrapCalls, pb_grpc.SignerServicer):
 
     def __init__(self, token: Token, ring: KeyRing, config: Config) -> None:
         self.token, self.ring, self.config = token, ring, config
+        # Public-key encodings by fingerprint: a version's public key never changes, and
+        # build agents ask for it at the start of every upload.
+        self._encoded: dict[str, tuple[bytes, str, str]] = {}
 
     def _signing_key(self, ref: pb.KeyRef) -> KeyVersion:
         return self.ring.resolve(key_reference(ref), Purpose.SIGN)
@@ -39,11 +42,17 @@ class SignerService(CapgoCalls, UnwrapCalls, pb_grpc.SignerServicer):
     ) -> pb.GetPublicKeyResponse:
         ref = key_reference(request.key)
         v = self.ring.find(ref)
+        encoded = self._encoded.get(v.fingerprint)
+        if encoded is None:
+            encoded = (
+                keyformats.spki_der(v.public_key),
+                keyformats.spki_pem(v.public_key),
+                keyformats.pkcs1_pem(v.public_key),
+            )
+            self._encoded[v.fingerprint] = encoded
+        der, spki_pem, pkcs1_pem = encoded
         return pb.GetPublicKeyResponse(
-            key=used_key(v),
-            spki_der=keyformats.spki_der(v.public_key),
-            spki_pem=keyformats.spki_pem(v.public_key),
-            pkcs1_pem=keyformats.pkcs1_pem(v.public_key),
+            key=used_key(v), spki_der=der, spki_pem=spki_pem, pkcs1_pem=pkcs1_pem
         )
 
     @rpc
