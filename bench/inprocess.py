@@ -107,9 +107,71 @@ def token(conf: str, label: str, pin_file: str, key: str, threads: int, duration
         login.close()
 
 
+def token_paced(
+    conf: str, label: str, pin_file: str, key: str, threads: int, rate: float, duration: float
+) -> dict[str, Any]:
+    """The token alone under open-loop load: signatures requested on an even schedule at
+    ``rate``/s, served by ``threads`` threads (one session each), latency counted from each
+    request's scheduled time. What queueing alone costs at that rate, with no gRPC."""
+    os.environ["SOFTHSM2_CONF"] = conf
+    import queue
+
+    import pkcs11
+    from pkcs11 import Attribute, Mechanism, ObjectClass
+
+    from tests.conftest import PROXY_MODULE
+
+    tok = pkcs11.lib(PROXY_MODULE).get_token(token_label=label)
+    login = tok.open(user_pin=Path(pin_file).read_text(), rw=True)
+    block = PREFIX_SHA256 + hashlib.sha256(b"bench").digest()
+    sessions = [tok.open(rw=True) for _ in range(threads)]
+    due: queue.SimpleQueue[float | None] = queue.SimpleQueue()
+    lat: list[float] = []
+    warmup = 0.5
+    start = time.perf_counter() + 0.2
+    measure_from = start + warmup
+
+    def serve(s: Any) -> None:
+        (k,) = [
+            o
+            for o in s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})
+            if (o[Attribute.LABEL] or "").endswith(f":{key}:v1")
+        ]
+        while (t := due.get()) is not None:
+            k.sign(block, mechanism=Mechanism.RSA_PKCS)
+            if t >= measure_from:
+                lat.append(time.perf_counter() - t)
+
+    workers = [threading.Thread(target=serve, args=(s,)) for s in sessions]
+    for w in workers:
+        w.start()
+    n = int((warmup + duration) * rate)
+    for i in range(n):
+        t = start + i / rate
+        delay = t - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        due.put(t)
+    for _ in workers:
+        due.put(None)
+    for w in workers:
+        w.join()
+    for s in sessions:
+        s.close()
+    login.close()
+    lat.sort()
+    return {
+        "ops": len(lat),
+        "rate": rate,
+        "threads": threads,
+        "latencies_ms": [round(x * 1000, 4) for x in lat[:: max(1, len(lat) // 5000)]],
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["physical", "token"])
+    p.add_argument("what", choices=["physical", "token", "token-paced"])
+    p.add_argument("--rate", type=float, default=100.0, help="token-paced: signatures/s")
     p.add_argument("--bits", type=int, default=2048)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--duration", type=float, default=3.0)
@@ -120,6 +182,8 @@ def main() -> int:
     a = p.parse_args()
     if a.what == "physical":
         out = physical(a.bits, a.threads, a.duration)
+    elif a.what == "token-paced":
+        out = token_paced(a.conf, a.label, a.pin_file, a.key, a.threads, a.rate, a.duration)
     else:
         out = token(a.conf, a.label, a.pin_file, a.key, a.threads, a.duration)
     json.dump(out, sys.stdout)

@@ -102,6 +102,9 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if paced is not paced_py and paced_py and paced_py.get("p99_ms")
         else ""
     )
+    alone = next((r for r in rows if r.get("group") == "token-paced"), None)
+    if alone and alone.get("p99_ms"):
+        py += f"; the token alone at that rate: p99 {alone['p99_ms']:.2f} ms"
     out.append(
         _target(
             "p99 at half max unary / token p50",

@@ -283,11 +283,47 @@ def daemon_rows(
             rows.append(
                 br.around(lambda: h2_paced_row(d, half, f"{tag}unary paced at half max", duration))
             )
+        rows.append(token_paced_row(token, half, duration))
     finally:
         d.stop()
     for r in rows:
         r["daemon"] = s.describe()
     return rows
+
+
+def token_paced_row(token: TokenDir, rate: float, duration: float) -> dict[str, Any]:
+    """The token alone at the paced rows' rate: the latency that queueing on the token's
+    own cores costs before any gRPC, the reference for the daemon's paced p99."""
+    threads = os.cpu_count() or 1
+    r = _inprocess(
+        [
+            "token-paced",
+            "--conf",
+            str(token.conf),
+            "--label",
+            token.label,
+            "--pin-file",
+            str(token.pin_file),
+            "--key",
+            KEY_2048,
+            "--threads",
+            str(threads),
+            "--rate",
+            f"{rate:.1f}",
+            "--duration",
+            str(duration),
+        ]
+    )
+    row = {
+        "name": f"token alone paced at the same rate ({rate:.0f}/s), {threads} threads",
+        "group": "token-paced",
+        "bits": 2048,
+        "ops_per_s": r["ops"] / duration,
+        "p50_ms": r["p50_ms"],
+        "p99_ms": r["p99_ms"],
+    }
+    print(f"  {row['name']}: p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms", flush=True)
+    return row
 
 
 def h2_paced_row(d: Daemon, rate: float, name: str, duration: float) -> dict[str, Any]:
