@@ -14,6 +14,7 @@ module sees a python-pkcs11 type.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -580,6 +581,60 @@ def _describe(priv: Any) -> KeyObjectInfo:
     )
 
 
+class _Waiter:
+    __slots__ = ("gate", "session")
+
+    def __init__(self) -> None:
+        self.gate = threading.Lock()
+        self.gate.acquire()
+        self.session: Session | None = None
+
+
+class SessionPool:
+    """Sessions lent in arrival order.
+
+    A returned session goes straight to the longest-waiting caller, never to one that
+    arrives later (a plain queue lets newcomers take it first, so under load a waiter could
+    lose several times in a row: batch calls showed p99 at 3-6x their p50). Uncontended,
+    lending and returning cost one lock each.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[Session] = []
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+
+    def put(self, s: Session) -> None:
+        with self._lock:
+            if self._waiters:
+                w = self._waiters.popleft()
+                w.session = s
+                w.gate.release()
+            else:
+                self._free.append(s)
+
+    def get(self, timeout: float) -> Session:
+        """Raises queue.Empty when no session came within ``timeout`` seconds."""
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            w = _Waiter()
+            self._waiters.append(w)
+        if w.gate.acquire(timeout=timeout) and w.session is not None:
+            return w.session
+        with self._lock:
+            if w.session is not None:  # handed over just as the wait timed out
+                return w.session
+            self._waiters.remove(w)
+        raise queue.Empty
+
+    def get_nowait(self) -> Session:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        raise queue.Empty
+
+
 class Token:
     """The loaded module, the login session and the session pool. Thread-safe."""
 
@@ -588,9 +643,7 @@ class Token:
         self._serial_lock: threading.Lock | None = (
             threading.Lock() if config.threading == "serialized" else None
         )
-        # SimpleQueue is implemented in C: borrowing and returning a session costs no
-        # Python-level Condition (a measurable share of each unary call under load).
-        self._pool: queue.SimpleQueue[Session] = queue.SimpleQueue()
+        self._pool = SessionPool()
         self._closed = False
         for k, v in config.environment.items():
             os.environ[k] = v
