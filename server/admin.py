@@ -114,7 +114,7 @@ def _new_version(
     version = ring.update(reserve)
     label = version_label(name, version)
     try:
-        with ring.token.session(f"making key pair {label}") as s:
+        with ring.objects_exclusive(), ring.token.session(f"making key pair {label}") as s:
             info = make_objects(s, label, cka_id)
     except BaseException:
 

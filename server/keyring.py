@@ -465,6 +465,10 @@ class ChangeCounter(Protocol):
         """Adds one; returns the new value."""
         ...
 
+    def objects_exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Held while reading or changing the token's objects; one process at a time."""
+        ...
+
 
 class KeyRing:
     """Resolves key references to versions; thread-safe; refreshes from the token.
@@ -495,12 +499,20 @@ class KeyRing:
     def config(self) -> Config:
         return self._config
 
+    def objects_exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Hold while reading or changing the token's key objects: the daemon's other serving
+        processes wait (SoftHSM2 fails reads that race with creation or destruction in another
+        process). A no-op for a daemon serving from one process."""
+        if self._siblings is None:
+            return contextlib.nullcontext()
+        return self._siblings.objects_exclusive()
+
     # -- reading --------------------------------------------------------------------------
 
     def _reload(self) -> list[KeyVersion]:
         """Re-reads objects and state; installs the snapshot; returns versions now due for
         destruction. Call with ``_lock`` held."""
-        with self._token.session("reading the key ring") as s:
+        with self.objects_exclusive(), self._token.session("reading the key ring") as s:
             objects = s.find_key_objects(LABEL_PREFIX)
             state = _best(_read_states(s))
         keys = build_keys(objects, state, self._config)
@@ -527,25 +539,18 @@ class KeyRing:
                     due.append(v)
         return due
 
-    def refresh(self) -> None:
-        """Re-reads the ring from the token, then destroys versions whose time has come."""
+    def refresh(self, only_if_siblings_changed: bool = False) -> None:
+        """Re-reads the ring from the token, then destroys versions whose time has come.
+
+        ``only_if_siblings_changed``: only if another serving process of this daemon changed
+        the ring since this process last read it (threads that waited for the lock while one
+        of them re-read return at once)."""
         with self._lock:
             if self._siblings is not None:
-                self._seen_change = self._siblings.read()
-            due = self._reload()
-        if due:
-            self._destroy_due(due)
-
-    def _catch_up(self) -> None:
-        """Re-reads the ring if a sibling process changed it since this one last read it."""
-        siblings = self._siblings
-        if siblings is None:
-            return
-        with self._lock:
-            change = siblings.read()
-            if change == self._seen_change:
-                return  # another thread caught up while this one waited for the lock
-            self._seen_change = change
+                change = self._siblings.read()
+                if only_if_siblings_changed and change == self._seen_change:
+                    return
+                self._seen_change = change
             due = self._reload()
         if due:
             self._destroy_due(due)
@@ -553,7 +558,10 @@ class KeyRing:
     def _destroy_due(self, due: list[KeyVersion]) -> None:
         with self._write_lock:
             for v in due:
-                with self._token.session(f"destroying {v.describe()}") as s:
+                with (
+                    self.objects_exclusive(),
+                    self._token.session(f"destroying {v.describe()}") as s,
+                ):
                     n = s.destroy_key_objects(v.cka_id)
                 log.warning(
                     "destroyed %s (sha256:%s): %d token objects removed as scheduled",
@@ -578,7 +586,7 @@ class KeyRing:
         if self._siblings is not None and self._siblings.read() != self._seen_change:
             # A sibling process changed the ring: requests wait for the re-read, so that no
             # call made after the change's response uses the old state.
-            self._catch_up()
+            self.refresh(only_if_siblings_changed=True)
         snap = self._snapshot
         max_age = self._config.keyring.refresh_seconds
         if self._thread is not None:
@@ -672,7 +680,7 @@ class KeyRing:
         """
         with self._write_lock:
             for attempt in range(_WRITE_ATTEMPTS):
-                with self._token.session("updating the key ring") as s:
+                with self.objects_exclusive(), self._token.session("updating the key ring") as s:
                     current = _best(_read_states(s))
                     objects = s.find_key_objects(LABEL_PREFIX)
                     new = copy.deepcopy(current)

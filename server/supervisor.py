@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,11 +55,15 @@ START_TIMEOUT = 60.0
 
 
 class SharedCounter:
-    """Eight bytes of memory shared by the daemon's processes (a memfd inherited by each).
+    """Eight bytes of memory shared by the daemon's processes (a memfd inherited by each), and
+    a lock over the token's objects for them.
 
     Readers only compare values, so a read needs no lock; ``bump`` takes a POSIX record lock
-    (per process) and a thread lock (per thread), so increments from different processes are
-    never lost.
+    on byte 0 (per process) and a thread lock (per thread), so increments from different
+    processes are never lost. ``objects_exclusive`` holds a record lock on byte 8: SoftHSM2
+    answers CKR_FUNCTION_FAILED or CKR_GENERAL_ERROR when one process reads the token's
+    objects while another creates or destroys some, so the serving processes take turns for
+    key-ring reads and writes, key generation and destruction (signing is not affected).
     """
 
     _thread_lock = threading.Lock()
@@ -66,6 +71,21 @@ class SharedCounter:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._map = mmap.mmap(fd, 8)
+        self._objects = threading.RLock()
+        self._objects_depth = 0
+
+    @contextlib.contextmanager
+    def objects_exclusive(self) -> Iterator[None]:
+        with self._objects:  # one thread of this process; re-entrant for nested use
+            if self._objects_depth == 0:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 8)  # one process of this daemon
+            self._objects_depth += 1
+            try:
+                yield
+            finally:
+                self._objects_depth -= 1
+                if self._objects_depth == 0:
+                    fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 8)
 
     @classmethod
     def create(cls) -> SharedCounter:
@@ -79,13 +99,13 @@ class SharedCounter:
 
     def bump(self) -> int:
         with self._thread_lock:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX)
+            fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
             try:
                 value = self.read() + 1
                 struct.pack_into("<Q", self._map, 0, value)
                 return value
             finally:
-                fcntl.lockf(self.fd, fcntl.LOCK_UN)
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
 
 
 @dataclass(frozen=True)
