@@ -29,6 +29,10 @@ class KeyNotFound(ServerError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class KeyObjectGone(KeyNotFound):
+    """The ring named a version whose private object another process has just destroyed."""
+
+
 class FailedPrecondition(ServerError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 

@@ -21,7 +21,7 @@ import grpc
 
 from hsmsign.v1 import hsmsign_pb2 as pb
 from server import operations
-from server.errors import InvalidArgument, ServerError
+from server.errors import InvalidArgument, KeyObjectGone, ServerError
 from server.keyring import KeyReference, KeyVersion
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,19 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
         used: list[str] = []
         _keys_used.set(used)
         try:
-            return handler(self, request, context)
+            try:
+                return handler(self, request, context)
+            except KeyObjectGone:
+                # Another process destroyed the version between this process's last read of
+                # the ring and the token call: re-read and answer as the ring now says (the
+                # version shows as destroyed). Signer calls have no side effects, so running
+                # the call again is safe; KeyAdmin calls are not retried.
+                ring = getattr(self, "retry_ring", None)
+                if ring is None:
+                    raise
+                ring.refresh()
+                used.clear()
+                return handler(self, request, context)
         except ServerError as e:
             status = e.code.name
             context.abort(e.code, str(e))

@@ -29,6 +29,9 @@ class SignerService(CapgoCalls, UnwrapCalls, pb_grpc.SignerServicer):
 
     def __init__(self, token: Token, ring: KeyRing, config: Config) -> None:
         self.token, self.ring, self.config = token, ring, config
+        # Signer calls are side-effect free: server.rpc may run one again after re-reading
+        # this ring when the token says a version's object was destroyed meanwhile.
+        self.retry_ring = ring
         # Public-key encodings by fingerprint: a version's public key never changes, and
         # build agents ask for it at the start of every upload.
         self._encoded: dict[str, tuple[bytes, str, str]] = {}

@@ -270,3 +270,30 @@ def test_auto_follows_the_cpus_the_daemon_may_use(token: TokenDir, tmp_path: Pat
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert "serving processes" not in err and "listening on" in err
+
+
+def test_a_version_destroyed_behind_a_daemons_back_reads_as_destroyed(
+    ring_token: TokenDir, tmp_path: Path
+) -> None:
+    """An offline ceremony destroys a version while a daemon (no timed refresh for an hour)
+    still has it as enabled: the daemon's next call finds the object gone in the token,
+    re-reads the ring and answers FAILED_PRECONDITION (destroyed), not NOT_FOUND."""
+    cfg = write_config(
+        tmp_path / "c.toml",
+        ring_token,
+        extra="[server]\nprocesses = 1\n[keyring]\nrefresh_seconds = 3600\n"
+        "min_destruction_delay_hours = 0\n",
+    )
+    hsmsignd(cfg, "keys", "create", "behind")
+    hsmsignd(cfg, "keys", "rotate", "behind")
+    d = start_daemon(cfg, tmp_path / "d")
+    try:
+        assert _sign_on_new_connection(d.address, "behind", version=1).key.version == 1
+        hsmsignd(cfg, "keys", "schedule-destroy", "behind", "1", "--delay", "0s")
+        with pytest.raises(grpc.RpcError) as e:
+            _sign_on_new_connection(d.address, "behind", version=1)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "destroyed" in (e.value.details() or "")
+        assert _sign_on_new_connection(d.address, "behind").key.version == 2
+    finally:
+        d.stop()
