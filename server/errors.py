@@ -63,3 +63,8 @@ class StartupError(ServerError):
     """The daemon cannot start: module missing, token not found, login refused, ..."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class TokenNotFound(StartupError):
+    """No token matches the config's label, serial or URI (also seen for a moment while
+    another process rewrites a SoftHSM2 token's files)."""

@@ -28,7 +28,7 @@ from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from server import config as config_mod
 from server import keys_cli, supervisor
 from server.config import Config
-from server.errors import ConfigError, ServerError, StartupError
+from server.errors import ConfigError, ServerError, StartupError, TokenNotFound
 from server.keyring import KeyRing
 from server.service import SignerService
 from server.supervisor import SharedCounter, WorkerSpec
@@ -133,6 +133,20 @@ def _write_ready_file(path: Path, address: str) -> None:
     os.replace(tmp, path)
 
 
+def _open_token(cfg: Config) -> Token:
+    """Opens the token in a serving process. The supervisor has just found it, so a miss is
+    a SoftHSM2 token being rewritten by another process at that instant (seen in CI when
+    three processes started at once): look again a few times before giving up."""
+    for attempt in range(5):
+        try:
+            return Token(cfg.token)
+        except TokenNotFound:
+            if attempt == 4:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def serve(
     cfg: Config, listen: str | None, ready_file: Path | None, worker: WorkerSpec | None = None
 ) -> int:
@@ -140,7 +154,7 @@ def serve(
     this process supervises that many serving processes instead (server/supervisor.py)."""
     if worker is None and cfg.server.processes > 1:
         return supervisor.run(cfg, listen, ready_file)
-    token = Token(cfg.token)
+    token = _open_token(cfg) if worker is not None else Token(cfg.token)
     ring: KeyRing | None = None
     try:
         ring = KeyRing(token, cfg, SharedCounter(worker.counter_fd) if worker else None)

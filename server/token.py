@@ -39,6 +39,7 @@ from server.errors import (
     MechanismUnsupported,
     ServerError,
     StartupError,
+    TokenNotFound,
     TokenUnavailable,
 )
 
@@ -674,7 +675,7 @@ class Token:
         try:
             self._token = self._lib.get_token(token_label=config.label, token_serial=config.serial)
         except p11e.NoSuchToken:
-            raise StartupError(
+            raise TokenNotFound(
                 f"no token with {config.describe_token()} in module {config.module}"
             ) from None
         except p11e.MultipleTokensReturned:
