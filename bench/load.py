@@ -23,9 +23,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 
-#: Callers sharing one channel (one HTTP/2 connection) in a client process.
-CALLERS_PER_CONNECTION = 4
-
 
 @dataclass(frozen=True)
 class LoadSpec:
@@ -39,6 +36,7 @@ class LoadSpec:
     processes: int = 2
     batch: int = 1
     rate: float | None = None  # calls/s over all callers; None = closed loop
+    callers_per_connection: int = 4
     duration: float = 3.0
     warmup: float = 0.7
 
@@ -77,11 +75,11 @@ async def _worker(spec: LoadSpec, callers: int, start: float) -> dict[str, Any]:
     done = [0]
     errors: dict[str, int] = {}
     async with contextlib.AsyncExitStack() as stack:
-        # One connection per CALLERS_PER_CONNECTION callers, as separate build agents would
-        # open: the daemon's serving processes share the port and the kernel spreads
+        # One connection per spec.callers_per_connection callers, as separate build agents
+        # would open: the daemon's serving processes share the port and the kernel spreads
         # connections, not calls, over them.
         fns = []
-        for _ in range(-(-callers // CALLERS_PER_CONNECTION)):
+        for _ in range(-(-callers // spec.callers_per_connection)):
             ch = await stack.enter_async_context(
                 grpc.aio.insecure_channel(
                     spec.target, options=[("grpc.use_local_subchannel_pool", 1)]

@@ -238,14 +238,18 @@ def daemon_rows(
         rows.append(
             br.around(
                 lambda: daemon_row(
-                    f"{tag}batch SignDigests x64, 4 callers", spec("batch", 4, batch=64), pid
+                    f"{tag}batch SignDigests x64, 4 callers",
+                    # Each batch caller on its own connection, as 4 build agents would be:
+                    # with 2 connections, both land on one serving process half the time.
+                    spec("batch", 4, batch=64, callers_per_connection=1),
+                    pid,
                 )
             )
         )
         rows.append(
             daemon_row(
                 f"{tag}batch SignDigests x64, 4 callers, RSA-3072",
-                spec("batch", 4, batch=64, key=KEY_3072),
+                spec("batch", 4, batch=64, key=KEY_3072, callers_per_connection=1),
                 pid,
             )
         )
