@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from server import config as config_mod
-from server import keys_cli, supervisor
+from server import keys_cli, rpc, supervisor
 from server.config import Config
 from server.errors import ConfigError, ServerError, StartupError, TokenNotFound
 from server.keyring import KeyRing
@@ -35,6 +35,9 @@ from server.supervisor import SharedCounter, WorkerSpec
 from server.token import Token
 
 log = logging.getLogger("hsmsignd")
+
+#: Seconds a stopping process keeps its connections open after its last call returned.
+DRAIN_LINGER_SECONDS = 1.0
 
 #: The embedded default: the SoftHSM2 dev token config shipped in the repository.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "hsm_config" / "dev.toml"
@@ -219,7 +222,16 @@ def serve(
                 _write_ready_file(ready_file, bound)
         stop.wait()
         health_servicer.enter_graceful_shutdown()
-        server.stop(cfg.server.grace_seconds).wait()
+        # Drain before stopping gRPC: new calls get UNAVAILABLE ("retry"), calls in flight
+        # finish, and their responses get a moment to leave. gRPC's own stop() closes the
+        # connections once the last call has handed its response to the transport, and a
+        # large response (10,000 signatures are 2.5 MB) still waiting for the client's
+        # HTTP/2 flow-control credit was then cut off (seen in CI).
+        t0 = time.monotonic()
+        rpc.calls.drain(cfg.server.grace_seconds)
+        time.sleep(DRAIN_LINGER_SECONDS)
+        left = max(0.0, cfg.server.grace_seconds - (time.monotonic() - t0))
+        server.stop(left).wait()
         if worker is None:
             log.info("stopped")
         return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -41,6 +42,25 @@ _ALGORITHMS: dict[int, str] = {
 }
 
 
+class _Calls:
+    """Calls in flight in this process, and whether it is draining (SIGTERM received)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.in_flight = 0
+        self.draining = False
+
+    def drain(self, timeout: float) -> bool:
+        """Refuses new calls from now on; waits up to ``timeout`` seconds for the ones in
+        flight to return. True when none is left."""
+        with self.cond:
+            self.draining = True
+            return self.cond.wait_for(lambda: self.in_flight == 0, timeout)
+
+
+#: This process's calls (server.main drains them on SIGTERM).
+calls = _Calls()
+
 #: The key versions a call used, for its access-log line (set by ``used_key``).
 _keys_used: contextvars.ContextVar[list[str]] = contextvars.ContextVar("keys_used")
 
@@ -50,6 +70,23 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
     @functools.wraps(handler)
     def wrapper(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
+        with calls.cond:
+            if calls.draining:
+                refused = True
+            else:
+                refused = False
+                calls.in_flight += 1
+        if refused:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "hsmsignd is shutting down; retry")
+        try:
+            return _run(self, request, context)
+        finally:
+            with calls.cond:
+                calls.in_flight -= 1
+                if calls.in_flight == 0:
+                    calls.cond.notify_all()
+
+    def _run(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
         start = time.perf_counter()
         status = "OK"
         used: list[str] = []

@@ -135,18 +135,31 @@ def test_sigterm_drains_in_flight_calls(token: TokenDir, tmp_path: Path) -> None
     d = start_daemon(cfg, tmp_path / "d")
     digests = [hashlib.sha256(str(i).encode()).digest() for i in range(10_000)]
     result: dict[str, object] = {}
+    connected = threading.Event()
 
     def big_call() -> None:
         with Client(d.address, timeout=120) as c:
             try:
+                # A first small call opens the connection, so the big one reaches the daemon
+                # at once (on a loaded machine, connecting alone can take longer than the
+                # pause below, and SIGTERM would then rightly refuse the call).
+                c.public_key("demo")
+                connected.set()
                 result["sigs"] = c.sign_digests("demo", digests)[1]
             except RemoteError as e:
                 result["error"] = e
 
     t = threading.Thread(target=big_call)
     t.start()
+    assert connected.wait(60)
     time.sleep(1.0)  # the call is now in flight (10,000 signatures take several seconds)
     assert d.proc.poll() is None
+    d.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    # While the big call drains, a new call is refused with a status that says to retry.
+    with Client(d.address, timeout=30) as late, pytest.raises(RemoteError) as refused:
+        late.public_key("demo")
+    assert refused.value.status_name == "UNAVAILABLE"
     rc = d.stop(signal.SIGTERM)
     t.join(60)
     assert rc == 0
