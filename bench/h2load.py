@@ -26,6 +26,9 @@ from google.protobuf.message import Message
 
 from bench.setup import tree_cpu_seconds
 
+#: What makes h2load's POST a gRPC call (the body is a framed message: grpc_frame).
+GRPC_HEADERS = ["--header", "content-type: application/grpc", "--header", "te: trailers"]
+
 
 def available() -> bool:
     return shutil.which("h2load") is not None
@@ -65,10 +68,7 @@ def run_h2load(spec: H2Spec, body: bytes, daemon_pid: int | None = None) -> dict
             str(spec.streams),
             "--data",
             str(body_file),
-            "--header",
-            "content-type: application/grpc",
-            "--header",
-            "te: trailers",
+            *GRPC_HEADERS,
             "--log-file",
             str(log_file),
         ]
@@ -182,10 +182,7 @@ def run_h2load_paced(
                         "64",
                         "--data",
                         str(body_file),
-                        "--header",
-                        "content-type: application/grpc",
-                        "--header",
-                        "te: trailers",
+                        *GRPC_HEADERS,
                         "--timing-script-file",
                         str(script),
                         "--log-file",

@@ -51,6 +51,20 @@ def _inprocess(args: list[str]) -> dict[str, Any]:
     return out
 
 
+def _token_args(token: TokenDir, key: str) -> list[str]:
+    """bench.inprocess's arguments naming the bench token and a key on it."""
+    return [
+        "--conf",
+        str(token.conf),
+        "--label",
+        token.label,
+        "--pin-file",
+        str(token.pin_file),
+        "--key",
+        key,
+    ]
+
+
 def physical_limit(bits: int, duration: float) -> dict[str, Any]:
     threads = os.cpu_count() or 1
     r = _inprocess(
@@ -71,14 +85,7 @@ def token_limit(token: TokenDir, bits: int, threads: list[int], duration: float)
         r = _inprocess(
             [
                 "token",
-                "--conf",
-                str(token.conf),
-                "--label",
-                token.label,
-                "--pin-file",
-                str(token.pin_file),
-                "--key",
-                key,
+                *_token_args(token, key),
                 "--threads",
                 str(n),
                 "--duration",
@@ -111,14 +118,7 @@ class Bracket:
         r = _inprocess(
             [
                 "token",
-                "--conf",
-                str(self.token.conf),
-                "--label",
-                self.token.label,
-                "--pin-file",
-                str(self.token.pin_file),
-                "--key",
-                KEY_2048,
+                *_token_args(self.token, KEY_2048),
                 "--threads",
                 str(self.threads),
                 "--duration",
@@ -302,14 +302,7 @@ def token_paced_row(token: TokenDir, rate: float, duration: float) -> dict[str, 
     r = _inprocess(
         [
             "token-paced",
-            "--conf",
-            str(token.conf),
-            "--label",
-            token.label,
-            "--pin-file",
-            str(token.pin_file),
-            "--key",
-            KEY_2048,
+            *_token_args(token, KEY_2048),
             "--threads",
             str(threads),
             "--rate",

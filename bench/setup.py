@@ -30,7 +30,6 @@ class DaemonSettings:
     workers: int | None = None
     log_level: str = "INFO"
     processes: int | None = None
-    refresh_seconds: float | None = None
 
     def describe(self) -> str:
         def d(v: int | None) -> str:
@@ -46,11 +45,6 @@ def write_bench_config(path: Path, token: TokenDir, s: DaemonSettings) -> Path:
     workers = f"workers = {s.workers}\n" if s.workers is not None else ""
     workers += f"processes = {s.processes}\n" if s.processes is not None else ""
     sessions = f"sessions = {s.sessions}\n" if s.sessions is not None else ""
-    keyring = (
-        f"[keyring]\nrefresh_seconds = {s.refresh_seconds}\n"
-        if s.refresh_seconds is not None
-        else ""
-    )
     path.write_text(
         f"""log_level = "{s.log_level}"
 [token]
@@ -62,7 +56,7 @@ SOFTHSM2_CONF = "{token.conf}"
 [server]
 listen = "127.0.0.1:0"
 max_concurrent_calls = 1024
-{workers}{keyring}"""
+{workers}"""
     )
     return path
 
