@@ -25,8 +25,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
+from server import accesslog, keys_cli, rpc, supervisor
 from server import config as config_mod
-from server import keys_cli, rpc, supervisor
 from server.config import Config
 from server.errors import ConfigError, ServerError, StartupError, TokenNotFound
 from server.keyring import KeyRing
@@ -88,15 +88,8 @@ class _Formatter(logging.Formatter):
     """The standard line, with the date and time formatted once per second, not per record
     (strftime was a visible share of the access log's cost under load)."""
 
-    _second: tuple[int, str] = (-1, "")
-
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
-        cached = self._second
-        if cached[0] != second:
-            cached = (second, time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)))
-            self._second = cached
-        return f"{cached[1]},{int(record.msecs):03d}"
+        return accesslog.timestamp(record.created)
 
 
 def _setup_logging(level: str, tag: str = "") -> None:
@@ -109,6 +102,7 @@ def _setup_logging(level: str, tag: str = "") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level), handlers=[handler])
+    accesslog.access.configure(sys.stderr.fileno(), tag)
     # grpc's own loggers are chatty about client disconnects at INFO.
     logging.getLogger("grpc").setLevel(logging.WARNING)
 

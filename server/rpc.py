@@ -22,11 +22,11 @@ import grpc
 
 from hsmsign.v1 import hsmsign_pb2 as pb
 from server import operations
+from server.accesslog import access
 from server.errors import InvalidArgument, KeyObjectGone, ServerError
 from server.keyring import KeyReference, KeyVersion
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("hsmsign.access")
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -114,8 +114,7 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
             log.exception("internal error in %s (incident %s)", handler.__name__, incident)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
         finally:
-            access_log.info(
-                "%s peer=%s status=%s key=%s ms=%.1f",
+            access.line(
                 handler.__name__,
                 context.peer(),
                 status,

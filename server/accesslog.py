@@ -1,0 +1,72 @@
+"""The access log: one line per call, written with a single write(2).
+
+Every call writes one line, so this is the only output on the signing path. Through the
+logging module a line cost about twice the rest of hsmsign's per-call Python (a LogRecord,
+the Formatter, the handler's lock held across the write; docs/performance.md), and under
+load the handler lock made the serving threads queue behind each other's writes. Here a
+line is one f-string and one ``os.write`` on stderr: no lock, because the kernel keeps one
+write of a short line whole, and nothing buffered, so a line survives a crash as before.
+
+The line is the same as the logging format's (``server.main``)::
+
+    2026-11-26 14:31:07,412 INFO [1/2] hsmsign.access: SignDigest peer=ipv4:... status=OK ...
+
+Until ``configure`` is called (the daemon calls it at start-up when its level is INFO or
+lower) lines go through the ``hsmsign.access`` logger, so code that uses the servicers
+in-process still logs the usual way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+LOGGER_NAME = "hsmsign.access"
+_logger = logging.getLogger(LOGGER_NAME)
+
+#: (second, "YYYY-MM-DD HH:MM:SS") of the last line: strftime once per second, not per line.
+_second: tuple[int, str] = (-1, "")
+
+
+def timestamp(created: float) -> str:
+    """``created`` as logging's default asctime (local time, milliseconds after a comma)."""
+    global _second
+    second = int(created)
+    cached = _second
+    if cached[0] != second:
+        cached = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+        _second = cached
+    return f"{cached[1]},{int((created - second) * 1000):03d}"
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.prefix = ""
+
+    def configure(self, fd: int, tag: str = "") -> None:
+        """Writes lines straight to ``fd`` from now on, if the logger is enabled for INFO."""
+        if _logger.isEnabledFor(logging.INFO):
+            self.fd, self.prefix = fd, f" INFO {tag}{LOGGER_NAME}: "
+        else:
+            self.fd = None
+
+    def line(self, method: str, peer: str, status: str, keys: str, ms: float) -> None:
+        fd = self.fd
+        if fd is None:
+            _logger.info("%s peer=%s status=%s key=%s ms=%.1f", method, peer, status, keys, ms)
+            return
+        data = (
+            f"{timestamp(time.time())}{self.prefix}{method} peer={peer} status={status} "
+            f"key={keys} ms={ms:.1f}\n"
+        ).encode()
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError:
+            pass  # stderr gone (closed pipe): a lost log line must not fail the call
+
+
+#: The daemon's access log.
+access = _Writer()
