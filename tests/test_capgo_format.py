@@ -358,7 +358,9 @@ def test_sealer_self_check_catches_wrong_signature(tmp_path: Path, sealer: FileK
 # --- encrypt_bundle ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, (1 << 20) - 1, (1 << 20) + 5, 3 << 20])
+@pytest.mark.parametrize(
+    "size", [0, 1, 15, 16, 17, 256 << 10, (1 << 20) - 1, (1 << 20) + 5, 3 << 20]
+)
 def test_encrypt_bundle_length_and_content(tmp_path: Path, size: int) -> None:
     plain = os.urandom(size)
     src, dst = tmp_path / "p", tmp_path / "c"
