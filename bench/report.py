@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,8 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if u64 is not u64_py and ratio(u64_py) is not None
                 else ""
             )
-            + _unary_ceiling(rows, tok, u64),
+            + _unary_ceiling(rows, tok, u64)
+            + _bare_unary(rows, u64, ratio),
         )
     )
     p99 = paced["p99_ms"] if paced else None
@@ -105,6 +107,12 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     alone = next((r for r in rows if r.get("group") == "token-paced"), None)
     if alone and alone.get("p99_ms"):
         py += f"; the token alone at that rate: p99 {alone['p99_ms']:.2f} ms"
+    bare = _find(rows, "bare", "bare stack", paced=True)
+    if bare and bare.get("p99_ms") and not bare.get("not_available"):
+        bare_p50 = bare["token_bracket"]["p50_ms"] if bare.get("token_bracket") else tok_p50
+        py += f"; the bare stack (no hsmsign code) at that rate: p99 {bare['p99_ms']:.2f} ms" + (
+            f" = {bare['p99_ms'] / bare_p50:.2f}x" if bare_p50 else ""
+        )
     out.append(
         _target(
             "p99 at half max unary / token p50",
@@ -164,6 +172,22 @@ def _unary_ceiling(
             f"the bound is {bound:.2f}x"
         )
     return text
+
+
+def _bare_unary(
+    rows: list[dict[str, Any]],
+    unary: dict[str, Any] | None,
+    ratio: Callable[[dict[str, Any] | None], float | None],
+) -> str:
+    """The bare stack's share under the same load (bench/bare_server.py), and hsmsign's share
+    of it: the first is what grpcio and python-pkcs11 allow here, the second hsmsign's part."""
+    bare = _find(rows, "bare", "bare stack", paced=None)
+    if not bare or bare.get("not_available") or not unary or unary.get("load") != "h2load":
+        return ""
+    b, u = ratio(bare), ratio(unary)
+    if not b or not u:
+        return ""
+    return f"; the bare stack (no hsmsign code) reaches {b:.2f}x, hsmsign {u / b:.2f} of that"
 
 
 def token_reference(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -328,6 +352,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
             if r["group"] == "physical"
             else "tab:orange"
             if r["group"] == "token"
+            else "tab:purple"
+            if r["group"] == "bare"
             else "tab:blue"
             for r in rows
         ],

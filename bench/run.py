@@ -17,14 +17,15 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bench import report
+from bench.bare_server import BareServer
 from bench.h2load import H2Spec, failed_calls, grpc_frame, run_h2load, run_h2load_paced
 from bench.h2load import available as h2load_available
 from bench.load import LoadSpec, _request, run_load
 from bench.setup import KEY_2048, KEY_3072, DaemonSettings, launch, make_bench_token
-from tests.conftest import Daemon, TokenDir
+from tests.conftest import TokenDir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -175,8 +176,21 @@ H2_ROWS = [
 ]
 
 
+class Served(Protocol):
+    """What the h2load rows need of a server: hsmsignd (tests.conftest.Daemon) or the bare
+    stack (bench.bare_server.BareServer)."""
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def proc(self) -> subprocess.Popen[Any]: ...
+
+    def log(self) -> str: ...
+
+
 def h2_row(
-    d: Daemon, call: str, method: str, connections: int, sigs: int, name: str, duration: float
+    d: Served, call: str, method: str, connections: int, sigs: int, name: str, duration: float
 ) -> dict[str, Any]:
     """One row with nghttp2's h2load as the load generator (bench/h2load.py)."""
     spec = LoadSpec(d.address, call, KEY_2048, connections)
@@ -323,7 +337,7 @@ def token_paced_row(token: TokenDir, rate: float, duration: float) -> dict[str, 
     return row
 
 
-def h2_paced_row(d: Daemon, rate: float, name: str, duration: float) -> dict[str, Any]:
+def h2_paced_row(d: Served, rate: float, name: str, duration: float) -> dict[str, Any]:
     _method, message = _request(LoadSpec(d.address, "unary", KEY_2048, 1))
     before = failed_calls(d.log(), "SignDigest")
     r = run_h2load_paced(
@@ -349,6 +363,69 @@ def h2_paced_row(d: Daemon, rate: float, name: str, duration: float) -> dict[str
         r["not_available"] = f"paced: calls failed {failed or r['http_failed']}"
     _print_row(r)
     return r
+
+
+def bare_stack_rows(token: TokenDir, duration: float, rate: float | None) -> list[dict[str, Any]]:
+    """The same unary load against bench/bare_server.py: grpcio + protobuf + python-pkcs11
+    on the same token with the daemon's process layout and none of hsmsign's code. What
+    separates the token limit from this row is the stack's cost per call on these cores;
+    what separates this row from the daemon's is hsmsign's."""
+    if not h2load_available():
+        return []
+    bare = BareServer(_token_args(token, KEY_2048))
+    rows: list[dict[str, Any]] = []
+    br = Bracket(token, duration)
+    try:
+        _check_bare(bare.address)
+        rows.append(
+            br.around(
+                lambda: h2_row(
+                    bare,
+                    "unary",
+                    "hsmsign.v1.Signer/SignDigest",
+                    64,
+                    1,
+                    f"{BARE}: unary SignDigest, 64 callers",
+                    duration,
+                )
+            )
+        )
+        if rate:
+            rows.append(
+                br.around(
+                    lambda: h2_paced_row(
+                        bare,
+                        rate,
+                        f"{BARE}: unary paced at half max",
+                        duration,
+                    )
+                )
+            )
+        _check_bare(bare.address)  # still signing after the load: no row measured failures
+    finally:
+        bare.stop()
+    for r in rows:
+        r["group"] = "bare"
+        r["daemon"] = "bare stack"
+    return rows
+
+
+#: The bare stack rows' name.
+BARE = "bare stack (grpcio + python-pkcs11, no hsmsign code)"
+
+
+def _check_bare(address: str) -> None:
+    """One real call: h2load sees HTTP 200 even for a failed gRPC call, and the bare server
+    keeps no access log to count failures from."""
+    import grpc
+
+    from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
+
+    _method, message = _request(LoadSpec(address, "unary", KEY_2048, 1))
+    with grpc.insecure_channel(address) as channel:
+        reply = pb_grpc.SignerStub(channel).SignDigest(message, timeout=30)
+    if len(reply.signature) != 256:
+        raise RuntimeError(f"the bare server answered a {len(reply.signature)}-byte signature")
 
 
 def single_process_row(root: Path, token: TokenDir, duration: float) -> list[dict[str, Any]]:
@@ -456,6 +533,8 @@ def main() -> int:
             print("  h2load not found (Debian: nghttp2-client): Python clients only", flush=True)
         rows += daemon_rows(root, token, DaemonSettings(), duration)
         rows += single_process_row(root, token, duration)
+        paced = next((r for r in rows if r.get("paced") and r.get("load") == "h2load"), None)
+        rows += bare_stack_rows(token, duration, paced["rate"] if paced else None)
         # Again after the daemon rows: the machine is shared, so the reference drifts; the
         # targets use the mean of both token measurements.
         best = str(rows[2]["threads"])
