@@ -220,8 +220,15 @@ def h2_row(
 
 
 def daemon_rows(
-    root: Path, token: TokenDir, s: DaemonSettings, duration: float, tag: str = ""
+    root: Path,
+    token: TokenDir,
+    s: DaemonSettings,
+    duration: float,
+    tag: str = "",
+    bare: BareServer | None = None,
 ) -> list[dict[str, Any]]:
+    """The daemon's rows; with ``bare``, the bare stack's unary and paced rows right after
+    the daemon's, so that both meet the same moment of the shared machine."""
     d = launch(root, token, s, f"daemon-{s.processes}-{s.sessions}-{s.workers}-{s.log_level}")
     rows: list[dict[str, Any]] = []
     br = Bracket(token, duration)
@@ -240,6 +247,8 @@ def daemon_rows(
                         )
                     )
                 )
+                if bare is not None and call == "unary" and conns == 64:
+                    rows.append(bare_row(bare, br, duration))
         for c in (1, 16, 64):
             rows.append(
                 br.around(
@@ -301,11 +310,13 @@ def daemon_rows(
             rows.append(
                 br.around(lambda: h2_paced_row(d, half, f"{tag}unary paced at half max", duration))
             )
+            if bare is not None:
+                rows.append(bare_row(bare, br, duration, half))
         rows.append(token_paced_row(token, half, duration))
     finally:
         d.stop()
     for r in rows:
-        r["daemon"] = s.describe()
+        r.setdefault("daemon", s.describe())
     return rows
 
 
@@ -365,49 +376,24 @@ def h2_paced_row(d: Served, rate: float, name: str, duration: float) -> dict[str
     return r
 
 
-def bare_stack_rows(token: TokenDir, duration: float, rate: float | None) -> list[dict[str, Any]]:
-    """The same unary load against bench/bare_server.py: grpcio + protobuf + python-pkcs11
-    on the same token with the daemon's process layout and none of hsmsign's code. What
+def bare_row(
+    bare: BareServer, br: Bracket, duration: float, rate: float | None = None
+) -> dict[str, Any]:
+    """The daemon's unary-64 row (or, with ``rate``, its paced row) against
+    bench/bare_server.py, right after the daemon's own: grpcio + protobuf + python-pkcs11 on
+    the same token with the daemon's process layout and none of hsmsign's code. What
     separates the token limit from this row is the stack's cost per call on these cores;
     what separates this row from the daemon's is hsmsign's."""
-    if not h2load_available():
-        return []
-    bare = BareServer(_token_args(token, KEY_2048))
-    rows: list[dict[str, Any]] = []
-    br = Bracket(token, duration)
-    try:
-        _check_bare(bare.address)
-        rows.append(
-            br.around(
-                lambda: h2_row(
-                    bare,
-                    "unary",
-                    "hsmsign.v1.Signer/SignDigest",
-                    64,
-                    1,
-                    f"{BARE}: unary SignDigest, 64 callers",
-                    duration,
-                )
-            )
+    method = "hsmsign.v1.Signer/SignDigest"
+    if rate is None:
+        name = f"{BARE}: unary SignDigest, 64 callers"
+        r = br.around(lambda: h2_row(bare, "unary", method, 64, 1, name, duration))
+    else:
+        r = br.around(
+            lambda: h2_paced_row(bare, rate, f"{BARE}: unary paced at half max", duration)
         )
-        if rate:
-            rows.append(
-                br.around(
-                    lambda: h2_paced_row(
-                        bare,
-                        rate,
-                        f"{BARE}: unary paced at half max",
-                        duration,
-                    )
-                )
-            )
-        _check_bare(bare.address)  # still signing after the load: no row measured failures
-    finally:
-        bare.stop()
-    for r in rows:
-        r["group"] = "bare"
-        r["daemon"] = "bare stack"
-    return rows
+    r["group"], r["daemon"] = "bare", "bare stack"
+    return r
 
 
 #: The bare stack rows' name.
@@ -531,10 +517,17 @@ def main() -> int:
         print("3. the daemon (h2load, then 2 Python gRPC client processes)", flush=True)
         if not h2load_available():
             print("  h2load not found (Debian: nghttp2-client): Python clients only", flush=True)
-        rows += daemon_rows(root, token, DaemonSettings(), duration)
+        bare = BareServer(_token_args(token, KEY_2048)) if h2load_available() else None
+        try:
+            if bare is not None:
+                _check_bare(bare.address)
+            rows += daemon_rows(root, token, DaemonSettings(), duration, bare=bare)
+            if bare is not None:
+                _check_bare(bare.address)  # still signing after its rows: they measured calls
+        finally:
+            if bare is not None:
+                bare.stop()
         rows += single_process_row(root, token, duration)
-        paced = next((r for r in rows if r.get("paced") and r.get("load") == "h2load"), None)
-        rows += bare_stack_rows(token, duration, paced["rate"] if paced else None)
         # Again after the daemon rows: the machine is shared, so the reference drifts; the
         # targets use the mean of both token measurements.
         best = str(rows[2]["threads"])
