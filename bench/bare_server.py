@@ -62,6 +62,24 @@ class BareServer:
             self.proc.wait()
 
 
+def _handler(sign: Any) -> Any:
+    """SignDigest, served by ``sign`` (a function, or a coroutine function for grpc.aio)."""
+    import grpc
+
+    from hsmsign.v1 import hsmsign_pb2 as pb
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            METHOD: grpc.unary_unary_rpc_method_handler(
+                sign,
+                request_deserializer=pb.SignDigestRequest.FromString,
+                response_serializer=pb.SignDigestResponse.SerializeToString,
+            )
+        },
+    )
+
+
 def _serve_one(args: argparse.Namespace) -> int:
     os.environ["SOFTHSM2_CONF"] = args.conf
     import grpc
@@ -99,16 +117,7 @@ def _serve_one(args: argparse.Namespace) -> int:
 
     if args.aio:
         return _serve_aio(args, keys, pb)
-    handler = grpc.method_handlers_generic_handler(
-        SERVICE,
-        {
-            METHOD: grpc.unary_unary_rpc_method_handler(
-                sign,
-                request_deserializer=pb.SignDigestRequest.FromString,
-                response_serializer=pb.SignDigestResponse.SerializeToString,
-            )
-        },
-    )
+    handler = _handler(sign)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=args.threads),
         options=[("grpc.so_reuseport", 1)],
@@ -152,16 +161,7 @@ def _serve_aio(args: argparse.Namespace, keys: Any, pb: Any) -> int:
         return pb.SignDigestResponse(signature=sig)
 
     async def run() -> int:
-        handler = grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                METHOD: grpc.unary_unary_rpc_method_handler(
-                    sign,
-                    request_deserializer=pb.SignDigestRequest.FromString,
-                    response_serializer=pb.SignDigestResponse.SerializeToString,
-                )
-            },
-        )
+        handler = _handler(sign)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
         server.add_generic_rpc_handlers((handler,))
         if server.add_insecure_port(f"127.0.0.1:{args.port}") == 0:
