@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -107,16 +108,19 @@ def _serve_one(args: argparse.Namespace) -> int:
             return 1
         keys.put(found[0])
 
-    def sign(request: Any, context: Any) -> Any:
+    def sign_blocking(digest: bytes) -> bytes:
         k = keys.get()
         try:
-            sig = k.sign(PREFIX_SHA256 + request.digest, mechanism=Mechanism.RSA_PKCS)
+            return bytes(k.sign(PREFIX_SHA256 + digest, mechanism=Mechanism.RSA_PKCS))
         finally:
             keys.put(k)
-        return pb.SignDigestResponse(signature=sig)
 
     if args.aio:
-        return _serve_aio(args, keys, pb)
+        return _serve_aio(args, sign_blocking, pb)
+
+    def sign(request: Any, context: Any) -> Any:
+        return pb.SignDigestResponse(signature=sign_blocking(request.digest))
+
     handler = _handler(sign)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=args.threads),
@@ -136,18 +140,10 @@ def _serve_one(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_aio(args: argparse.Namespace, keys: Any, pb: Any) -> int:
+def _serve_aio(args: argparse.Namespace, sign_blocking: Callable[[bytes], bytes], pb: Any) -> int:
     import asyncio
 
     import grpc
-    from pkcs11 import Mechanism
-
-    def sign_blocking(digest: bytes) -> bytes:
-        k = keys.get()
-        try:
-            return bytes(k.sign(PREFIX_SHA256 + digest, mechanism=Mechanism.RSA_PKCS))
-        finally:
-            keys.put(k)
 
     pool = futures.ThreadPoolExecutor(max_workers=args.sessions)
 
