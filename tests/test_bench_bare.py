@@ -110,3 +110,58 @@ def test_report_puts_the_bare_stack_beside_the_targets() -> None:
     p99 = by_name["p99 at half max unary / token p50"]
     assert p99["value"] == 6.0
     assert "the bare stack (no hsmsign code) at that rate: p99 5.00 ms = 5.00x" in p99["detail"]
+
+
+def test_report_judges_unary_and_p99_on_the_median_of_interleaved_rounds() -> None:
+    """With bench.run.interleaved_rounds' rows, the unary and p99 targets are the medians of
+    hsmsignd's rounds, each against the token measured around it; a failed round is left
+    out, not counted as zero."""
+    default = "processes=default sessions=default workers=default log=INFO"
+
+    def row(name: str, ops: float, p50: float, **kw: object) -> dict[str, object]:
+        return {
+            "name": name,
+            "load": "h2load",
+            "ops_per_s": ops,
+            "token_bracket": {"ops_per_s": 1000.0, "p50_ms": p50},
+            **kw,
+        }
+
+    rows = [
+        {"group": "token", "bits": 2048, "name": "token", "ops_per_s": 1000.0, "p50_ms": 1.0},
+        row("unary SignDigest, 64 callers (h2load)", 700, 1.0, group="daemon", daemon=default),
+        row("bare stack: unary", 750, 1.0, group="bare"),
+        row("unary paced at half max", 350, 1.0, group="daemon", daemon=default, paced=True)
+        | {"p99_ms": 6.0},
+        row("bare stack: paced", 350, 1.0, group="bare", paced=True) | {"p99_ms": 5.0},
+    ]
+    # Round 2 on a slower moment (the bracket says so), round 3 with a failed bare row.
+    rounds = [
+        (2, "hsmsignd", "unary", 600, 0.8, {}),
+        (2, "bare", "unary", 640, 0.8, {}),
+        (2, "hsmsignd", "paced", 350, 2.0, {"p99_ms": 8.0}),
+        (2, "bare", "paced", 350, 2.0, {"p99_ms": 6.0}),
+        (3, "hsmsignd", "unary", 760, 1.0, {}),
+        (3, "bare", "unary", 0, 1.0, {"not_available": "unary: calls failed {'2': 5}"}),
+        (3, "hsmsignd", "paced", 350, 1.0, {"p99_ms": 3.5}),
+        (3, "bare", "paced", 350, 1.0, {"p99_ms": 4.0}),
+    ]
+    for k, who, kind, ops, scale, extra in rounds:
+        r = row(f"round {k}, {who}: {kind}", ops, 1.0, group="round", round=k)
+        r.update(server=who, kind=kind, **extra)
+        r["token_bracket"] = {"ops_per_s": 1000.0 * scale, "p50_ms": 1.0 * scale}
+        rows.append(r)
+    by_name = {t["target"]: t for t in targets(rows)}
+    unary = by_name["unary at 64 callers / token limit"]
+    # hsmsignd 0.70 / 0.75 / 0.76 -> 0.75; bare 0.75 / 0.80 / - -> 0.775.
+    assert unary["value"] == 0.75
+    assert "median of 3 interleaved rounds: hsmsignd 0.70x / 0.75x / 0.76x" in unary["detail"]
+    bare = "the bare stack (no hsmsign code) reaches 0.75x / 0.80x / -, median 0.78x"
+    assert bare in unary["detail"]
+    # Per round 0.70 / 0.75 and 0.75 / 0.80; round 3 has no bare value.
+    assert "hsmsignd / bare stack 0.94 (median of the rounds)" in unary["detail"]
+    p99 = by_name["p99 at half max unary / token p50"]
+    # hsmsignd 6.0 / 4.0 / 3.5 -> 4.0; bare 5.0 / 3.0 / 4.0 -> 4.0.
+    assert p99["value"] == 4.0 and p99["result"] == "FAIL"
+    assert "hsmsignd 6.00x / 4.00x / 3.50x" in p99["detail"]
+    assert "at that rate 5.00x / 3.00x / 4.00x, median 4.00x" in p99["detail"]
