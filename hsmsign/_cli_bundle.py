@@ -145,7 +145,9 @@ def _check_args(p: argparse.ArgumentParser, decrypt: bool = False) -> None:
         "--public-key",
         type=Path,
         metavar="PEM",
-        help="PKCS#1 'RSA PUBLIC KEY' PEM (as in capacitor.config)",
+        required=not decrypt,
+        help="PKCS#1 'RSA PUBLIC KEY' PEM (as in capacitor.config)"
+        + ("; required for v2" if decrypt else ""),
     )
     p.add_argument("--iv-session-key", required=True, metavar="IV:KEY")
     p.add_argument(

@@ -47,7 +47,13 @@ def register(sub: Any) -> None:
         description="Unwrap one session key. Without -o it is printed (base64 by default).",
     )
     k.add_argument("--key", required=True, metavar="KEY", help=_KEY_HELP)
-    k.add_argument("--scheme", choices=list(UNWRAP_SCHEMES), default="rsa-oaep-sha256")
+    k.add_argument(
+        "--scheme",
+        choices=list(UNWRAP_SCHEMES),
+        default="rsa-oaep-sha256",
+        help="how the session key was wrapped (default: %(default)s; SoftHSM2 supports OAEP "
+        "with SHA-1 only: rsa-oaep-sha1)",
+    )
     _add_wrapped_input(k)
     k.add_argument("--format", choices=("base64", "hex", "raw"), default="base64")
     k.add_argument("-o", "--output", type=Path, help="write the session key here (mode 0600)")

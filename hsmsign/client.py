@@ -104,12 +104,30 @@ class TlsOptions:
     server_name: str | None = None
 
     def credentials(self) -> grpc.ChannelCredentials:
+        """The channel credentials; UsageError for a missing, unreadable or mismatched file.
+
+        Everything is checked here because gRPC's C core aborts the whole process (SIGABRT)
+        on a client certificate without its key, instead of raising."""
+        if (self.cert is None) != (self.key is None):
+            given, missing = ("certificate", "key") if self.cert else ("key", "certificate")
+            raise UsageError(
+                f"mutual TLS needs the client certificate and its private key; only the "
+                f"{given} was given (add the {missing}: --tls-{missing[:4]} or "
+                f"HSMSIGN_TLS_{missing[:4].upper()})"
+            )
         try:
             ca = self.ca.read_bytes()
             cert = self.cert.read_bytes() if self.cert else None
             key = self.key.read_bytes() if self.key else None
         except OSError as e:
             raise UsageError(f"cannot read {e.filename}: {e.strerror}") from None
+        from hsmsign import tlsfiles
+
+        problem = tlsfiles.problem(
+            ca, cert, key, ca_name=str(self.ca), cert_name=str(self.cert), key_name=str(self.key)
+        )
+        if problem:
+            raise UsageError(problem)
         return grpc.ssl_channel_credentials(ca, key, cert)
 
 

@@ -70,7 +70,13 @@ def _read_secret_file(path: Path, key: str) -> str:
             f"{key}: {path} is readable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
             f"run 'chmod 600 {path}'"
         )
-    value = path.read_text(encoding="utf-8").strip()
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        # Not the decoder's message: it quotes a byte of the secret.
+        raise ConfigError(f"{key}: {path} is not UTF-8 text") from None
     if not value:
         raise ConfigError(f"{key}: {path} is empty")
     return value
@@ -107,6 +113,9 @@ class TlsConfig:
     cert: Path
     key: Path
     client_ca: Path | None
+    #: Client certificate names (subject CN or a subjectAltName) allowed to call KeyAdmin;
+    #: empty: every client the CA admits.
+    admin_clients: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,8 @@ class ServerConfig:
     #: Serving processes sharing the port (SO_REUSEPORT), each with its own token login,
     #: session pool and threads; 1 serves from the main process. See docs/adr/0003.
     processes: int = 1
+    #: Serve the KeyAdmin service (create, rotate, import, destroy keys) on this daemon.
+    key_admin: bool = True
 
 
 @dataclass(frozen=True)
@@ -310,17 +321,29 @@ def _server(root: _Table, sessions: int) -> ServerConfig:
     grace = s.positive("grace_seconds", float, 10.0, 3600)
     reflection = s.get("reflection", bool, True, "true or false")
     processes = _processes(s)
+    key_admin = s.get("key_admin", bool, True, "true or false")
     tls: TlsConfig | None = None
+    s.used.add("tls")  # listed among the allowed keys even when absent
     if "tls" in s.data:
         tt = s.table("tls")
+        admin_clients = tt.get("admin_clients", list, [], "a list of client certificate names")
+        if not all(isinstance(n, str) and n for n in admin_clients):
+            raise tt.error(
+                "admin_clients", f"got {admin_clients!r}; allowed: non-empty names (strings)"
+            )
         tls = TlsConfig(
             cert=tt.required_path("cert"),
             key=tt.required_path("key"),
             client_ca=tt.path_value("client_ca"),
+            admin_clients=frozenset(admin_clients),
         )
+        if tls.admin_clients and tls.client_ca is None:
+            raise tt.error("admin_clients", "needs client_ca: names come from client certificates")
         tt.finish()
     s.finish()
-    return ServerConfig(listen, workers, max_calls, grace, tls, reflection, processes)
+    return ServerConfig(
+        listen, workers, max_calls, grace, tls, reflection, processes, key_admin=key_admin
+    )
 
 
 #: Upper bound for server.processes: each process logs in and opens its own sessions.
@@ -399,6 +422,8 @@ def load(path: Path) -> Config:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     root = _Table(path.resolve(), "", raw)

@@ -507,6 +507,10 @@ class ChangeCounter(Protocol):
         ...
 
 
+def _article(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
 class KeyRing:
     """Resolves key references to versions; thread-safe; refreshes from the token.
 
@@ -680,8 +684,8 @@ class KeyRing:
         version = self.find(ref)
         if version.purpose is not purpose:
             raise FailedPrecondition(
-                f"{version.describe()} is a {version.purpose.value} key; this call needs a "
-                f"{purpose.value} key"
+                f"{version.describe()} is {_article(version.purpose.value)} key; this call "
+                f"needs {_article(purpose.value)} key"
             )
         if version.state is not State.ENABLED:
             raise FailedPrecondition(f"{version.describe()} is {version.state.value}")

@@ -23,10 +23,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from hsmsign import tlsfiles
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from server import accesslog, keys_cli, rpc, supervisor
 from server import config as config_mod
+from server.admin_service import AdminAccess
 from server.config import Config
 from server.errors import ConfigError, ServerError, StartupError, TokenNotFound
 from server.keyring import KeyRing
@@ -69,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
             type=Path,
             default=None,
             metavar="FILE",
-            help="write {address, pid} as JSON here once serving",
+            help="write {address, pid} as JSON here once serving (with several serving "
+            "processes also workers: their PIDs)",
         )
         # Internal: how the supervisor starts a serving process (server/supervisor.py).
         sp.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -118,6 +121,16 @@ def _credentials(cfg: Config) -> grpc.ServerCredentials | None:
         raise ConfigError(
             f"{cfg.path}: server.tls: cannot read {e.filename}: {e.strerror}"
         ) from None
+    problem = tlsfiles.problem(
+        ca,
+        cert,
+        key,
+        ca_name=f"client_ca {tls.client_ca}",
+        cert_name=f"cert {tls.cert}",
+        key_name=f"key {tls.key}",
+    )
+    if problem:
+        raise ConfigError(f"{cfg.path}: server.tls: {problem}")
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
     )
@@ -149,6 +162,11 @@ def serve(
 ) -> int:
     """Serves until SIGTERM/SIGINT. With server.processes > 1 (and not itself one of them)
     this process supervises that many serving processes instead (server/supervisor.py)."""
+    if worker is None:
+        _credentials(cfg)  # a wrong TLS file stops the start here, once, before any process
+        exposure = AdminAccess(cfg.server).exposure(cfg.server, listen or cfg.server.listen)
+        if exposure:
+            log.warning("%s", exposure)
     if worker is None and cfg.server.processes > 1:
         return supervisor.run(cfg, listen, ready_file)
     token = _open_token(cfg) if worker is not None else Token(cfg.token)
@@ -204,8 +222,14 @@ def serve(
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         server.start()
-        for name in ("", "hsmsign.v1.Signer", "hsmsign.v1.KeyAdmin"):
+        for name in ("", "hsmsign.v1.Signer"):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_servicer.set(
+            "hsmsign.v1.KeyAdmin",
+            health_pb2.HealthCheckResponse.SERVING
+            if cfg.server.key_admin
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
         if worker is not None:
             worker.watch_lifeline(stop)
             log.info("%s ready on %s (pid %d)", worker.name, bound, os.getpid())

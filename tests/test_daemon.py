@@ -6,6 +6,7 @@ import datetime
 import hashlib
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hsmsign.client import Client, TlsOptions
 from hsmsign.errors import RemoteError
-from tests.conftest import Daemon, TokenDir, hsmsignd, start_daemon, write_config
+from hsmsign.v1 import hsmsign_pb2 as pb
+from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
+from tests.conftest import HSMSIGN, Daemon, TokenDir, hsmsignd, start_daemon, write_config
 
 
 def _fails(config: Path, *args: str) -> str:
@@ -67,6 +70,23 @@ def test_pin_file_readable_by_others_is_refused(token: TokenDir, tmp_path: Path)
     line = _fails(cfg)
     assert "readable by other users" in line and "chmod 600" in line
     assert token.pin not in line
+
+
+def test_unreadable_pin_file_and_config_are_one_line(token: TokenDir, tmp_path: Path) -> None:
+    """A PIN 'file' that is a directory or not UTF-8, and a config that is not UTF-8: one
+    line naming the file, no traceback, and none of the file's bytes."""
+    pin_dir = tmp_path / "pin.d"
+    pin_dir.mkdir(mode=0o700)
+    cfg = write_config(tmp_path / "c.toml", token, pin_line=f'pin_file = "{pin_dir}"')
+    assert f"token.pin_file: cannot read {pin_dir}: Is a directory" in _fails(cfg)
+    pin = tmp_path / "pin"
+    pin.write_bytes(b"\xff\xfe4711")
+    pin.chmod(0o600)
+    cfg = write_config(tmp_path / "c.toml", token, pin_line=f'pin_file = "{pin}"')
+    line = _fails(cfg)
+    assert f"token.pin_file: {pin} is not UTF-8 text" in line and "0xff" not in line
+    cfg.write_bytes(b'log_level = "INFO"\n# caf\xe9\n')
+    assert f"{cfg}: not UTF-8 text (byte 24)" in _fails(cfg)
 
 
 def test_pin_from_environment(token: TokenDir, tmp_path: Path) -> None:
@@ -275,6 +295,189 @@ client_ca = "{tmp_path / "ca.crt"}"
         assert b"BEGIN PUBLIC KEY" in out
     finally:
         d.stop()
+
+
+def _tls_files(tmp_path: Path) -> None:
+    """ca.crt/.key, server.crt/.key, client.crt/.key (one CA), other.crt/.key (another CA)."""
+    ca_key, ca = _cert("hsmsign test CA", ca=True)
+    _write(tmp_path / "ca", ca_key, ca)
+    for name in ("server", "client"):
+        _write(tmp_path / name, *_cert("localhost", ca_key, ca.subject))
+    _write(tmp_path / "other", *_cert("someone else's CA", ca=True))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tls-cert", "client.crt"], "only the certificate was given (add the key: --tls-key"),
+        (["--tls-key", "client.key"], "only the key was given (add the certificate: --tls-cert"),
+        (
+            ["--tls-cert", "client.crt", "--tls-key", "server.key"],
+            "the private key in server.key does not belong to the certificate in client.crt",
+        ),
+        (["--tls-cert", "client.crt", "--tls-key", "client.crt"], "client.crt is not an "),
+        (["--tls-cert", "client.key", "--tls-key", "client.key"], "client.key holds no PEM"),
+    ],
+    ids=["cert-only", "key-only", "mismatch", "cert-as-key", "key-as-cert"],
+)
+def test_client_tls_files_are_checked_before_grpc(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    """gRPC's C core aborts the process (SIGABRT) on a client certificate without its key,
+    and reports a wrong key only as a failed handshake: the CLI names the file instead."""
+    _tls_files(tmp_path)
+    r = subprocess.run(
+        [HSMSIGN, "--server", "127.0.0.1:1", "--tls-ca", "ca.crt", *flags, "pubkey", "demo"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("hsmsign: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert message in r.stderr
+    # The same through the environment, as CI systems pass secrets.
+    env = dict(os.environ, HSMSIGN_TLS_CA="ca.crt", HSMSIGN_TLS_CERT="client.crt")
+    r = subprocess.run(
+        [HSMSIGN, "--server", "127.0.0.1:1", "pubkey", "demo"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "add the key: --tls-key or HSMSIGN_TLS_KEY" in r.stderr
+
+
+def test_daemon_tls_files_are_checked_at_start(token: TokenDir, tmp_path: Path) -> None:
+    """A wrong server certificate or key is named at start-up, not reported as a port in
+    use (which is what gRPC's failed listen looked like)."""
+    _tls_files(tmp_path)
+    cfg = write_config(tmp_path / "c.toml", token, extra="")
+    base = cfg.read_text()
+
+    def with_tls(cert: str, key: str, client_ca: str | None = None) -> str:
+        ca = f'client_ca = "{tmp_path / client_ca}"\n' if client_ca else ""
+        return _fails_with(
+            cfg,
+            base + f'\n[server.tls]\ncert = "{tmp_path / cert}"\nkey = "{tmp_path / key}"\n' + ca,
+        )
+
+    assert "does not belong to the certificate in cert" in with_tls("server.crt", "client.key")
+    assert "server.tls: cert " in with_tls("server.key", "server.key")
+    assert "holds no PEM certificate" in with_tls("server.key", "server.key")
+    assert "is not an unencrypted PEM private key" in with_tls("server.crt", "server.crt")
+    line = with_tls("server.crt", "server.key", client_ca="server.key")
+    assert "server.tls: client_ca " in line and "holds no PEM certificate" in line
+    assert "cannot listen" not in with_tls("server.crt", "client.key")
+
+
+def _fails_with(cfg: Path, text: str) -> str:
+    cfg.write_text(text)
+    r = hsmsignd(cfg, "serve", "--listen", "127.0.0.1:0", check=False, timeout=60)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("hsmsignd:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def test_key_admin_only_for_named_client_certificates(token: TokenDir, tmp_path: Path) -> None:
+    """server.tls.admin_clients: build agents sign; only the security team's certificate
+    may administer keys; a refused call is PERMISSION_DENIED, logged, and changes nothing."""
+    ca_key, ca = _cert("hsmsign test CA", ca=True)
+    _write(tmp_path / "ca", ca_key, ca)
+    _write(tmp_path / "server", *_cert("localhost", ca_key, ca.subject))
+    _write(tmp_path / "agent", *_cert("build-agent-1", ca_key, ca.subject))
+    _write(tmp_path / "admin", *_cert("security-team", ca_key, ca.subject))
+    cfg = write_config(tmp_path / "c.toml", token, extra="")
+    cfg.write_text(
+        cfg.read_text()
+        + f"""
+[server.tls]
+cert = "{tmp_path / "server.crt"}"
+key = "{tmp_path / "server.key"}"
+client_ca = "{tmp_path / "ca.crt"}"
+admin_clients = ["security-team"]
+"""
+    )
+    d = start_daemon(cfg, tmp_path / "d")
+    try:
+
+        def admin(who: str) -> pb_grpc.KeyAdminStub:
+            tls = TlsOptions(tmp_path / "ca.crt", tmp_path / f"{who}.crt", tmp_path / f"{who}.key")
+            return pb_grpc.KeyAdminStub(grpc.secure_channel(d.address, tls.credentials()))
+
+        agent = TlsOptions(tmp_path / "ca.crt", tmp_path / "agent.crt", tmp_path / "agent.key")
+        with Client(d.address, agent) as c:
+            assert len(c.sign_digest("demo", b"\x03" * 32).signature) == 256
+        request = pb.CreateKeyRequest(
+            name="sneaky", purpose=pb.KEY_PURPOSE_SIGN, algorithm=pb.KEY_ALGORITHM_RSA_2048
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            admin("agent").CreateKey(request, timeout=30)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "client certificate 'build-agent-1' may not call KeyAdmin" in (
+            e.value.details() or ""
+        )
+        names = [k.name for k in admin("admin").ListKeys(pb.ListKeysRequest(), timeout=30).keys]
+        assert "demo" in names and "sneaky" not in names
+        assert "CreateKey peer=" in d.log() and "status=PERMISSION_DENIED" in d.log()
+        assert "open to every client" not in d.log()
+    finally:
+        d.stop()
+
+
+def test_key_admin_can_be_turned_off(token: TokenDir, tmp_path: Path) -> None:
+    """server.key_admin = false: signing as usual, every KeyAdmin call refused, health says
+    NOT_SERVING for KeyAdmin, and the token is still administered locally."""
+    cfg = write_config(tmp_path / "c.toml", token, extra="")
+    cfg.write_text(cfg.read_text() + "\n[server]\nkey_admin = false\n")
+    d = start_daemon(cfg, tmp_path / "d", "--listen", "0.0.0.0:0")
+    try:
+        with Client(d.address) as c:
+            assert len(c.sign_digest("demo", b"\x04" * 32).signature) == 256
+        r = d.hsmsign("keys", "list", check=False)
+        err = r.stderr.decode()
+        assert r.returncode != 0 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert "PERMISSION_DENIED" in err and "server.key_admin = false" in err
+        with grpc.insecure_channel(d.address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            status = stub.Check(
+                health_pb2.HealthCheckRequest(service="hsmsign.v1.KeyAdmin"), timeout=10
+            ).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Nobody is offered KeyAdmin, so there is nothing to warn about on 0.0.0.0.
+        assert "open to every client" not in d.log()
+    finally:
+        d.stop()
+    assert "demo" in hsmsignd(cfg, "keys", "list").stdout
+
+
+def test_open_key_admin_on_a_public_address_is_warned_about(
+    token: TokenDir, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "c.toml", token)
+    d = start_daemon(cfg, tmp_path / "d", "--listen", "0.0.0.0:0")
+    try:
+        line = next(ln for ln in d.log().splitlines() if "open to every client" in ln)
+        assert " WARNING " in line and "server.key_admin = false" in line
+    finally:
+        d.stop()
+
+
+def test_key_admin_config_errors(token: TokenDir, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.toml", token, extra="")
+    base = cfg.read_text()
+    tls = '\n[server.tls]\ncert = "s.crt"\nkey = "s.key"\n'
+    cfg.write_text(base + tls + 'admin_clients = ["security-team"]\n')
+    assert "server.tls.admin_clients: needs client_ca" in _fails(cfg, "keys", "list")
+    cfg.write_text(base + tls + 'client_ca = "ca.crt"\nadmin_clients = [""]\n')
+    assert "admin_clients: got ['']" in _fails(cfg, "keys", "list")
+    cfg.write_text(base + '\n[server]\nkey_admin = "no"\n')
+    assert "server.key_admin: got 'no'; allowed: true or false" in _fails(cfg, "keys", "list")
+    cfg.write_text(base + '\n[server.tsl]\ncert = "s.crt"\n')
+    line = _fails(cfg, "keys", "list")
+    assert "server.tsl: unknown key" in line and "tls" in line.split("allowed here:")[1]
 
 
 def test_token_selected_by_pkcs11_uri(token: TokenDir, tmp_path: Path) -> None:
