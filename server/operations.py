@@ -1,7 +1,7 @@
 """The cryptographic operations, as plain functions of (token, key version, bytes).
 
 Every mechanism and parameter comes from the tables here and in ``server.token``; nothing
-relies on python-pkcs11's defaults (DESIGN.md fact 4).
+relies on python-pkcs11's defaults (docs/design-facts.md, fact 4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The token layer: key attributes as OpenSC sees them, and thread safety (DESIGN.md fact 1)."""
+"""The token layer: key attributes as OpenSC sees them, and thread safety
+(docs/design-facts.md, fact 1)."""
 
 from __future__ import annotations
 
