@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import stat
+import sysconfig
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
@@ -23,7 +25,7 @@ from server.errors import ConfigError
 ThreadingMode = Literal["parallel", "serialized"]
 
 #: Modules known to initialise the real module with OS locking whatever the caller passes to
-#: C_Initialize (DESIGN.md fact 1), so that several sessions may be used at once.
+#: C_Initialize (docs/design-facts.md, fact 1), so that several sessions may be used at once.
 LOCKING_PROXIES = frozenset({"p11-kit-proxy.so"})
 
 
@@ -251,8 +253,16 @@ def _parse_uri(table: _Table, uri: str) -> tuple[str | None, str | None]:
     return label, serial
 
 
+#: Debian's multiarch triplet (x86_64-linux-gnu, aarch64-linux-gnu, ...): ``${MULTIARCH}``
+#: in token.module, so that one config names /usr/lib/<triplet>/ on every architecture.
+MULTIARCH = sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
+
+
 def _token(root: _Table) -> TokenConfig:
     t = root.table("token")
+    raw_module = t.get("module", str, None, "a file path")
+    if isinstance(raw_module, str) and "${MULTIARCH}" in raw_module:
+        t.data = {**t.data, "module": raw_module.replace("${MULTIARCH}", MULTIARCH)}
     module = t.required_path("module")
     label = t.get("label", str, None, "the token label")
     serial = t.get("serial", str, None, "the token serial number")

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from server.config import MULTIARCH
 from tests.capgo_cli import capgo_cli  # noqa: F401  (the pinned Capgo CLI, for every test)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 HSMSIGND = str(BIN / "hsmsignd")
 HSMSIGN = str(BIN / "hsmsign")
-PROXY_MODULE = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so"
+PROXY_MODULE = f"/usr/lib/{MULTIARCH}/p11-kit-proxy.so"
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 

@@ -23,6 +23,7 @@ from hsmsign.client import Client, TlsOptions
 from hsmsign.errors import RemoteError
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
+from server.config import MULTIARCH
 from tests.conftest import HSMSIGN, Daemon, TokenDir, hsmsignd, start_daemon, write_config
 
 
@@ -41,8 +42,10 @@ def test_missing_module(token: TokenDir, tmp_path: Path) -> None:
 
 
 def test_module_that_is_not_pkcs11(token: TokenDir, tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "c.toml", token, module="/usr/lib/x86_64-linux-gnu/libz.so.1")
+    cfg = write_config(tmp_path / "c.toml", token, module="/usr/lib/${MULTIARCH}/libz.so.1")
     assert "cannot load PKCS#11 module" in _fails(cfg)
+    # ${MULTIARCH} became this machine's directory (the dev default relies on it).
+    assert f"/usr/lib/{MULTIARCH}/libz.so.1" in _fails(cfg)
 
 
 def test_token_not_found(token: TokenDir, tmp_path: Path) -> None:
