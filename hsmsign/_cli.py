@@ -12,6 +12,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+# gRPC's C core writes its own log lines to stderr (a failed TLS handshake, for one); the CLI
+# reports every failure in one line of its own, so gRPC stays quiet unless the user asks
+# (GRPC_VERBOSITY=ERROR). Set before grpc is imported.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 from hsmsign import _cli_basic, _cli_bundle, _cli_keys, _cli_unwrap
 from hsmsign.client import DEFAULT_SERVER, Client, TlsOptions
 from hsmsign.errors import HsmsignError, UsageError, VerificationError
@@ -29,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Sign and seal with keys held in an HSM, through hsmsignd.",
         epilog="Key references: NAME (primary version), NAME@VERSION, sha256:FINGERPRINT, "
         "keyid:CAPGO_KEY_ID. Environment: HSMSIGN_SERVER, HSMSIGN_TLS_CA, "
-        "HSMSIGN_TLS_CERT, HSMSIGN_TLS_KEY.",
+        "HSMSIGN_TLS_CERT, HSMSIGN_TLS_KEY, HSMSIGN_TLS_SERVER_NAME.",
     )
     env = os.environ.get
     p.add_argument(

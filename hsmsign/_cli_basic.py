@@ -63,7 +63,9 @@ def register(sub: Any) -> None:
         description="Hash a file (or take a digest) and sign it with an HSM key. "
         "Only the digest travels to the daemon.",
     )
-    s.add_argument("--key", required=True, metavar="KEY")
+    s.add_argument(
+        "--key", required=True, metavar="KEY", help="the sign key (see key references below)"
+    )
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--file", type=Path, help="file to hash and sign ('-' for stdin)")
     src.add_argument("--digest", metavar="HEX", help="a digest computed elsewhere, in hex")

@@ -92,8 +92,8 @@ def register(sub: Any) -> None:
         "checksums. Writes OUT/bundle_encrypted.zip, OUT/files/ and "
         "OUT/manifest.json.",
     )
-    d.add_argument("dir", type=Path)
-    d.add_argument("--key", required=True, metavar="KEY")
+    d.add_argument("dir", type=Path, help="the web build whose changed files to encrypt")
+    d.add_argument("--key", required=True, metavar="KEY", help="an RSA-2048 sign key")
     d.add_argument("-o", "--output", type=Path, required=True, help="new output directory")
     d.add_argument(
         "--disable-brotli",

@@ -131,7 +131,7 @@ class TlsOptions:
         return grpc.ssl_channel_credentials(ca, key, cert)
 
 
-def _call(fn: Callable[[], T]) -> T:
+def _call(fn: Callable[[], T], tls_hint: str = "") -> T:
     try:
         return fn()
     except grpc.RpcError as e:
@@ -140,7 +140,25 @@ def _call(fn: Callable[[], T]) -> T:
         name = code.name if code is not None else "UNKNOWN"
         if code == grpc.StatusCode.UNAVAILABLE:
             details = f"cannot reach hsmsignd: {details}"
+            # A refused connection means no daemon there; a connection the daemon closed at
+            # once is most often TLS that does not match on the two sides.
+            if tls_hint and "refused" not in details.lower():
+                details += f" ({tls_hint})"
         raise RemoteError(name, details or "no details") from None
+
+
+def _tls_hint(tls: TlsOptions | None) -> str:
+    if tls is None:
+        return (
+            "if the daemon uses TLS, pass --tls-ca, and --tls-cert/--tls-key for client "
+            "certificates"
+        )
+    if tls.cert is None:
+        return "if the daemon requires client certificates, pass --tls-cert and --tls-key"
+    return (
+        "check that --tls-ca signed the daemon's certificate, that the daemon's client_ca "
+        "signed yours, and the name the daemon's certificate carries (--tls-server-name)"
+    )
 
 
 class Client:
@@ -151,6 +169,7 @@ class Client:
     ) -> None:
         self.target = target or os.environ.get("HSMSIGN_SERVER") or DEFAULT_SERVER
         self.timeout = timeout
+        self._tls_hint = _tls_hint(tls)
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -175,11 +194,11 @@ class Client:
 
     def call(self, fn: Callable[[], T]) -> T:
         """Runs a raw stub call, turning gRPC errors into RemoteError."""
-        return _call(fn)
+        return _call(fn, self._tls_hint)
 
     def public_key(self, key: str | pb.KeyRef) -> PublicKey:
         ref = key_ref(key)
-        r = _call(
+        r = self.call(
             lambda: self.signer.GetPublicKey(pb.GetPublicKeyRequest(key=ref), timeout=self.timeout)
         )
         return PublicKey(KeyInfo.from_pb(r.key), r.spki_der, r.spki_pem, r.pkcs1_pem)
@@ -189,7 +208,7 @@ class Client:
     ) -> Signature:
         ref = key_ref(key)
         req = pb.SignDigestRequest(key=ref, algorithm=_algorithm(algorithm), digest=digest)
-        r = _call(lambda: self.signer.SignDigest(req, timeout=self.timeout))
+        r = self.call(lambda: self.signer.SignDigest(req, timeout=self.timeout))
         return Signature(KeyInfo.from_pb(r.key), r.signature)
 
     def sign_digests(
@@ -197,7 +216,7 @@ class Client:
     ) -> tuple[KeyInfo, list[bytes]]:
         ref = key_ref(key)
         req = pb.SignDigestsRequest(key=ref, algorithm=_algorithm(algorithm), digests=digests)
-        r = _call(lambda: self.signer.SignDigests(req, timeout=self.timeout))
+        r = self.call(lambda: self.signer.SignDigests(req, timeout=self.timeout))
         return KeyInfo.from_pb(r.key), list(r.signatures)
 
 
@@ -253,14 +272,14 @@ def seal_bundle(
         checksum_sha256=checksum_sha256,
         format=_checksum_format(checksum_format),
     )
-    r = _call(lambda: client.signer.SealBundle(req, timeout=client.timeout))
+    r = client.call(lambda: client.signer.SealBundle(req, timeout=client.timeout))
     return SealedBundle(KeyInfo.from_pb(r.key), r.iv_session_key, r.signed_checksum)
 
 
 def seal_session_key(client: Client, key: str | pb.KeyRef, session_key: bytes) -> Signature:
     ref = key_ref(key)
     req = pb.SealSessionKeyRequest(key=ref, session_key=session_key)
-    r = _call(lambda: client.signer.SealSessionKey(req, timeout=client.timeout))
+    r = client.call(lambda: client.signer.SealSessionKey(req, timeout=client.timeout))
     return Signature(KeyInfo.from_pb(r.key), r.sealed_session_key)
 
 
@@ -284,7 +303,7 @@ def sign_checksums(
         req = pb.SignChecksumsRequest(
             key=ref, checksums_sha256=chunk, format=_checksum_format(checksum_format)
         )
-        r = _call(functools.partial(client.signer.SignChecksums, req, timeout=client.timeout))
+        r = client.call(functools.partial(client.signer.SignChecksums, req, timeout=client.timeout))
         this = KeyInfo.from_pb(r.key)
         if info is None:
             info = this

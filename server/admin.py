@@ -323,6 +323,11 @@ def enable_version(ring: KeyRing, name: str, version: int) -> Key:
     return ring.get(name)
 
 
+def _hours(d: timedelta) -> str:
+    hours = d.total_seconds() / 3600
+    return f"{hours:g} hour" + ("" if hours == 1 else "s")
+
+
 def schedule_destruction(ring: KeyRing, name: str, version: int, delay: timedelta | None) -> Key:
     """Schedules the version's objects for destruction after ``delay`` (default 24 h, never
     less than the configured minimum). Whoever refreshes the ring after that time destroys
@@ -334,7 +339,7 @@ def schedule_destruction(ring: KeyRing, name: str, version: int, delay: timedelt
         raise InvalidArgument("delay must not be negative")
     if delay < minimum:
         raise InvalidArgument(
-            f"delay {delay} is below this daemon's minimum of {minimum} "
+            f"delay {_hours(delay)} is below this daemon's minimum of {_hours(minimum)} "
             "(keyring.min_destruction_delay_hours)"
         )
     v = _live_version(ring, name, version)

@@ -11,7 +11,7 @@ when the state changed, when a destruction falls due, and at least every
 ``FULL_SCAN_SECONDS``; at once when a request names something unknown. The choice and its
 residual race are written down in docs/adr/0002-key-ring-state.md.
 
-A data object's value cannot be changed (DESIGN.md fact 7), so a write creates the next
+A data object's value cannot be changed (docs/design-facts.md, fact 7), so a write creates the next
 generation, then destroys the older ones; readers take the highest generation.
 """
 

@@ -30,9 +30,8 @@ _ALGORITHMS = {"rsa-2048": 2048, "rsa-3072": 3072, "rsa-4096": 4096}
 
 
 def add_parser(sub: Any) -> None:
-    keys = sub.add_parser(
-        "keys", help="key lifecycle directly on the token (no daemon): create, rotate, import, ..."
-    )
+    what = "key lifecycle directly on the token (no daemon): create, rotate, import, ..."
+    keys = sub.add_parser("keys", help=what, description=what[0].upper() + what[1:])
     ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     _cli_keys.add_actions(ksub, offline=True)
 

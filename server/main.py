@@ -58,7 +58,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"config file (default: $HSMSIGN_CONFIG, else {DEFAULT_CONFIG})",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    serve = sub.add_parser("serve", help="run the daemon (the default command)")
+    serve = sub.add_parser(
+        "serve",
+        help="run the daemon (the default command)",
+        description="Run the daemon: serve the Signer and KeyAdmin gRPC services until "
+        "SIGTERM or SIGINT, then drain the calls in flight.",
+    )
     for sp in (p, serve):
         sp.add_argument(
             "--listen",

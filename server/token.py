@@ -1,12 +1,13 @@
 """The PKCS#11 token: the only module that imports python-pkcs11.
 
 One ``Token`` per process owns the loaded module, one logged-in session kept for the life
-of the process (login is per application: DESIGN.md fact 2), and a bounded pool of further
-sessions that calls borrow. Whether the pool's sessions run in parallel depends on the module:
-python-pkcs11 calls ``C_Initialize(NULL)``, which tells a module that it will not be called
-from several threads, and SoftHSM2 then disables its locking (fact 1). Through p11-kit's proxy
-the real module is initialised with OS locking, so ``threading = "parallel"``; any other module
-runs ``"serialized"`` (one lock around every call) unless the operator says it is thread-safe.
+of the process (login is per application: docs/design-facts.md fact 2), and a bounded pool
+of further sessions that calls borrow. Whether the pool's sessions run in parallel depends on
+the module: python-pkcs11 calls ``C_Initialize(NULL)``, which tells a module that it will not
+be called from several threads, and SoftHSM2 then disables its locking (fact 1). Through
+p11-kit's proxy the real module is initialised with OS locking, so ``threading = "parallel"``;
+any other module runs ``"serialized"`` (one lock around every call) unless the operator says
+it is thread-safe.
 
 Every PKCS#11 exception is classified here into the daemon's error types; nothing above this
 module sees a python-pkcs11 type.
@@ -88,7 +89,8 @@ class Mech:
     description: str = ""
 
 
-#: The mechanisms hsmsign uses: one table (DESIGN.md fact 4: python-pkcs11's defaults are traps).
+#: The mechanisms hsmsign uses: one table (python-pkcs11's defaults are traps:
+#: docs/design-facts.md fact 4).
 RSA_PKCS = Mech(Mechanism.RSA_PKCS, None, "CKM_RSA_PKCS")
 RSA_PSS_SHA256 = Mech(
     Mechanism.RSA_PKCS_PSS,
@@ -152,7 +154,7 @@ _CIPHERTEXT_REJECTED = (
 )
 # The mechanism or its parameters are refused. Our parameters come from the table above and
 # are well formed, so CKR_ARGUMENTS_BAD means the token rejects them: SoftHSM2 2.6.1 answers
-# it for OAEP with SHA-256 (DESIGN.md fact 3).
+# it for OAEP with SHA-256 (docs/design-facts.md, fact 3).
 _MECHANISM_REFUSED = (p11e.MechanismInvalid, p11e.MechanismParamInvalid, p11e.ArgumentsBad)
 
 # A session-only, readable secret object: C_UnwrapKey's result is read once and destroyed.
@@ -453,8 +455,8 @@ class Session:
 
     def destroy_object(self, obj: Any) -> None:
         """Destroys an object returned by ``data_objects`` (state kept in data objects is
-        replaced, never edited: DESIGN.md fact 7). One already destroyed by another process
-        counts as destroyed."""
+        replaced, never edited: docs/design-facts.md fact 7). One already destroyed by another
+        process counts as destroyed."""
         with contextlib.suppress(*_HANDLE_STALE):
             obj.destroy()
 
@@ -528,8 +530,8 @@ _SCAN_ATTEMPTS = 5
 
 def _rescan_if_changed(scan: Callable[[], T]) -> T:
     """Runs an object scan again when another process changed the token's objects while it
-    read them (DESIGN.md fact 7: such changes are visible at once). A scan only reads, so a
-    retry is safe; the fifth collision in a row is reported."""
+    read them (docs/design-facts.md fact 7: such changes are visible at once). A scan only
+    reads, so a retry is safe; the fifth collision in a row is reported."""
     for attempt in range(_SCAN_ATTEMPTS):
         try:
             return scan()
@@ -667,7 +669,7 @@ class Token:
         for k, v in config.environment.items():
             os.environ[k] = v
         if not config.module.exists():
-            raise StartupError(f"PKCS#11 module not found: {config.module}")
+            raise StartupError(f"PKCS#11 module not found: {config.module} (token.module)")
         try:
             self._lib = pkcs11.lib(str(config.module))
         except p11e.PKCS11Error as e:

@@ -262,13 +262,30 @@ client_ca = "{tmp_path / "ca.crt"}"
         with Client(d.address, ok) as c:
             sig = c.sign_digest("demo", b"\x02" * 32)
             assert len(sig.signature) == 256
-        # no client certificate: refused by the TLS handshake
+        # no client certificate: refused by the TLS handshake, with a hint
         with (
             Client(d.address, TlsOptions(tmp_path / "ca.crt"), timeout=5) as c,
             pytest.raises(RemoteError) as e,
         ):
             c.sign_digest("demo", b"\x02" * 32)
         assert e.value.status_name == "UNAVAILABLE"
+        assert "requires client certificates, pass --tls-cert and --tls-key" in str(e.value)
+        # The CLI says the same in one line: none of gRPC's own log lines.
+        r = d.hsmsign("--tls-ca", str(tmp_path / "ca.crt"), "pubkey", "demo", check=False)
+        err = r.stderr.decode()
+        assert r.returncode == 1 and err.count("\n") == 1, err
+        assert err.startswith("hsmsign: error: UNAVAILABLE") and "--tls-cert" in err
+        # A CA that did not sign the daemon's certificate: gRPC would log the handshake error.
+        tls_args = ["--tls-cert", str(tmp_path / "client.crt"), "--tls-key"]
+        r = d.hsmsign(
+            *["--tls-ca", str(tmp_path / "other.crt"), *tls_args, str(tmp_path / "client.key")],
+            "pubkey",
+            "demo",
+            check=False,
+        )
+        err = r.stderr.decode()
+        assert r.returncode == 1 and err.count("\n") == 1, err
+        assert "check that --tls-ca signed the daemon's certificate" in err
         # a client that does not trust the daemon's CA refuses it
         with (
             Client(
@@ -281,9 +298,10 @@ client_ca = "{tmp_path / "ca.crt"}"
             pytest.raises(RemoteError),
         ):
             c.sign_digest("demo", b"\x02" * 32)
-        # plaintext clients get nowhere
-        with Client(d.address, timeout=5) as c, pytest.raises(RemoteError):
+        # plaintext clients get nowhere, and are told why it may be
+        with Client(d.address, timeout=5) as c, pytest.raises(RemoteError) as e:
             c.sign_digest("demo", b"\x02" * 32)
+        assert "if the daemon uses TLS, pass --tls-ca" in str(e.value)
         # the CLI takes the same options
         out = d.hsmsign(
             "--tls-ca",

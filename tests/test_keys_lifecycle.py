@@ -275,7 +275,8 @@ def test_minimum_destruction_delay_is_enforced(client: Client) -> None:
     """The shared daemon keeps the default 24 h minimum; nothing changes on refusal."""
     with pytest.raises(RemoteError) as e:
         KeyAdmin(client).schedule_destruction("demo", 1, 3600)
-    assert e.value.status_name == "INVALID_ARGUMENT" and "minimum" in e.value.message
+    assert e.value.status_name == "INVALID_ARGUMENT"
+    assert "delay 1 hour is below this daemon's minimum of 24 hours" in e.value.message
 
 
 def test_rotate_cli_prints_public_key_formats(env: Env) -> None:

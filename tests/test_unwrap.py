@@ -166,11 +166,11 @@ def test_purposes_are_separate(uc: Client) -> None:
     with pytest.raises(RemoteError) as e:
         unwrap_session_key(uc, "signer", wrapped, "rsa-oaep-sha1")
     assert status(e)[0] == "FAILED_PRECONDITION"
-    assert "sign key" in status(e)[1]
+    assert "is a sign key; this call needs an unwrap key" in status(e)[1]
     with pytest.raises(RemoteError) as e:
         uc.sign_digest("vault", b"\x00" * 32)
     assert status(e)[0] == "FAILED_PRECONDITION"
-    assert "unwrap key" in status(e)[1]
+    assert "is an unwrap key; this call needs a sign key" in status(e)[1]
 
 
 def test_unknown_scheme_and_key(uc: Client) -> None:
