@@ -64,12 +64,20 @@ def register(sub: Any) -> None:
         "Only the digest travels to the daemon.",
     )
     s.add_argument(
-        "--key", required=True, metavar="KEY", help="the sign key (see key references below)"
+        "--key",
+        required=True,
+        metavar="KEY",
+        help="the sign key: NAME, NAME@VERSION, sha256:FINGERPRINT or keyid:ID",
     )
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--file", type=Path, help="file to hash and sign ('-' for stdin)")
     src.add_argument("--digest", metavar="HEX", help="a digest computed elsewhere, in hex")
-    s.add_argument("--algorithm", choices=list(ALGORITHMS), default="rsa-pkcs1-sha256")
+    s.add_argument(
+        "--algorithm",
+        choices=list(ALGORITHMS),
+        default="rsa-pkcs1-sha256",
+        help="signature scheme (default: %(default)s)",
+    )
     s.add_argument(
         "-o",
         "--output",
@@ -90,7 +98,12 @@ def register(sub: Any) -> None:
     v.add_argument("--public-key", type=Path, metavar="PEM", help="verify offline with this PEM")
     v.add_argument("--file", type=Path, required=True)
     v.add_argument("--signature", type=Path, required=True, help="raw or base64 signature file")
-    v.add_argument("--algorithm", choices=list(ALGORITHMS), default="rsa-pkcs1-sha256")
+    v.add_argument(
+        "--algorithm",
+        choices=list(ALGORITHMS),
+        default="rsa-pkcs1-sha256",
+        help="signature scheme (default: %(default)s)",
+    )
     v.set_defaults(func=cmd_verify)
 
 

@@ -128,13 +128,18 @@ def register(sub: Any) -> None:
     )
     _check_args(x, decrypt=True)
     x.add_argument("-o", "--output", type=Path, required=True, help="plain zip to write")
-    x.add_argument("--scheme", choices=["v2", "v1"], default="v2")
+    x.add_argument(
+        "--scheme",
+        choices=["v2", "v1"],
+        default="v2",
+        help="Capgo's encryption format (default: %(default)s)",
+    )
     x.add_argument("--key", metavar="KEY", help="v1: the unwrap key holding the private key")
     x.add_argument(
         "--oaep-hash",
         choices=["sha256", "sha1"],
         default="sha256",
-        help="v1: the OAEP hash (Capgo used sha256)",
+        help="v1: the OAEP hash (default: %(default)s, as Capgo used)",
     )
     x.set_defaults(func=cmd_decrypt)
 

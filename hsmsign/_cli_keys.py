@@ -203,7 +203,12 @@ def add_actions(ks: Any, offline: bool = False) -> None:
     ):
         c = action(name, text)
         c.add_argument("name")
-        c.add_argument("--purpose", choices=list(PURPOSES), default="sign")
+        c.add_argument(
+            "--purpose",
+            choices=list(PURPOSES),
+            default="sign",
+            help="sign or unwrap, never both (default: %(default)s)",
+        )
         c.add_argument(
             "--algorithm",
             choices=list(KEY_ALGORITHMS),
@@ -242,7 +247,12 @@ def add_actions(ks: Any, offline: bool = False) -> None:
     )
     i.add_argument("file", type=Path, help="PEM or DER, PKCS#1 or PKCS#8")
     i.add_argument("--name", required=True, help="key to add the version to (or create)")
-    i.add_argument("--purpose", choices=list(PURPOSES), default="sign")
+    i.add_argument(
+        "--purpose",
+        choices=list(PURPOSES),
+        default="sign",
+        help="sign or unwrap, never both (default: %(default)s)",
+    )
     i.add_argument("--make-primary", action="store_true", help="make the imported version primary")
     i.add_argument(
         "--passphrase-file", type=Path, metavar="FILE", help="passphrase of an encrypted key"
