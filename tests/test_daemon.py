@@ -237,6 +237,20 @@ def _write(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) 
     path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
+def _with_server_tls(cfg: Path, tmp_path: Path, extra: str = "") -> Path:
+    """Adds [server.tls] to ``cfg``: tmp_path's server.crt/.key, and ca.crt as client_ca."""
+    cfg.write_text(
+        cfg.read_text()
+        + f"""
+[server.tls]
+cert = "{tmp_path / "server.crt"}"
+key = "{tmp_path / "server.key"}"
+client_ca = "{tmp_path / "ca.crt"}"
+{extra}"""
+    )
+    return cfg
+
+
 def test_mutual_tls(token: TokenDir, tmp_path: Path) -> None:
     ca_key, ca = _cert("hsmsign test CA", ca=True)
     srv_key, srv = _cert("localhost", ca_key, ca.subject)
@@ -246,16 +260,7 @@ def test_mutual_tls(token: TokenDir, tmp_path: Path) -> None:
     _write(tmp_path / "server", srv_key, srv)
     _write(tmp_path / "client", cli_key, cli)
     (tmp_path / "other.crt").write_bytes(other_ca.public_bytes(serialization.Encoding.PEM))
-    cfg = write_config(tmp_path / "c.toml", token, extra="")
-    cfg.write_text(
-        cfg.read_text()
-        + f"""
-[server.tls]
-cert = "{tmp_path / "server.crt"}"
-key = "{tmp_path / "server.key"}"
-client_ca = "{tmp_path / "ca.crt"}"
-"""
-    )
+    cfg = _with_server_tls(write_config(tmp_path / "c.toml", token, extra=""), tmp_path)
     d = start_daemon(cfg, tmp_path / "d")
     try:
         ok = TlsOptions(tmp_path / "ca.crt", tmp_path / "client.crt", tmp_path / "client.key")
@@ -411,16 +416,7 @@ def test_key_admin_only_for_named_client_certificates(token: TokenDir, tmp_path:
     _write(tmp_path / "agent", *_cert("build-agent-1", ca_key, ca.subject))
     _write(tmp_path / "admin", *_cert("security-team", ca_key, ca.subject))
     cfg = write_config(tmp_path / "c.toml", token, extra="")
-    cfg.write_text(
-        cfg.read_text()
-        + f"""
-[server.tls]
-cert = "{tmp_path / "server.crt"}"
-key = "{tmp_path / "server.key"}"
-client_ca = "{tmp_path / "ca.crt"}"
-admin_clients = ["security-team"]
-"""
-    )
+    cfg = _with_server_tls(cfg, tmp_path, 'admin_clients = ["security-team"]\n')
     d = start_daemon(cfg, tmp_path / "d")
     try:
 
