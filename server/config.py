@@ -24,6 +24,10 @@ from server.errors import ConfigError
 
 ThreadingMode = Literal["parallel", "serialized"]
 
+#: Debian's multiarch triplet (x86_64-linux-gnu, aarch64-linux-gnu, ...): ``${MULTIARCH}`` in
+#: a config path, so that one config names /usr/lib/<triplet>/ on every architecture.
+MULTIARCH = sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
+
 #: Modules known to initialise the real module with OS locking whatever the caller passes to
 #: C_Initialize (docs/design-facts.md, fact 1), so that several sessions may be used at once.
 LOCKING_PROXIES = frozenset({"p11-kit-proxy.so"})
@@ -206,10 +210,12 @@ class _Table:
         return _Table(self.path, self._key(key), value)
 
     def path_value(self, key: str) -> Path | None:
+        """A file path; relative to the config file's directory; ``${MULTIARCH}`` stands for
+        Debian's multiarch directory name (for PKCS#11 modules under /usr/lib/<triplet>/)."""
         value = self.get(key, str, None, "a file path")
         if value is None:
             return None
-        p = Path(value)
+        p = Path(value.replace("${MULTIARCH}", MULTIARCH))
         return p if p.is_absolute() else (self.path.parent / p).resolve()
 
     def required_path(self, key: str) -> Path:
@@ -253,16 +259,8 @@ def _parse_uri(table: _Table, uri: str) -> tuple[str | None, str | None]:
     return label, serial
 
 
-#: Debian's multiarch triplet (x86_64-linux-gnu, aarch64-linux-gnu, ...): ``${MULTIARCH}``
-#: in token.module, so that one config names /usr/lib/<triplet>/ on every architecture.
-MULTIARCH = sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
-
-
 def _token(root: _Table) -> TokenConfig:
     t = root.table("token")
-    raw_module = t.get("module", str, None, "a file path")
-    if isinstance(raw_module, str) and "${MULTIARCH}" in raw_module:
-        t.data = {**t.data, "module": raw_module.replace("${MULTIARCH}", MULTIARCH)}
     module = t.required_path("module")
     label = t.get("label", str, None, "the token label")
     serial = t.get("serial", str, None, "the token serial number")
