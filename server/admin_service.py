@@ -125,6 +125,7 @@ class AdminAccess:
     def __init__(self, server: ServerConfig) -> None:
         self.enabled = server.key_admin
         self.names = server.tls.admin_clients if server.tls else frozenset()
+        self.client_certificates = bool(server.tls and server.tls.client_ca)
 
     def check(self, context: grpc.ServicerContext) -> None:
         """Raises PermissionDenied for a caller this daemon does not let administer keys."""
@@ -141,9 +142,9 @@ class AdminAccess:
                     f"client {who} may not call KeyAdmin (not in server.tls.admin_clients)"
                 )
 
-    def exposure(self, server: ServerConfig, address: str) -> str | None:
+    def exposure(self, address: str) -> str | None:
         """A warning when anyone who reaches ``address`` may administer keys."""
-        if not self.enabled or (server.tls and server.tls.client_ca):
+        if not self.enabled or self.client_certificates:
             return None
         host = address.rpartition(":")[0].strip("[]")
         if host in ("127.0.0.1", "::1", "localhost"):

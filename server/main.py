@@ -169,7 +169,7 @@ def serve(
     this process supervises that many serving processes instead (server/supervisor.py)."""
     if worker is None:
         _credentials(cfg)  # a wrong TLS file stops the start here, once, before any process
-        exposure = AdminAccess(cfg.server).exposure(cfg.server, listen or cfg.server.listen)
+        exposure = AdminAccess(cfg.server).exposure(listen or cfg.server.listen)
         if exposure:
             log.warning("%s", exposure)
     if worker is None and cfg.server.processes > 1:
