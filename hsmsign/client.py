@@ -109,11 +109,14 @@ class TlsOptions:
         Everything is checked here because gRPC's C core aborts the whole process (SIGABRT)
         on a client certificate without its key, instead of raising."""
         if (self.cert is None) != (self.key is None):
-            given, missing = ("certificate", "key") if self.cert else ("key", "certificate")
+            given, missing, flag = (
+                ("certificate", "key", "--tls-key or HSMSIGN_TLS_KEY")
+                if self.cert
+                else ("key", "certificate", "--tls-cert or HSMSIGN_TLS_CERT")
+            )
             raise UsageError(
                 f"mutual TLS needs the client certificate and its private key; only the "
-                f"{given} was given (add the {missing}: --tls-{missing[:4]} or "
-                f"HSMSIGN_TLS_{missing[:4].upper()})"
+                f"{given} was given (add the {missing}: {flag})"
             )
         try:
             ca = self.ca.read_bytes()
