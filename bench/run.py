@@ -387,18 +387,24 @@ def bare_row(
     the same token with the daemon's process layout and none of hsmsign's code. What
     separates the token limit from this row is the stack's cost per call on these cores;
     what separates this row from the daemon's is hsmsign's."""
-    method = "hsmsign.v1.Signer/SignDigest"
-    if rate is None:
-        name = f"{BARE}: unary SignDigest, 64 callers"
-        r = br.around(lambda: h2_row(bare, "unary", method, 64, 1, name, duration))
-    else:
-        r = br.around(
-            lambda: h2_paced_row(bare, rate, f"{BARE}: unary paced at half max", duration)
-        )
+    r = _target_row(bare, br, duration, rate, BARE)
     r["group"], r["daemon"] = "bare", "bare stack"
     return r
 
 
+def _target_row(
+    s: Served, br: Bracket, duration: float, rate: float | None, label: str
+) -> dict[str, Any]:
+    """Unary SignDigest at 64 callers, or paced at ``rate``: a row of the unary or the p99
+    target, bracketed by the token."""
+    if rate is None:
+        name = f"{label}: unary SignDigest, 64 callers"
+        return br.around(lambda: h2_row(s, "unary", SIGN_DIGEST, 64, 1, name, duration))
+    return br.around(lambda: h2_paced_row(s, rate, f"{label}: unary paced at half max", duration))
+
+
+#: The method the unary and paced rows call.
+SIGN_DIGEST = "hsmsign.v1.Signer/SignDigest"
 #: The bare stack rows' name.
 BARE = "bare stack (grpcio + python-pkcs11, no hsmsign code)"
 
@@ -414,26 +420,16 @@ def interleaved_rounds(
     rounds of the bare stack ranged 0.62-0.81 of the token limit), which is the size of the
     differences these targets decide; bench.report judges them on the median of the rounds.
     """
-    method = "hsmsign.v1.Signer/SignDigest"
-    servers: list[tuple[str, Served]] = [("hsmsignd", d), ("bare", bare)]
+    servers: list[tuple[str, str, Served]] = [
+        ("hsmsignd", "hsmsignd", d),
+        ("bare", "bare stack", bare),
+    ]
     rows: list[dict[str, Any]] = []
     for k in range(2, rounds + 1):
         order = servers[::-1] if k % 2 == 0 else servers
-        for kind in ("unary", "paced"):
-            for who, s in order:
-                label = f"round {k}, {'hsmsignd' if who == 'hsmsignd' else 'bare stack'}"
-                if kind == "unary":
-                    r = br.around(
-                        lambda s=s, label=label: h2_row(
-                            s, "unary", method, 64, 1, f"{label}: unary, 64 callers", duration
-                        )
-                    )
-                else:
-                    r = br.around(
-                        lambda s=s, label=label: h2_paced_row(
-                            s, rate, f"{label}: unary paced at half max", duration
-                        )
-                    )
+        for kind, kind_rate in (("unary", None), ("paced", rate)):
+            for who, label, s in order:
+                r = _target_row(s, br, duration, kind_rate, f"round {k}, {label}")
                 r.update(group="round", round=k, server=who, kind=kind)
                 if who == "bare":
                     r["daemon"] = "bare stack"
