@@ -30,6 +30,8 @@ from typing import Any
 
 PREFIX_SHA256 = bytes.fromhex("3031300d060960864801650304020105000420")
 METHOD = "SignDigest"
+#: What ``--no-sign`` answers: as long as an RSA-2048 signature, made without the token.
+NO_SIGNATURE = bytes(256)
 SERVICE = "hsmsign.v1.Signer"
 
 
@@ -109,6 +111,8 @@ def _serve_one(args: argparse.Namespace) -> int:
         keys.put(found[0])
 
     def sign_blocking(digest: bytes) -> bytes:
+        if args.no_sign:
+            return NO_SIGNATURE
         k = keys.get()
         try:
             return bytes(k.sign(PREFIX_SHA256 + digest, mechanism=Mechanism.RSA_PKCS))
@@ -186,6 +190,12 @@ def main() -> int:
         "--aio",
         choices=("inline", "executor"),
         help="grpc.aio instead of the threaded server: sign on the event loop, or on a pool",
+    )
+    p.add_argument(
+        "--no-sign",
+        action="store_true",
+        help="answer without calling the token: what gRPC alone costs (the bench runs the "
+        "token's signatures beside it in another process)",
     )
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
