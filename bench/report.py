@@ -143,7 +143,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "x",
             False,
             f"p99 {p99 or 0:.2f} ms vs token p50 {tok_p50 or 0:.3f} ms per op, load from "
-            f"{paced['load'] if paced else '-'}{py}",
+            f"{paced['load'] if paced else '-'}{py}" + _floor_text(rows, 3.0),
         )
     )
     out += _bundle_targets(rows)
@@ -232,6 +232,33 @@ def _rounds(
         pair = {r["server"]: r for r in extra if r["round"] == k}
         out.append((value(ok(pair.get("hsmsignd"))), value(ok(pair.get("bare")))))
     return out
+
+
+def p99_floor(rows: list[dict[str, Any]]) -> list[float]:
+    """Per round of bench.run.p99_floor_rows: the p99 of a gRPC call that signs nothing,
+    made while the token signs as often beside it, over the token p50 measured around it.
+    A signing call goes through the same and waits for its signature on top."""
+    out = []
+    for r in rows:
+        if r.get("group") != "p99-floor" or r.get("not_available") or not r.get("p99_ms"):
+            continue
+        p50 = r["token_bracket"]["p50_ms"]
+        if p50:
+            out.append(float(r["p99_ms"]) / p50)
+    return out
+
+
+def _floor_text(rows: list[dict[str, Any]], goal: float) -> str:
+    values = p99_floor(rows)
+    m = _median(list(values))
+    if m is None:
+        return ""
+    series = " / ".join(f"{v:.2f}x" for v in values)
+    text = (
+        f"; the p99 floor (gRPC alone, no signing, paced at that rate while the token signs "
+        f"as often in another process): {series}, median {m:.2f}x"
+    )
+    return text + (": above the goal before any signing is in the call" if m > goal else "")
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -363,11 +390,16 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"{r['name']:<66} {_f(r.get('mb_per_s'), '{:.0f} MB/s'):>15}")
             continue
         if r.get("floor"):
+            beside = (
+                f" (the token beside it: p99 {r['token_p99_ms']:.2f} ms)"
+                if r.get("token_p99_ms")
+                else ""
+            )
             lines.append(
                 f"{r['name']:<66} {r['calls_per_s']:>7.0f} {'calls/s':>7} "
                 f"{_f(r.get('p50_ms'), '{:.2f}'):>7} {_f(r.get('p99_ms'), '{:.2f}'):>7} "
                 f"{_f(r.get('cores'), '{:.2f}'):>7} "
-                f"{_f(r.get('client_cores'), '{:.2f}'):>7}"
+                f"{_f(r.get('client_cores'), '{:.2f}'):>7}{beside}"
             )
             continue
         ref = _reference(r, tok_rate)

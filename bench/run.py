@@ -14,6 +14,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,8 +111,8 @@ class Bracket:
     probe is the next row's 'before'), so a row's ratio does not depend on how the shared
     machine's speed drifted between part 2 and that row."""
 
-    def __init__(self, token: TokenDir, duration: float) -> None:
-        self.token, self.duration = token, min(duration, 3.0)
+    def __init__(self, token: TokenDir, duration: float, key: str = KEY_2048) -> None:
+        self.token, self.duration, self.key = token, min(duration, 3.0), key
         self.threads = os.cpu_count() or 1
         self.last: dict[str, Any] | None = None
 
@@ -119,7 +120,7 @@ class Bracket:
         r = _inprocess(
             [
                 "token",
-                *_token_args(self.token, KEY_2048),
+                *_token_args(self.token, self.key),
                 "--threads",
                 str(self.threads),
                 "--duration",
@@ -437,6 +438,99 @@ def interleaved_rounds(
     return rows
 
 
+#: The p99 floor rows' name.
+FLOOR = "gRPC alone (no signing), the token signing as often in another process"
+
+
+def p99_floor_rows(
+    token: TokenDir, duration: float, rate: float, rounds: int, key: str = KEY_2048
+) -> list[dict[str, Any]]:
+    """Part 3b: the p99 the stack allows on these cores before any server design.
+
+    A signing call goes through what a gRPC call that signs nothing goes through, and waits
+    for a signature too. Here the two run side by side in separate processes, nothing handed
+    between them: ``bench/bare_server.py --no-sign`` (grpcio in the daemon's layout, no
+    token call) under the p99 rows' even schedule at ``rate``, while the token signs
+    ``rate``/s on its own threads (``bench/inprocess.py token-paced``), so that the cores
+    carry the same signatures as in the p99 rows. The no-op call's p99, over the token p50
+    measured around it, is what gRPC alone reaches here under that load; the p99 target is
+    read against it. One row per round, bracketed by the token like the daemon's rows.
+    """
+    noop = BareServer(_token_args(token, key), "--no-sign")
+    br = Bracket(token, duration, key)
+    rows: list[dict[str, Any]] = []
+    try:
+        for k in range(1, rounds + 1):
+            r = br.around(lambda: _beside_token(noop, token, key, rate, duration))
+            r.update(
+                name=f"round {k}, {FLOOR}: paced at half max ({rate:.0f}/s)",
+                group="p99-floor",
+                round=k,
+                daemon="p99 floor",
+                floor=True,
+            )
+            rows.append(r)
+            print(
+                f"  {r['name']}: gRPC p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms; "
+                f"the token's own p99 {r['token_p99_ms']:.2f} ms",
+                flush=True,
+            )
+    finally:
+        noop.stop()
+    return rows
+
+
+def _beside_token(
+    noop: BareServer, token: TokenDir, key: str, rate: float, duration: float
+) -> dict[str, Any]:
+    """The no-op gRPC server paced at ``rate`` while the token signs ``rate``/s in another
+    process. The token's measured window (it starts later and stops earlier) lies inside
+    h2load's."""
+    signed: dict[str, Any] = {}
+
+    def sign() -> None:
+        time.sleep(0.5)  # h2load's processes start first; its warm-up is 1 s
+        signed.update(
+            _inprocess(
+                [
+                    "token-paced",
+                    *_token_args(token, key),
+                    "--rate",
+                    f"{rate:.1f}",
+                    "--threads",
+                    str(os.cpu_count() or 1),
+                    "--duration",
+                    str(max(1.0, duration - 1.0)),
+                ]
+            )
+        )
+
+    t = threading.Thread(target=sign, name="token-beside")
+    t.start()
+    try:
+        _method, message = _request(LoadSpec(noop.address, "unary", key, 1))
+        r = run_h2load_paced(
+            noop.address, SIGN_DIGEST, grpc_frame(message), rate, duration, noop.proc.pid
+        )
+    finally:
+        t.join()
+    r.update(
+        load="h2load",
+        paced=True,
+        cores=r["daemon_cores"],
+        client_cores=r["client_cpu_seconds"] / duration,
+        token_p50_ms=signed.get("p50_ms"),
+        token_p99_ms=signed.get("p99_ms"),
+    )
+    if r["http_failed"] or not signed:
+        r["not_available"] = (
+            f"no-op calls failed: {r['http_failed']}"
+            if r["http_failed"]
+            else ("the token beside it did not report")
+        )
+    return r
+
+
 def _check_bare(address: str) -> None:
     """One real call: h2load sees HTTP 200 even for a failed gRPC call, and the bare server
     keeps no access log to count failures from."""
@@ -574,6 +668,13 @@ def main() -> int:
         finally:
             if bare is not None:
                 bare.stop()
+        paced = next(
+            (r for r in rows if r.get("group") == "daemon" and r.get("paced") and "rate" in r),
+            None,
+        )
+        if paced is not None and not paced.get("not_available"):
+            print("3b. the p99 floor: gRPC with no signing, the token beside it", flush=True)
+            rows += p99_floor_rows(token, duration, paced["rate"], rounds)
         rows += single_process_row(root, token, duration)
         # Again after the daemon rows: the machine is shared, so the reference drifts; the
         # targets use the mean of both token measurements.

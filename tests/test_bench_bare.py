@@ -13,8 +13,8 @@ import pytest
 
 from bench.bare_server import BareServer
 from bench.h2load import H2Spec, grpc_frame, run_h2load
-from bench.report import targets
-from bench.run import _token_args
+from bench.report import p99_floor, targets
+from bench.run import _token_args, p99_floor_rows
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from tests.conftest import Daemon, TokenDir
@@ -165,3 +165,82 @@ def test_report_judges_unary_and_p99_on_the_median_of_interleaved_rounds() -> No
     assert p99["value"] == 4.0 and p99["result"] == "FAIL"
     assert "hsmsignd 6.00x / 4.00x / 3.50x" in p99["detail"]
     assert "at that rate 5.00x / 3.00x / 4.00x, median 4.00x" in p99["detail"]
+
+
+def test_bare_server_no_sign_answers_without_the_token(token: TokenDir, daemon: Daemon) -> None:
+    """``--no-sign``: the p99 floor's gRPC server answers a signature-sized reply of zeros,
+    in the same layout, without a token call; under h2load as well."""
+    request = pb.SignDigestRequest(
+        key=pb.KeyRef(name="demo"),
+        algorithm=pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256,
+        digest=hashlib.sha256(b"x").digest(),
+    )
+    bare = BareServer(_token_args(token, "demo"), "--processes", "2", "--no-sign")
+    try:
+        with grpc.insecure_channel(bare.address) as channel:
+            sig = pb_grpc.SignerStub(channel).SignDigest(request, timeout=30).signature
+        r = run_h2load(
+            H2Spec(bare.address, "hsmsign.v1.Signer/SignDigest", 4, 1, 1), grpc_frame(request)
+        )
+    finally:
+        bare.stop()
+    assert sig == bytes(256)
+    assert r["calls"] > 10 and r["http_failed"] == 0
+
+
+def test_p99_floor_rows_measure_grpc_beside_the_token(token: TokenDir, daemon: Daemon) -> None:
+    """bench.run.p99_floor_rows end to end on the test token: the no-op server under h2load's
+    even schedule while bench.inprocess signs as often; every round's row carries both p99s
+    and the token measured around it, and the report reads them."""
+    rows = p99_floor_rows(token, 2.0, 100.0, 2, key="demo")
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert "not_available" not in r
+        assert r["group"] == "p99-floor" and r["floor"]
+        assert 80 <= r["calls_per_s"] <= 120  # the schedule was kept at this low rate
+        assert r["p99_ms"] > 0 and r["token_p99_ms"] > 0
+        assert r["token_bracket"]["p50_ms"] > 0
+    assert len(p99_floor(rows)) == 2
+
+
+def test_report_reads_the_p99_target_against_the_floor() -> None:
+    """The p99 target prints the floor's rounds and median, and says when the floor alone is
+    above the goal; a failed floor row is left out."""
+    default = "processes=default sessions=default workers=default log=INFO"
+    paced = {
+        "group": "daemon",
+        "name": "unary paced at half max (350 calls/s), 8 callers (h2load)",
+        "daemon": default,
+        "load": "h2load",
+        "paced": True,
+        "ops_per_s": 350.0,
+        "p99_ms": 9.0,
+        "token_bracket": {"ops_per_s": 1000.0, "p50_ms": 1.0},
+    }
+
+    def floor(k: int, p99: float, p50: float, **kw: object) -> dict[str, object]:
+        return {
+            "group": "p99-floor",
+            "name": f"round {k}, floor",
+            "round": k,
+            "floor": True,
+            "p99_ms": p99,
+            "token_bracket": {"ops_per_s": 1000.0, "p50_ms": p50},
+            **kw,
+        }
+
+    token = {"group": "token", "bits": 2048, "name": "token", "ops_per_s": 1000.0, "p50_ms": 1.0}
+    rows = [
+        token,
+        paced,
+        floor(1, 5.0, 1.0),
+        floor(2, 8.0, 2.0),
+        floor(3, 1.0, 1.0, not_available="no-op calls failed: 3"),
+        floor(4, 4.5, 1.0),
+    ]
+    p99 = {t["target"]: t for t in targets(rows)}["p99 at half max unary / token p50"]
+    assert p99["value"] == 9.0 and p99["result"] == "FAIL"
+    assert "5.00x / 4.00x / 4.50x, median 4.50x: above the goal" in p99["detail"]
+    low = [token, paced, floor(1, 2.0, 1.0), floor(2, 2.5, 1.0)]
+    detail = {t["target"]: t for t in targets(low)}["p99 at half max unary / token p50"]["detail"]
+    assert "2.00x / 2.50x, median 2.25x" in detail and "above the goal" not in detail
