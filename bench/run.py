@@ -472,8 +472,13 @@ def p99_floor_rows(
             )
             rows.append(r)
             print(
-                f"  {r['name']}: gRPC p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms; "
-                f"the token's own p99 {r['token_p99_ms']:.2f} ms",
+                f"  {r['name']}: "
+                + (
+                    r["not_available"]
+                    if "not_available" in r
+                    else f"gRPC p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms; "
+                    f"the token's own p99 {r['token_p99_ms']:.2f} ms"
+                ),
                 flush=True,
             )
     finally:
@@ -525,12 +530,10 @@ def _beside_token(
         token_p50_ms=signed.get("p50_ms"),
         token_p99_ms=signed.get("p99_ms"),
     )
-    if r["http_failed"] or not signed:
-        r["not_available"] = (
-            f"no-op calls failed: {r['http_failed']}"
-            if r["http_failed"]
-            else ("the token beside it did not report")
-        )
+    if r["http_failed"]:
+        r["not_available"] = f"no-op calls failed: {r['http_failed']}"
+    elif not signed:
+        r["not_available"] = "the token beside it did not finish (its error is above)"
     return r
 
 
