@@ -629,7 +629,11 @@ def bundle_rows(quick: bool) -> list[dict[str, Any]]:
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="short runs (about a minute)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="short runs: 1.5 s per configuration, 1 round (about 2-3 minutes)",
+    )
     p.add_argument("--duration", type=float, default=None, help="seconds per configuration")
     p.add_argument(
         "--sweep",
