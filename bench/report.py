@@ -75,8 +75,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             True,
             "SignDigests, 64 digests per call, RSA-2048"
             + (
-                f"; median of {len(batch_rounds)} rounds: "
-                + " / ".join("-" if v is None else f"{v:.2f}x" for v in batch_rounds)
+                f"; median of {len(batch_rounds)} rounds: " + _series(batch_rounds)
                 if len(batch_rounds) > 1
                 else ""
             ),
@@ -260,12 +259,17 @@ def _floor_text(rows: list[dict[str, Any]], goal: float) -> str:
     m = _median(list(values))
     if m is None:
         return ""
-    series = " / ".join(f"{v:.2f}x" for v in values)
+    series = _series(list(values))
     text = (
         f"; the p99 floor (gRPC alone, no signing, paced at that rate while the token signs "
         f"as often in another process): {series}, median {m:.2f}x"
     )
     return text + (": above the goal before any signing is in the call" if m > goal else "")
+
+
+def _series(values: list[float | None], fmt: str = "{:.2f}x") -> str:
+    """Per-round figures as the targets print them; "-" for a round not measured."""
+    return " / ".join("-" if v is None else fmt.format(v) for v in values)
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -277,15 +281,12 @@ def _rounds_text(rounds: list[tuple[float | None, float | None]], fmt: str, verb
     """The rounds behind a median target: hsmsignd's and the bare stack's value per round,
     and hsmsignd's value over the bare stack's (the median of the rounds' own quotients)."""
 
-    def series(values: list[float | None]) -> str:
-        return " / ".join("-" if v is None else fmt.format(v) for v in values)
-
     ours, bare = [h for h, _b in rounds], [b for _h, b in rounds]
-    text = f"; median of {len(rounds)} interleaved rounds: hsmsignd {series(ours)}"
+    text = f"; median of {len(rounds)} interleaved rounds: hsmsignd {_series(ours, fmt)}"
     bare_median = _median(bare)
     if bare_median is not None:
         text += (
-            f"; the bare stack (no hsmsign code) {verb} {series(bare)}, "
+            f"; the bare stack (no hsmsign code) {verb} {_series(bare, fmt)}, "
             f"median {fmt.format(bare_median)}"
         )
         quotient = _median([h / b for h, b in rounds if h is not None and b])
