@@ -1,10 +1,27 @@
-"""The RPC plumbing shared by every servicer: the one place where domain errors become gRPC
-status codes, and the conversions between API messages and domain values.
+"""The call pipeline: every RPC handler runs inside the same named stages.
 
-The ``rpc`` decorator maps every ``ServerError`` to its status with its one-line message, and
-anything unexpected to INTERNAL with an incident id (the traceback stays in the daemon's log).
-Nothing the caller sent (digests, session keys) is logged; calls are logged by method, peer
-and status.
+A call passes the stages in ``STAGES`` from the outside in, then the handler, and comes back
+out through them in reverse. Today's stages:
+
+``access_log``
+    one access-log line per call (method, peer, status, key versions used, duration);
+    never what the caller sent.
+``status``
+    the one place where errors become gRPC status codes: a ``ServerError`` ends the call with
+    its ``code`` and its one-line message; anything else with INTERNAL and an incident id
+    (the traceback stays in the daemon's log).
+``admission``
+    refuses calls once the process is draining (SIGTERM) and counts the calls in flight, so
+    that draining can wait for them.
+``handler``
+    runs the servicer's method; a Signer call whose key object another process destroyed
+    meanwhile is answered again after a re-read of the ring (``retry_ring``).
+
+The flow identity -> policy -> admission -> handler -> audit -> status has seams for what
+is designed next: an identity stage (the caller from its TLS certificate or OIDC token) and a
+policy stage go between ``status`` and ``admission``; an audit stage goes between
+``admission`` and ``handler``, so it sees the handler's result before it is returned. A stage
+is a function ``(call, proceed) -> response``: add it to ``STAGES`` with its name.
 """
 
 from __future__ import annotations
@@ -16,15 +33,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
 
 import grpc
 
-from hsmsign.v1 import hsmsign_pb2 as pb
-from server import operations
-from server.accesslog import access
-from server.errors import InvalidArgument, KeyObjectGone, ServerError
-from server.keyring import KeyReference, KeyVersion
+from server.api.accesslog import access
+from server.errors import KeyObjectGone, ServerError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +47,26 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.ServicerContext], Resp]
 
-_ALGORITHMS: dict[int, str] = {
-    pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256: "rsa-pkcs1-sha256",
-    pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA384: "rsa-pkcs1-sha384",
-    pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA512: "rsa-pkcs1-sha512",
-    pb.SIGNATURE_ALGORITHM_RSA_PSS_SHA256: "rsa-pss-sha256",
-    pb.SIGNATURE_ALGORITHM_RSA_PSS_SHA384: "rsa-pss-sha384",
-    pb.SIGNATURE_ALGORITHM_RSA_PSS_SHA512: "rsa-pss-sha512",
-}
+
+@dataclass(slots=True)
+class Call:
+    """One call as it passes the stages."""
+
+    method: str
+    servicer: Any
+    request: Any
+    context: grpc.ServicerContext
+    #: The status the call ended with, by name (set by the ``status`` stage).
+    status: str = "OK"
+    #: Key versions the call used ("name@version"), for its log line and audit record.
+    keys_used: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+
+#: What a stage calls to run the rest of the pipeline.
+Proceed = Callable[[Call], Any]
+#: One stage: does its part before and after ``proceed(call)``.
+Stage = Callable[[Call, Proceed], Any]
 
 
 class _Calls:
@@ -58,113 +85,118 @@ class _Calls:
             return self.cond.wait_for(lambda: self.in_flight == 0, timeout)
 
 
-#: This process's calls (server.main drains them on SIGTERM).
+#: This process's calls (``server.serve`` drains them on SIGTERM).
 calls = _Calls()
 
-#: The key versions a call used, for its access-log line (set by ``used_key``).
-_keys_used: contextvars.ContextVar[list[str]] = contextvars.ContextVar("keys_used")
+#: The call running in this thread (``note_key_used`` records into it).
+_current: contextvars.ContextVar[Call] = contextvars.ContextVar("call")
+
+
+def note_key_used(name: str, version: int) -> None:
+    """Records that the running call used a key version (``server.api.convert.used_key``)."""
+    call = _current.get(None)
+    if call is not None:
+        call.keys_used.append(f"{name}@{version}")
+
+
+# -- the stages -------------------------------------------------------------------------------
+
+
+def access_log_stage(call: Call, proceed: Proceed) -> Any:
+    try:
+        return proceed(call)
+    finally:
+        access.line(
+            call.method,
+            call.context.peer(),
+            call.status,
+            ",".join(call.keys_used) or "-",
+            (time.perf_counter() - call.started) * 1000,
+        )
+
+
+def status_stage(call: Call, proceed: Proceed) -> Any:
+    try:
+        return proceed(call)
+    except ServerError as e:
+        call.status = e.code.name
+        call.context.abort(e.code, str(e))
+    except Exception:
+        incident = uuid.uuid4().hex[:12]
+        call.status = "INTERNAL"
+        log.exception("internal error in %s (incident %s)", call.method, incident)
+        call.context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
+
+
+def admission_stage(call: Call, proceed: Proceed) -> Any:
+    with calls.cond:
+        refused = calls.draining
+        if not refused:
+            calls.in_flight += 1
+    if refused:
+        raise Unavailable("hsmsignd is shutting down; retry")
+    try:
+        return proceed(call)
+    finally:
+        with calls.cond:
+            calls.in_flight -= 1
+            if calls.in_flight == 0:
+                calls.cond.notify_all()
+
+
+#: The stages, outermost first (see the module docstring for where new ones go).
+STAGES: Final[tuple[tuple[str, Stage], ...]] = (
+    ("access_log", access_log_stage),
+    ("status", status_stage),
+    # identity, policy: here
+    ("admission", admission_stage),
+    # audit: here
+)
+
+
+def _handler_stage(handler: Handler[Any, Any]) -> Proceed:
+    def run(call: Call) -> Any:
+        try:
+            return handler(call.servicer, call.request, call.context)
+        except KeyObjectGone:
+            # Another process destroyed the version between this process's last read of the
+            # ring and the token call: re-read and answer as the ring now says (the version
+            # shows as destroyed). Signer calls have no side effects, so running the call
+            # again is safe; KeyAdmin calls (no retry_ring) are not retried.
+            ring = getattr(call.servicer, "retry_ring", None)
+            if ring is None:
+                raise
+            ring.refresh()
+            call.keys_used.clear()
+            return handler(call.servicer, call.request, call.context)
+
+    return run
+
+
+def _bind(stage: Stage, proceed: Proceed) -> Proceed:
+    return lambda call: stage(call, proceed)
+
+
+def _compose(stages: tuple[tuple[str, Stage], ...], innermost: Proceed) -> Proceed:
+    run = innermost
+    for _name, stage in reversed(stages):
+        run = _bind(stage, run)
+    return run
 
 
 def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Maps errors to status codes and writes one access-log line per call."""
+    """Runs a servicer method inside the pipeline's stages."""
+    run = _compose(STAGES, _handler_stage(handler))
+    method = handler.__name__
 
     @functools.wraps(handler)
     def wrapper(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
-        with calls.cond:
-            if calls.draining:
-                refused = True
-            else:
-                refused = False
-                calls.in_flight += 1
-        if refused:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "hsmsignd is shutting down; retry")
+        call = Call(method, self, request, context)
+        token = _current.set(call)
         try:
-            return _run(self, request, context)
+            result: Resp = run(call)
+            return result
         finally:
-            with calls.cond:
-                calls.in_flight -= 1
-                if calls.in_flight == 0:
-                    calls.cond.notify_all()
-
-    def _run(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
-        start = time.perf_counter()
-        status = "OK"
-        used: list[str] = []
-        _keys_used.set(used)
-        try:
-            try:
-                return handler(self, request, context)
-            except KeyObjectGone:
-                # Another process destroyed the version between this process's last read of
-                # the ring and the token call: re-read and answer as the ring now says (the
-                # version shows as destroyed). Signer calls have no side effects, so running
-                # the call again is safe; KeyAdmin calls are not retried.
-                ring = getattr(self, "retry_ring", None)
-                if ring is None:
-                    raise
-                ring.refresh()
-                used.clear()
-                return handler(self, request, context)
-        except ServerError as e:
-            status = e.code.name
-            context.abort(e.code, str(e))
-        except Exception:
-            incident = uuid.uuid4().hex[:12]
-            status = "INTERNAL"
-            log.exception("internal error in %s (incident %s)", handler.__name__, incident)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
-        finally:
-            access.line(
-                handler.__name__,
-                context.peer(),
-                status,
-                ",".join(used) or "-",
-                (time.perf_counter() - start) * 1000,
-            )
+            _current.reset(token)
 
     return wrapper
-
-
-def key_reference(ref: pb.KeyRef, field: str = "key") -> KeyReference:
-    """The domain reference for a KeyRef; INVALID_ARGUMENT when it names nothing."""
-    which = ref.WhichOneof("selector")
-    if which is None:
-        raise InvalidArgument(
-            f"{field} is missing: set {field}.name, {field}.fingerprint or {field}.capgo_key_id"
-        )
-    if ref.version and which != "name":
-        raise InvalidArgument(f"{field}.version goes only with {field}.name")
-    if which == "name":
-        if not ref.name:
-            raise InvalidArgument(f"{field}.name is empty")
-        return KeyReference(name=ref.name, version=ref.version)
-    if which == "fingerprint":
-        fp = ref.fingerprint.lower().removeprefix("sha256:")
-        if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
-            raise InvalidArgument(f"{field}.fingerprint must be 64 hex characters (SHA-256)")
-        return KeyReference(fingerprint=fp)
-    if not ref.capgo_key_id:
-        raise InvalidArgument(f"{field}.capgo_key_id is empty")
-    return KeyReference(capgo_key_id=ref.capgo_key_id)
-
-
-def used_key(v: KeyVersion) -> pb.UsedKey:
-    """The UsedKey of a response; also records the version for the call's access-log line."""
-    used = _keys_used.get(None)
-    if used is not None:
-        used.append(f"{v.name}@{v.version}")
-    return pb.UsedKey(
-        name=v.name,
-        version=v.version,
-        fingerprint=v.fingerprint,
-        capgo_key_id=v.capgo_key_id,
-        modulus_bits=v.bits,
-    )
-
-
-def scheme_for(algorithm: int) -> operations.SignatureScheme:
-    name = _ALGORITHMS.get(algorithm)
-    if name is None:
-        allowed = ", ".join(pb.SignatureAlgorithm.Name(a) for a in _ALGORITHMS)  # type: ignore[arg-type]
-        raise InvalidArgument(f"algorithm {algorithm} is not supported; allowed: {allowed}")
-    return operations.SCHEMES[name]

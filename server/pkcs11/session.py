@@ -1,195 +1,53 @@
-"""The PKCS#11 token: the only module that imports python-pkcs11.
+"""One borrowed PKCS#11 session and what it does: sign, decrypt, unwrap, the implicit-rejection
+HMAC, and the object management the key ring and key administration need.
 
-One ``Token`` per process owns the loaded module, one logged-in session kept for the life
-of the process (login is per application: docs/design-facts.md fact 2), and a bounded pool
-of further sessions that calls borrow. Whether the pool's sessions run in parallel depends on
-the module: python-pkcs11 calls ``C_Initialize(NULL)``, which tells a module that it will not
-be called from several threads, and SoftHSM2 then disables its locking (fact 1). Through
-p11-kit's proxy the real module is initialised with OS locking, so ``threading = "parallel"``;
-any other module runs ``"serialized"`` (one lock around every call) unless the operator says
-it is thread-safe.
-
-Every PKCS#11 exception is classified here into the daemon's error types; nothing above this
-module sees a python-pkcs11 type.
+Every mechanism comes from ``server.pkcs11.mechanisms`` and every template from
+``server.pkcs11.templates``. PKCS#11 errors raised here reach ``Token.session``, which
+classifies them (``server.pkcs11.errors``).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
-import os
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-import pkcs11
-import pkcs11.exceptions as p11e
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11.mechanisms import MGF
+from pkcs11 import Attribute, KeyType, ObjectClass
 
-from server.config import TokenConfig
-from server.errors import (
-    Busy,
-    FailedPrecondition,
-    InvalidArgument,
-    KeyObjectGone,
-    MechanismUnsupported,
-    ServerError,
-    StartupError,
-    TokenNotFound,
-    TokenUnavailable,
+from server.errors import KeyObjectGone, MechanismUnsupported
+from server.pkcs11 import templates
+from server.pkcs11.errors import (
+    ATTRIBUTE_UNREADABLE,
+    CIPHERTEXT_REJECTED,
+    HANDLE_STALE,
+    MECHANISM_REFUSED,
+    SCAN_COLLIDED,
+    UNWRAP_NOT_OFFERED,
+    HalfWritten,
+    PKCS11Error,
+    classify,
 )
+from server.pkcs11.mechanisms import (
+    GENERIC_SECRET_KEY_GEN,
+    RSA_PKCS_KEY_PAIR_GEN,
+    SHA256_HMAC,
+    Mech,
+)
+from server.pkcs11.objects import KeyObjectInfo
+from server.pkcs11.templates import IMPLICIT_REJECTION_LABEL
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Errors that mean the session (or the token behind it) is gone: the session is replaced.
-_SESSION_LOST = (
-    p11e.SessionHandleInvalid,
-    p11e.SessionClosed,
-    p11e.DeviceRemoved,
-    p11e.TokenNotPresent,
-    p11e.UserNotLoggedIn,
-)
-# Errors that mean a cached object handle is stale (destroyed or re-created elsewhere).
-_HANDLE_STALE = (p11e.KeyHandleInvalid, p11e.ObjectHandleInvalid)
-
-
-def classify(exc: BaseException, what: str) -> ServerError:
-    """Maps a python-pkcs11 exception to a daemon error with a clear message."""
-    name = type(exc).__name__
-    if isinstance(exc, p11e.MechanismInvalid | p11e.MechanismParamInvalid):
-        return MechanismUnsupported(f"the token does not support {what} ({name})")
-    if isinstance(exc, p11e.FunctionNotSupported):
-        return MechanismUnsupported(f"the token does not implement {what} ({name})")
-    if isinstance(exc, p11e.DataLenRange | p11e.DataInvalid):
-        return InvalidArgument(f"the token refused the input for {what} ({name})")
-    if isinstance(exc, p11e.KeyTypeInconsistent | p11e.KeyIndigestible | p11e.FunctionRejected):
-        return FailedPrecondition(f"the key cannot be used for {what} ({name})")
-    if isinstance(exc, p11e.AttributeReadOnly):
-        return FailedPrecondition(f"the token does not allow changing this attribute ({what})")
-    if isinstance(exc, p11e.DeviceMemory | p11e.HostMemory | p11e.SessionCount):
-        return Busy(f"the token is out of resources during {what} ({name}); retry later")
-    if isinstance(exc, p11e.PKCS11Error):
-        return TokenUnavailable(f"token error during {what} ({name})")
-    return TokenUnavailable(f"unexpected error during {what} ({name})")
-
-
-@dataclass(frozen=True)
-class Mech:
-    """A PKCS#11 mechanism with its parameters, always explicit (never a library default)."""
-
-    mechanism: Mechanism
-    param: Any = None
-    description: str = ""
-
-
-#: The mechanisms hsmsign uses: one table (python-pkcs11's defaults are traps:
-#: docs/design-facts.md fact 4).
-RSA_PKCS = Mech(Mechanism.RSA_PKCS, None, "CKM_RSA_PKCS")
-RSA_PSS_SHA256 = Mech(
-    Mechanism.RSA_PKCS_PSS,
-    (Mechanism.SHA256, MGF.SHA256, 32),
-    "CKM_RSA_PKCS_PSS with SHA-256, MGF1-SHA-256, 32-byte salt",
-)
-RSA_PSS_SHA384 = Mech(
-    Mechanism.RSA_PKCS_PSS,
-    (Mechanism.SHA384, MGF.SHA384, 48),
-    "CKM_RSA_PKCS_PSS with SHA-384, MGF1-SHA-384, 48-byte salt",
-)
-RSA_PSS_SHA512 = Mech(
-    Mechanism.RSA_PKCS_PSS,
-    (Mechanism.SHA512, MGF.SHA512, 64),
-    "CKM_RSA_PKCS_PSS with SHA-512, MGF1-SHA-512, 64-byte salt",
-)
-RSA_OAEP_SHA1 = Mech(
-    Mechanism.RSA_PKCS_OAEP,
-    (Mechanism.SHA_1, MGF.SHA1, None),
-    "CKM_RSA_PKCS_OAEP with SHA-1, MGF1-SHA-1, no label",
-)
-RSA_OAEP_SHA256 = Mech(
-    Mechanism.RSA_PKCS_OAEP,
-    (Mechanism.SHA256, MGF.SHA256, None),
-    "CKM_RSA_PKCS_OAEP with SHA-256, MGF1-SHA-256, no label",
-)
-
-# Unwrap (server.unwrap): raw RSA lets PKCS#1 v1.5 padding be checked outside the token's
-# error path (implicit rejection); the HMAC key derives the rejection value inside the token.
-RSA_X_509 = Mech(Mechanism.RSA_X_509, None, "CKM_RSA_X_509 (raw RSA)")
-SHA256_HMAC = Mech(Mechanism.SHA256_HMAC, None, "CKM_SHA256_HMAC")
-GENERIC_SECRET_KEY_GEN = Mech(
-    Mechanism.GENERIC_SECRET_KEY_GEN, None, "CKM_GENERIC_SECRET_KEY_GEN (256 bits)"
-)
-
-#: Label of the per-token secret that derives PKCS#1 v1.5 implicit-rejection keys.
-IMPLICIT_REJECTION_LABEL = "hsmsign:implicit-rejection"
-
-# C_UnwrapKey not offered for this mechanism/key/template: fall back to C_Decrypt.
-_UNWRAP_NOT_OFFERED = (
-    p11e.FunctionNotSupported,
-    p11e.FunctionRejected,
-    p11e.MechanismInvalid,
-    p11e.MechanismParamInvalid,
-    p11e.ArgumentsBad,
-    p11e.KeyTypeInconsistent,
-    p11e.TemplateInconsistent,
-    p11e.TemplateIncomplete,
-    p11e.AttributeValueInvalid,
-)
-# The token refused the ciphertext itself (SoftHSM2 answers CKR_GENERAL_ERROR for every bad
-# padding, OAEP or v1.5, and for an empty or oversized input).
-_CIPHERTEXT_REJECTED = (
-    p11e.EncryptedDataInvalid,
-    p11e.EncryptedDataLenRange,
-    p11e.WrappedKeyInvalid,
-    p11e.WrappedKeyLenRange,
-    p11e.DataInvalid,
-    p11e.DataLenRange,
-    p11e.GeneralError,
-)
-# The mechanism or its parameters are refused. Our parameters come from the table above and
-# are well formed, so CKR_ARGUMENTS_BAD means the token rejects them: SoftHSM2 2.6.1 answers
-# it for OAEP with SHA-256 (docs/design-facts.md, fact 3).
-_MECHANISM_REFUSED = (p11e.MechanismInvalid, p11e.MechanismParamInvalid, p11e.ArgumentsBad)
-
-# A session-only, readable secret object: C_UnwrapKey's result is read once and destroyed.
-_SESSION_SECRET_TEMPLATE: Mapping[Attribute, Any] = {
-    Attribute.TOKEN: False,
-    Attribute.PRIVATE: True,
-    Attribute.SENSITIVE: False,
-    Attribute.EXTRACTABLE: True,
-    Attribute.ENCRYPT: False,
-    Attribute.DECRYPT: False,
-    Attribute.SIGN: False,
-    Attribute.VERIFY: False,
-    Attribute.WRAP: False,
-    Attribute.UNWRAP: False,
-    Attribute.DERIVE: False,
-}
+#: Only one thread of a process creates the implicit-rejection secret.
 _IMPLICIT_REJECTION_LOCK = threading.Lock()
 
-
-@dataclass(frozen=True)
-class KeyObjectInfo:
-    """What the token says about one private key object and its public half."""
-
-    cka_id: bytes
-    label: str
-    modulus: int
-    public_exponent: int
-    can_sign: bool
-    can_decrypt: bool
-    can_unwrap: bool
-    local: bool
-    never_extractable: bool
-    always_sensitive: bool
-    extractable: bool
-    sensitive: bool
+#: A scan that keeps colliding with another process's writes is reported after this many.
+_SCAN_ATTEMPTS = 5
 
 
 class Session:
@@ -198,6 +56,8 @@ class Session:
     def __init__(self, raw: Any) -> None:
         self.raw = raw
         self._keys: dict[bytes, Any] = {}
+        #: Handle of the implicit-rejection secret, looked up once per session.
+        self._implicit_rejection_key: Any = None
 
     def _private_key(self, cka_id: bytes) -> Any:
         key = self._keys.get(cka_id)
@@ -214,15 +74,19 @@ class Session:
         return key
 
     def forget(self, cka_id: bytes) -> None:
+        """Drops the cached handle of a key (its objects were destroyed)."""
         self._keys.pop(cka_id, None)
 
-    def _with_key(self, cka_id: bytes, what: str, op: Callable[[Any], T]) -> T:
-        """Runs op on the cached key handle; a stale handle is looked up again once."""
+    def _with_key(self, cka_id: bytes, op: Callable[[Any], T]) -> T:
+        """Runs op on the cached key handle; a stale handle is looked up again once.
+
+        Raises KeyObjectGone when the private object is no longer in the token.
+        """
         for attempt in (1, 2):
             key = self._private_key(cka_id)
             try:
                 return op(key)
-            except _HANDLE_STALE:
+            except HANDLE_STALE:
                 self.forget(cka_id)
                 if attempt == 2:
                     raise KeyObjectGone(
@@ -230,45 +94,38 @@ class Session:
                     ) from None
         raise AssertionError("unreachable")
 
+    # -- signing ------------------------------------------------------------------------------
+
     def sign(self, cka_id: bytes, mech: Mech, data: bytes) -> bytes:
         """C_Sign with an explicit mechanism over ``data`` (already a digest or encoded block)."""
         return self._with_key(
             cka_id,
-            mech.description,
             lambda k: bytes(k.sign(data, mechanism=mech.mechanism, mechanism_param=mech.param)),
         )
 
     def sign_many(self, cka_id: bytes, mech: Mech, items: Sequence[bytes]) -> list[bytes]:
+        """C_Sign of each item in order with one key lookup."""
+
         def run(k: Any) -> list[bytes]:
             return [
                 bytes(k.sign(d, mechanism=mech.mechanism, mechanism_param=mech.param))
                 for d in items
             ]
 
-        return self._with_key(cka_id, mech.description, run)
+        return self._with_key(cka_id, run)
 
-    def decrypt(self, cka_id: bytes, mech: Mech, data: bytes) -> bytes:
-        return self._with_key(
-            cka_id,
-            mech.description,
-            lambda k: bytes(k.decrypt(data, mechanism=mech.mechanism, mechanism_param=mech.param)),
-        )
-
-    # -- unwrap (server.unwrap) ---------------------------------------------------------------
-
-    #: Handle of the implicit-rejection secret, looked up once per session.
-    _implicit_rejection_key: Any = None
+    # -- unwrap (server.ops.unwrap) -----------------------------------------------------------
 
     def _rsa_private_op(
         self, cka_id: bytes, mech: Mech, op: Callable[[Any], bytes]
     ) -> bytes | None:
         try:
-            return self._with_key(cka_id, mech.description, op)
-        except _MECHANISM_REFUSED as e:
+            return self._with_key(cka_id, op)
+        except MECHANISM_REFUSED as e:
             raise MechanismUnsupported(
                 f"the token does not support {mech.description} ({type(e).__name__})"
             ) from None
-        except _CIPHERTEXT_REJECTED:
+        except CIPHERTEXT_REJECTED:
             return None
 
     def decrypt_or_none(self, cka_id: bytes, mech: Mech, data: bytes) -> bytes | None:
@@ -300,9 +157,9 @@ class Session:
                     mechanism=mech.mechanism,
                     mechanism_param=mech.param,
                     store=False,
-                    template=dict(_SESSION_SECRET_TEMPLATE),
+                    template=dict(templates.SESSION_SECRET_TEMPLATE),
                 )
-            except _UNWRAP_NOT_OFFERED:
+            except UNWRAP_NOT_OFFERED:
                 return bytes(
                     k.decrypt(wrapped, mechanism=mech.mechanism, mechanism_param=mech.param)
                 )
@@ -335,20 +192,7 @@ class Session:
                         label=IMPLICIT_REJECTION_LABEL,
                         store=True,
                         mechanism=GENERIC_SECRET_KEY_GEN.mechanism,
-                        template={
-                            Attribute.TOKEN: True,
-                            Attribute.PRIVATE: True,
-                            Attribute.SENSITIVE: True,
-                            Attribute.EXTRACTABLE: False,
-                            Attribute.MODIFIABLE: False,
-                            Attribute.SIGN: True,
-                            Attribute.VERIFY: False,
-                            Attribute.ENCRYPT: False,
-                            Attribute.DECRYPT: False,
-                            Attribute.WRAP: False,
-                            Attribute.UNWRAP: False,
-                            Attribute.DERIVE: False,
-                        },
+                        template=dict(templates.IMPLICIT_REJECTION_SECRET_TEMPLATE),
                     )
                     log.info("created the token's implicit-rejection secret")
                     key = self._find_implicit_rejection_key()
@@ -365,13 +209,13 @@ class Session:
             key = self._implicit_rejection_secret()
             try:
                 return bytes(key.sign(data, mechanism=SHA256_HMAC.mechanism))
-            except _HANDLE_STALE:
+            except HANDLE_STALE:
                 self._implicit_rejection_key = None
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    # -- object management (key ring, admin) -----------------------------------------------
+    # -- object management (key ring, key administration) -----------------------------------
 
     def find_key_objects(self, label_prefix: str) -> list[KeyObjectInfo]:
         """Every RSA private key whose label starts with ``label_prefix``, with its attributes."""
@@ -385,7 +229,7 @@ class Session:
                 if label.startswith(label_prefix):
                     info = _describe(obj)
                     if info.modulus < 3 or info.public_exponent < 3:
-                        raise _HalfWritten  # another process is still creating it
+                        raise HalfWritten  # another process is still creating it
                     out.append(info)
             return out
 
@@ -394,23 +238,28 @@ class Session:
     def generate_rsa_keypair(
         self, bits: int, label: str, cka_id: bytes, *, sign: bool, decrypt: bool
     ) -> KeyObjectInfo:
-        """Generates a key pair inside the token: sensitive, never extractable, one purpose."""
+        """Generates a key pair inside the token: sensitive, never extractable, one purpose.
+
+        Raises the classified token error when the token refuses.
+        """
         public_template = {
-            **_public_key_template(label, cka_id, sign=sign, decrypt=decrypt),
+            **templates.rsa_public_key_template(label, cka_id, sign=sign, decrypt=decrypt),
             Attribute.MODULUS_BITS: bits,
             Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01",
         }
-        private_template = _private_key_template(label, cka_id, sign=sign, decrypt=decrypt)
+        private_template = templates.rsa_private_key_template(
+            label, cka_id, sign=sign, decrypt=decrypt
+        )
         try:
             _pub, priv = self.raw.generate_keypair(
                 KeyType.RSA,
                 bits,
                 store=True,
-                mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
+                mechanism=RSA_PKCS_KEY_PAIR_GEN.mechanism,
                 public_template=public_template,
                 private_template=private_template,
             )
-        except p11e.PKCS11Error as e:
+        except PKCS11Error as e:
             raise classify(e, f"generating an RSA-{bits} key pair") from None
         return _describe(priv)
 
@@ -422,7 +271,7 @@ class Session:
                 try:
                     obj.destroy()
                     n += 1
-                except _HANDLE_STALE:
+                except HANDLE_STALE:
                     pass  # another process destroyed it first: the outcome is the same
         self.forget(cka_id)
         return n
@@ -441,23 +290,14 @@ class Session:
         return _rescan_if_changed(scan)
 
     def create_data_object(self, application: str, label: str, value: bytes) -> None:
-        self.raw.create_object(
-            {
-                Attribute.CLASS: ObjectClass.DATA,
-                Attribute.TOKEN: True,
-                Attribute.PRIVATE: True,
-                Attribute.MODIFIABLE: True,
-                Attribute.APPLICATION: application,
-                Attribute.LABEL: label,
-                Attribute.VALUE: value,
-            }
-        )
+        """Creates a CKO_DATA object on the token (``templates.data_object_template``)."""
+        self.raw.create_object(templates.data_object_template(application, label, value))
 
     def destroy_object(self, obj: Any) -> None:
         """Destroys an object returned by ``data_objects`` (state kept in data objects is
         replaced, never edited: docs/design-facts.md fact 7). One already destroyed by another
         process counts as destroyed."""
-        with contextlib.suppress(*_HANDLE_STALE):
+        with contextlib.suppress(*HANDLE_STALE):
             obj.destroy()
 
     def import_rsa_private_key(
@@ -474,6 +314,7 @@ class Session:
         ``numbers`` holds n, e, d, p, q, dmp1, dmq1, iqmp. The private object is sensitive and
         not extractable and has only its purpose's capabilities; the token reports it as not
         local (it was not generated there) and neither always sensitive nor never extractable.
+        Raises the classified token error when the token refuses; leaves no half-imported key.
         """
 
         def big(name: str) -> bytes:
@@ -481,9 +322,7 @@ class Session:
             return v.to_bytes((v.bit_length() + 7) // 8 or 1, "big")
 
         private_template = {
-            Attribute.CLASS: ObjectClass.PRIVATE_KEY,
-            Attribute.KEY_TYPE: KeyType.RSA,
-            **_private_key_template(label, cka_id, sign=sign, decrypt=decrypt),
+            **templates.rsa_private_key_template(label, cka_id, sign=sign, decrypt=decrypt),
             Attribute.MODULUS: big("n"),
             Attribute.PUBLIC_EXPONENT: big("e"),
             Attribute.PRIVATE_EXPONENT: big("d"),
@@ -494,9 +333,7 @@ class Session:
             Attribute.COEFFICIENT: big("iqmp"),
         }
         public_template = {
-            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
-            Attribute.KEY_TYPE: KeyType.RSA,
-            **_public_key_template(label, cka_id, sign=sign, decrypt=decrypt),
+            **templates.rsa_public_key_template(label, cka_id, sign=sign, decrypt=decrypt),
             Attribute.MODULUS: big("n"),
             Attribute.PUBLIC_EXPONENT: big("e"),
         }
@@ -504,28 +341,16 @@ class Session:
         try:
             priv = self.raw.create_object(private_template)
             self.raw.create_object(public_template)
-        except p11e.PKCS11Error as e:
+        except PKCS11Error as e:
             if priv is not None:  # no half-imported key left behind
-                with contextlib.suppress(p11e.PKCS11Error):
+                with contextlib.suppress(PKCS11Error):
                     priv.destroy()
             raise classify(e, "importing an RSA private key") from None
         return _describe(priv)
 
     def random(self, n: int) -> bytes:
+        """``n`` random bytes from the token's generator."""
         return bytes(self.raw.generate_random(n * 8))
-
-
-#: What a read-only scan of a SoftHSM2 file token raises while another process creates or
-#: destroys objects in it: a vanished handle, or (measured: one process generating and
-#: destroying key pairs, another scanning, 11 of 1,229 scans) CKR_FUNCTION_FAILED and
-#: CKR_GENERAL_ERROR while an object file is half written or already unlinked, or a key
-#: whose modulus reads as empty.
-class _HalfWritten(Exception):
-    """A key object whose public numbers read as empty: its file is still being written."""
-
-
-_SCAN_COLLIDED = (*_HANDLE_STALE, p11e.FunctionFailed, p11e.GeneralError, _HalfWritten)
-_SCAN_ATTEMPTS = 5
 
 
 def _rescan_if_changed(scan: Callable[[], T]) -> T:
@@ -535,51 +360,17 @@ def _rescan_if_changed(scan: Callable[[], T]) -> T:
     for attempt in range(_SCAN_ATTEMPTS):
         try:
             return scan()
-        except _SCAN_COLLIDED:
+        except SCAN_COLLIDED:
             if attempt == _SCAN_ATTEMPTS - 1:
                 raise
             time.sleep(0.005 * (attempt + 1))
     raise AssertionError("unreachable")
 
 
-def _public_key_template(label: str, cka_id: bytes, *, sign: bool, decrypt: bool) -> dict[Any, Any]:
-    """A version's public key object: on the token, readable, only its purpose's uses."""
-    return {
-        Attribute.TOKEN: True,
-        Attribute.PRIVATE: False,
-        Attribute.LABEL: label,
-        Attribute.ID: cka_id,
-        Attribute.VERIFY: sign,
-        Attribute.ENCRYPT: decrypt,
-        Attribute.WRAP: decrypt,
-        Attribute.VERIFY_RECOVER: False,
-        Attribute.DERIVE: False,
-    }
-
-
-def _private_key_template(
-    label: str, cka_id: bytes, *, sign: bool, decrypt: bool
-) -> dict[Any, Any]:
-    """A version's private key object: sensitive, never extractable, one purpose only."""
-    return {
-        Attribute.TOKEN: True,
-        Attribute.PRIVATE: True,
-        Attribute.LABEL: label,
-        Attribute.ID: cka_id,
-        Attribute.SENSITIVE: True,
-        Attribute.EXTRACTABLE: False,
-        Attribute.SIGN: sign,
-        Attribute.SIGN_RECOVER: False,
-        Attribute.DECRYPT: decrypt,
-        Attribute.UNWRAP: decrypt,
-        Attribute.DERIVE: False,
-    }
-
-
 def _flag(obj: Any, attr: Attribute) -> bool:
     try:
         return bool(obj[attr])
-    except (p11e.AttributeTypeInvalid, p11e.AttributeSensitive):
+    except ATTRIBUTE_UNREADABLE:
         return False
 
 
@@ -600,174 +391,3 @@ def _describe(priv: Any) -> KeyObjectInfo:
         extractable=_flag(priv, Attribute.EXTRACTABLE),
         sensitive=_flag(priv, Attribute.SENSITIVE),
     )
-
-
-class _Waiter:
-    __slots__ = ("gate", "session")
-
-    def __init__(self) -> None:
-        self.gate = threading.Lock()
-        self.gate.acquire()
-        self.session: Session | None = None
-
-
-class SessionPool:
-    """Sessions lent in arrival order.
-
-    A returned session goes straight to the longest-waiting caller, never to one that
-    arrives later (a plain queue lets newcomers take it first, so under load a waiter could
-    lose several times in a row: batch calls showed p99 at 3-6x their p50). Uncontended,
-    lending and returning cost one lock each.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._free: list[Session] = []
-        self._waiters: collections.deque[_Waiter] = collections.deque()
-
-    def put(self, s: Session) -> None:
-        with self._lock:
-            if self._waiters:
-                w = self._waiters.popleft()
-                w.session = s
-                w.gate.release()
-            else:
-                self._free.append(s)
-
-    def get(self, timeout: float) -> Session:
-        """Raises queue.Empty when no session came within ``timeout`` seconds."""
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-            w = _Waiter()
-            self._waiters.append(w)
-        if w.gate.acquire(timeout=timeout) and w.session is not None:
-            return w.session
-        with self._lock:
-            if w.session is not None:  # handed over just as the wait timed out
-                return w.session
-            self._waiters.remove(w)
-        raise queue.Empty
-
-    def get_nowait(self) -> Session:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        raise queue.Empty
-
-
-class Token:
-    """The loaded module, the login session and the session pool. Thread-safe."""
-
-    def __init__(self, config: TokenConfig) -> None:
-        self.config = config
-        self._serial_lock: threading.Lock | None = (
-            threading.Lock() if config.threading == "serialized" else None
-        )
-        self._pool = SessionPool()
-        self._closed = False
-        for k, v in config.environment.items():
-            os.environ[k] = v
-        if not config.module.exists():
-            raise StartupError(f"PKCS#11 module not found: {config.module} (token.module)")
-        try:
-            self._lib = pkcs11.lib(str(config.module))
-        except p11e.PKCS11Error as e:
-            raise StartupError(f"cannot load PKCS#11 module {config.module}: {e}") from None
-        try:
-            self._token = self._lib.get_token(token_label=config.label, token_serial=config.serial)
-        except p11e.NoSuchToken:
-            raise TokenNotFound(
-                f"no token with {config.describe_token()} in module {config.module}"
-            ) from None
-        except p11e.MultipleTokensReturned:
-            raise StartupError(
-                f"several tokens have {config.describe_token()}; select by serial instead"
-            ) from None
-        pin = config.pin.read()
-        try:
-            # Kept open for the life of the process: closing it would log every session out.
-            self._login = self._token.open(user_pin=pin, rw=True)
-        except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange):
-            raise StartupError(
-                f"the token refused the PIN from {config.pin.describe()} (not retried, "
-                "to avoid locking the token)"
-            ) from None
-        except p11e.PinLocked:
-            raise StartupError(
-                "the token's user PIN is locked; unlock it with the SO PIN"
-            ) from None
-        except p11e.PKCS11Error as e:
-            raise StartupError(f"cannot log in to the token: {type(e).__name__}") from None
-        finally:
-            del pin
-        for _ in range(config.sessions):
-            self._pool.put(Session(self._open_session()))
-        log.info(
-            "token %s: %d sessions, threading=%s, module %s",
-            config.describe_token(),
-            config.sessions,
-            config.threading,
-            config.module,
-        )
-
-    @property
-    def label(self) -> str:
-        return str(self._token.label)
-
-    def _open_session(self) -> Any:
-        try:
-            return self._token.open(rw=True)
-        except p11e.PKCS11Error as e:
-            raise TokenUnavailable(f"cannot open a token session ({type(e).__name__})") from None
-
-    @contextlib.contextmanager
-    def session(self, what: str) -> Iterator[Session]:
-        """Borrows a session for one operation; classifies PKCS#11 errors raised inside.
-
-        Raises Busy when no session frees up in time, TokenUnavailable when the token fails.
-        """
-        if self._closed:
-            raise TokenUnavailable("the daemon is shutting down")
-        try:
-            s = self._pool.get(timeout=self.config.session_wait_seconds)
-        except queue.Empty:
-            raise Busy(
-                f"all {self.config.sessions} token sessions stayed busy for "
-                f"{self.config.session_wait_seconds:g}s; retry later"
-            ) from None
-        lock = self._serial_lock or contextlib.nullcontext()
-        try:
-            with lock:
-                yield s
-        except ServerError:
-            raise
-        except _SESSION_LOST as e:
-            log.warning("token session lost during %s (%s); replacing it", what, type(e).__name__)
-            s = self._replace(s)
-            raise TokenUnavailable(f"the token session was lost during {what}; retry") from None
-        except p11e.PKCS11Error as e:
-            raise classify(e, what) from None
-        finally:
-            self._pool.put(s)
-
-    def _replace(self, s: Session) -> Session:
-        with contextlib.suppress(Exception):
-            s.raw.close()
-        try:
-            return Session(self._open_session())
-        except TokenUnavailable:
-            return s
-
-    def close(self) -> None:
-        """Closes the pool's sessions, then the login session, then finalises the module."""
-        self._closed = True
-        while True:
-            try:
-                s = self._pool.get_nowait()
-            except queue.Empty:
-                break
-            with contextlib.suppress(Exception):
-                s.raw.close()
-        with contextlib.suppress(Exception):
-            self._login.close()
