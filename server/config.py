@@ -94,6 +94,8 @@ def _read_secret_file(path: Path, key: str) -> str:
 DEFAULT_SESSIONS = 2
 #: Upper bound for server.processes: each process logs in and opens its own sessions.
 MAX_PROCESSES = 64
+#: server.processes when not set: ``default_processes``.
+PROCESSES_AUTO = "auto"
 #: "auto" stops here: past a few processes an HSM's own limit dominates, while every process
 #: costs the token a login and sessions. Larger machines set a number.
 MAX_AUTO_PROCESSES = 8
@@ -156,7 +158,7 @@ class ServerConfig:
     """[server]: the gRPC server and its serving processes."""
 
     #: Serving processes sharing the port (SO_REUSEPORT), each with its own token login,
-    #: session pool and threads; 1 serves from the daemon's own process (docs/adr/0003).
+    #: session pool and threads; 1 serves from the daemon's own process (docs/adr/0003-serving-processes.md).
     #: Default "auto": ``default_processes`` (one per CPU the daemon may use, at most
     #: MAX_AUTO_PROCESSES).
     processes: int
@@ -461,8 +463,8 @@ def _processes(s: _Table) -> int:
     allowed = (
         f'"auto" (one per CPU, at most {MAX_AUTO_PROCESSES}) or a number from 1 to {MAX_PROCESSES}'
     )
-    value = s.get("processes", (int, str), "auto", allowed)
-    if value == "auto":
+    value = s.get("processes", (int, str), PROCESSES_AUTO, allowed)
+    if value == PROCESSES_AUTO:
         return default_processes()
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_PROCESSES:
         raise s.error("processes", f"got {value!r}; allowed: {allowed}")

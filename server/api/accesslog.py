@@ -7,7 +7,7 @@ handler lock made the serving threads queue behind each other's writes. Here a l
 f-string and one ``os.write`` on stderr: no lock, because the kernel keeps one write of a
 short line whole, and nothing buffered, so a line survives a crash.
 
-The line is the same as the logging format's (``server.main.setup_logging``)::
+The line is the same as the logging format's (``server.main._setup_logging``)::
 
     2026-11-26 14:31:07,412 INFO [1/2] hsmsign.access: SignDigest peer=ipv4:... status=OK ...
 
