@@ -24,9 +24,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from server import config as config_mod
-from server.ops import unwrap
 from server.keyring.model import KeyReference, Purpose
 from server.keyring.ring import KeyRing
+from server.ops import unwrap
 from server.pkcs11.token import Token
 from tests.conftest import hsmsignd, make_token, write_config
 

@@ -158,7 +158,8 @@ class ServerConfig:
     """[server]: the gRPC server and its serving processes."""
 
     #: Serving processes sharing the port (SO_REUSEPORT), each with its own token login,
-    #: session pool and threads; 1 serves from the daemon's own process (docs/adr/0003-serving-processes.md).
+    #: session pool and threads; 1 serves from the daemon's own process
+    #: (docs/adr/0003-serving-processes.md).
     #: Default "auto": ``default_processes`` (one per CPU the daemon may use, at most
     #: MAX_AUTO_PROCESSES).
     processes: int

@@ -1,4 +1,5 @@
-"""Several serving processes behind one port: the daemon's process model (docs/adr/0003-serving-processes.md).
+"""Several serving processes behind one port: the daemon's process model
+(docs/adr/0003-serving-processes.md).
 
 With ``server.processes`` above 1 the process hsmsignd starts as becomes a small supervisor:
 

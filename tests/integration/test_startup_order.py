@@ -74,9 +74,7 @@ def test_a_wrong_module_is_reported_even_when_the_port_is_busy(
 def test_a_busy_port_is_reported_once_the_token_is_fine(
     own_token: TokenDir, tmp_path: Path, held_port: str, processes: int
 ) -> None:
-    cfg = write_config(
-        tmp_path / "c.toml", own_token, extra=f"[server]\nprocesses = {processes}\n"
-    )
+    cfg = write_config(tmp_path / "c.toml", own_token, extra=f"[server]\nprocesses = {processes}\n")
     r = hsmsignd(cfg, "serve", "--listen", held_port, check=False, timeout=60)
     assert r.returncode == 1, r.stderr
     assert f"cannot listen on {held_port} (in use" in r.stderr
