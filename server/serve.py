@@ -113,8 +113,10 @@ def run_serving_process(cfg: Config, listen: str, spec: ServingProcessSpec) -> i
     """One of several serving processes started by the supervisor, which has checked the
     token and reserved the port already."""
     siblings = SharedCounter(spec.counter_fd)
-    # One serving process at a time opens the token: a SoftHSM2 login that runs while another
-    # process logs in can fail (GeneralError, or the token not found for a moment).
+    # One serving process at a time loads the module and logs in: SoftHSM2 processes that do
+    # so at the same moment can miss the token ("no token with label") or fail the login
+    # (GeneralError); this was the cause of start-ups failing now and then with several
+    # serving processes.
     with siblings.objects_exclusive():
         token = _open_token(cfg)
     try:
