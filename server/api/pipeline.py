@@ -19,9 +19,12 @@ out through them in reverse. Today's stages:
 
 The flow identity -> policy -> admission -> handler -> audit -> status has seams for what
 is designed next: an identity stage (the caller from its TLS certificate or OIDC token) and a
-policy stage go between ``status`` and ``admission``; an audit stage goes between
+policy stage go between ``status`` and ``admission`` (today the only policy is KeyAdmin's
+``AdminAccess`` check, a decorator in ``server.api.admin``); an audit stage goes between
 ``admission`` and ``handler``, so it sees the handler's result before it is returned. A stage
-is a function ``(call, proceed) -> response``: add it to ``STAGES`` with its name.
+is a function ``(call, proceed) -> response`` that may read and annotate the ``Call``: add it
+to ``STAGES`` with its name. Raise a ``ServerError`` to refuse a call; never abort it
+directly (``status`` is the one place that does).
 """
 
 from __future__ import annotations
