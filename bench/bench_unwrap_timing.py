@@ -24,9 +24,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from server import config as config_mod
-from server import unwrap
-from server.keyring import KeyReference, KeyRing, Purpose
-from server.token import Token
+from server.keyring.model import KeyReference, Purpose
+from server.keyring.ring import KeyRing
+from server.ops import unwrap
+from server.pkcs11.token import Token
 from tests.conftest import hsmsignd, make_token, write_config
 
 

@@ -16,7 +16,7 @@ import sysconfig
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,37 +88,66 @@ def _read_secret_file(path: Path, key: str) -> str:
     return value
 
 
+#: token.sessions when not set: per serving process. Two suit SoftHSM2, whose signing runs on
+#: the daemon's own CPUs (docs/performance.md); an HSM that answers over the network wants
+#: about its own parallelism divided by server.processes.
+DEFAULT_SESSIONS = 2
+#: Upper bound for server.processes: each process logs in and opens its own sessions.
+MAX_PROCESSES = 64
+#: server.processes when not set: ``default_processes``.
+PROCESSES_AUTO = "auto"
+#: "auto" stops here: past a few processes an HSM's own limit dominates, while every process
+#: costs the token a login and sessions. Larger machines set a number.
+MAX_AUTO_PROCESSES = 8
+
+
 @dataclass(frozen=True)
 class TokenConfig:
-    """Which PKCS#11 module and token, and how to use it."""
+    """[token]: which PKCS#11 module and token to use, how to log in, and how to use it.
+
+    ``label`` and ``serial`` may also come from an RFC 7512 URI (``uri = "pkcs11:token=..."``);
+    the PIN from exactly one of ``pin_file``, ``pin_env`` and ``pin_credential``.
+    """
 
     #: Path of the PKCS#11 module (.so). For SoftHSM2 use p11-kit-proxy.so (thread-safe).
     module: Path
-    #: Token label to select (exactly one of label and serial, or a PKCS#11 URI).
-    label: str | None
-    serial: str | None
+    #: Where the user PIN comes from (``pin_file``, ``pin_env`` or ``pin_credential``).
     pin: PinSource
-    #: Environment variables set before the module loads (e.g. SOFTHSM2_CONF).
-    environment: Mapping[str, str]
     #: "parallel": sessions used from many threads at once (module must be thread-safe);
-    #: "serialized": every PKCS#11 call behind one lock.
+    #: "serialized": every PKCS#11 call behind one lock. Default: ``default_threading``
+    #: (parallel for a module in LOCKING_PROXIES, serialized for any other).
     threading: ThreadingMode
+    #: Token label to select (exactly one of label and serial, or a PKCS#11 URI).
+    label: str | None = None
+    #: Token serial number to select.
+    serial: str | None = None
+    #: Environment variables set before the module loads (e.g. SOFTHSM2_CONF).
+    environment: Mapping[str, str] = field(default_factory=dict)
     #: Sessions in the pool (besides the login session), in each serving process.
-    sessions: int
+    sessions: int = DEFAULT_SESSIONS
     #: Seconds a call waits for a free session before RESOURCE_EXHAUSTED.
-    session_wait_seconds: float
+    session_wait_seconds: float = 5.0
 
     def describe_token(self) -> str:
         return f"label {self.label!r}" if self.label is not None else f"serial {self.serial!r}"
 
 
+def default_threading(module: Path) -> ThreadingMode:
+    """token.threading when not set: parallel only for a module known to lock for itself."""
+    return "parallel" if module.name in LOCKING_PROXIES else "serialized"
+
+
 @dataclass(frozen=True)
 class TlsConfig:
-    """Server TLS. With ``client_ca`` set, clients must present a certificate it signed."""
+    """[server.tls]: server TLS. With ``client_ca`` set, clients must present a certificate
+    it signed."""
 
+    #: The server's certificate chain (PEM).
     cert: Path
+    #: The server's private key (PEM).
     key: Path
-    client_ca: Path | None
+    #: CA whose client certificates are required; unset: no client certificates.
+    client_ca: Path | None = None
     #: Client certificate names (subject CN or a subjectAltName) allowed to call KeyAdmin;
     #: empty: every client the CA admits.
     admin_clients: frozenset[str] = frozenset()
@@ -126,37 +155,61 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    #: host:port to listen on; port 0 picks a free port (printed at start-up).
-    listen: str
-    #: Threads serving calls, in each serving process.
-    workers: int
+    """[server]: the gRPC server and its serving processes."""
+
+    #: Serving processes sharing the port (SO_REUSEPORT), each with its own token login,
+    #: session pool and threads; 1 serves from the daemon's own process
+    #: (docs/adr/0003-serving-processes.md).
+    #: Default "auto": ``default_processes`` (one per CPU the daemon may use, at most
+    #: MAX_AUTO_PROCESSES).
+    processes: int
+    #: Threads serving calls, in each serving process. Default: ``default_threads``
+    #: (twice token.sessions, so a call can be read and answered while its neighbour signs).
+    #: Formerly ``workers``, which is still read.
+    threads: int
+    #: host:port to listen on; port 0 picks a free port (written to --ready-file).
+    listen: str = "127.0.0.1:50051"
     #: Calls admitted at once by each serving process; beyond that callers get
     #: RESOURCE_EXHAUSTED.
-    max_concurrent_calls: int
+    max_concurrent_calls: int = 256
     #: Seconds SIGTERM waits for in-flight calls before cancelling them.
-    grace_seconds: float
-    tls: TlsConfig | None
+    grace_seconds: float = 10.0
     #: Serve gRPC server reflection (for grpcurl and friends).
-    reflection: bool
-    #: Serving processes sharing the port (SO_REUSEPORT), each with its own token login,
-    #: session pool and threads; 1 serves from the main process. See docs/adr/0003.
-    processes: int = 1
+    reflection: bool = True
     #: Serve the KeyAdmin service (create, rotate, import, destroy keys) on this daemon.
     key_admin: bool = True
+    #: Server TLS; unset: plaintext.
+    tls: TlsConfig | None = None
+
+
+def default_threads(sessions: int) -> int:
+    """server.threads when not set: two per session (more only queue on the GIL)."""
+    return 2 * sessions
+
+
+def default_processes() -> int:
+    """server.processes = "auto" (the default): one per CPU, at most MAX_AUTO_PROCESSES."""
+    return min(available_cpus(), MAX_AUTO_PROCESSES)
 
 
 @dataclass(frozen=True)
 class KeyRingConfig:
+    """[keyring]: how the key ring follows the token."""
+
     #: Seconds between re-reads of the key ring from the token (changes made by other
     #: processes are seen within this bound).
-    refresh_seconds: float
-    #: Minimum delay for ScheduleKeyVersionDestruction.
-    min_destruction_delay_seconds: float
+    refresh_seconds: float = 2.0
+    #: Minimum delay for ScheduleKeyVersionDestruction, in hours.
+    min_destruction_delay_hours: float = 24.0
+
+    @property
+    def min_destruction_delay_seconds(self) -> float:
+        return self.min_destruction_delay_hours * 3600
 
 
 @dataclass(frozen=True)
 class KeyOptions:
-    """Per-key exceptions to the defaults, under [keys.NAME]."""
+    """[keys.NAME]: per-key exceptions to the defaults."""
 
     #: Use the key even if the token reports its private key as extractable.
     allow_extractable: bool = False
@@ -166,15 +219,29 @@ class KeyOptions:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole file: top-level keys and one dataclass per table."""
+
+    #: The file it was read from (relative paths in it are relative to its directory).
     path: Path
     token: TokenConfig
     server: ServerConfig
-    keyring: KeyRingConfig
+    keyring: KeyRingConfig = KeyRingConfig()
     keys: Mapping[str, KeyOptions] = field(default_factory=dict)
+    #: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
 
     def key_options(self, name: str) -> KeyOptions:
         return self.keys.get(name, KeyOptions())
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of a config dataclass field: the one place defaults are written."""
+    f = next(f for f in fields(cls) if f.name == name)
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    raise KeyError(f"{cls.__name__}.{name} has no static default")
 
 
 class _Table:
@@ -259,108 +326,6 @@ def _parse_uri(table: _Table, uri: str) -> tuple[str | None, str | None]:
     return label, serial
 
 
-def _token(root: _Table) -> TokenConfig:
-    t = root.table("token")
-    module = t.required_path("module")
-    label = t.get("label", str, None, "the token label")
-    serial = t.get("serial", str, None, "the token serial number")
-    uri = t.get("uri", str, None, "a PKCS#11 URI")
-    if uri is not None:
-        if label is not None or serial is not None:
-            raise t.error("uri", "give either uri or label/serial, not both")
-        label, serial = _parse_uri(t, uri)
-    if label is None and serial is None:
-        raise t.error("label", "is required: the token label (or give serial, or uri)")
-    if "pin" in t.data:
-        raise t.error(
-            "pin", "PINs never go in the config file; use pin_file, pin_env or pin_credential"
-        )
-    pin_file = t.path_value("pin_file")
-    pin_env = t.get("pin_env", str, None, "an environment variable name")
-    pin_cred = t.get("pin_credential", str, None, "a systemd credential name")
-    given = [x for x in (pin_file, pin_env, pin_cred) if x is not None]
-    if len(given) != 1:
-        raise t.error("pin_file", "exactly one of pin_file, pin_env, pin_credential is required")
-    env_table = t.table("environment")
-    environment: dict[str, str] = {}
-    for k, v in env_table.data.items():
-        if not isinstance(v, str):
-            raise env_table.error(k, f"got {v!r}; allowed: a string")
-        # Values that look like relative paths are relative to the config file.
-        if v.startswith(("./", "../")):
-            v = str((root.path.parent / v).resolve())
-        environment[k] = v
-        env_table.used.add(k)
-    default_threading = "parallel" if module.name in LOCKING_PROXIES else "serialized"
-    threading = t.get("threading", str, default_threading, '"parallel" or "serialized"')
-    if threading not in ("parallel", "serialized"):
-        raise t.error("threading", f'got {threading!r}; allowed: "parallel" or "serialized"')
-    sessions = t.positive("sessions", int, DEFAULT_SESSIONS, 256)
-    wait = t.positive("session_wait_seconds", float, 5.0, 600)
-    t.finish()
-    return TokenConfig(
-        module=module,
-        label=label,
-        serial=serial,
-        pin=PinSource(file=pin_file, env=pin_env, credential=pin_cred),
-        environment=environment,
-        threading=threading,
-        sessions=sessions,
-        session_wait_seconds=wait,
-    )
-
-
-#: token.sessions when not set: per serving process. Two per process measured best on the
-#: 2-core reference machine with SoftHSM2 (docs/performance.md); an HSM that answers over the
-#: network wants about its own parallelism divided by server.processes.
-DEFAULT_SESSIONS = 2
-
-
-def _server(root: _Table, sessions: int) -> ServerConfig:
-    s = root.table("server")
-    listen = s.get("listen", str, "127.0.0.1:50051", '"HOST:PORT"')
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise s.error("listen", f'got {listen!r}; allowed: "HOST:PORT" such as "127.0.0.1:50051"')
-    # Default: two threads per session, so a call can be read and answered while its
-    # neighbour signs; more only queue on the GIL (docs/performance.md).
-    workers = s.positive("workers", int, 2 * sessions, 1024)
-    max_calls = s.positive("max_concurrent_calls", int, 256, 100_000)
-    grace = s.positive("grace_seconds", float, 10.0, 3600)
-    reflection = s.get("reflection", bool, True, "true or false")
-    processes = _processes(s)
-    key_admin = s.get("key_admin", bool, True, "true or false")
-    tls: TlsConfig | None = None
-    s.used.add("tls")  # listed among the allowed keys even when absent
-    if "tls" in s.data:
-        tt = s.table("tls")
-        admin_clients = tt.get("admin_clients", list, [], "a list of client certificate names")
-        if not all(isinstance(n, str) and n for n in admin_clients):
-            raise tt.error(
-                "admin_clients", f"got {admin_clients!r}; allowed: non-empty names (strings)"
-            )
-        tls = TlsConfig(
-            cert=tt.required_path("cert"),
-            key=tt.required_path("key"),
-            client_ca=tt.path_value("client_ca"),
-            admin_clients=frozenset(admin_clients),
-        )
-        if tls.admin_clients and tls.client_ca is None:
-            raise tt.error("admin_clients", "needs client_ca: names come from client certificates")
-        tt.finish()
-    s.finish()
-    return ServerConfig(
-        listen, workers, max_calls, grace, tls, reflection, processes, key_admin=key_admin
-    )
-
-
-#: Upper bound for server.processes: each process logs in and opens its own sessions.
-MAX_PROCESSES = 64
-#: "auto" stops here: past a few processes an HSM's own limit dominates, while every process
-#: costs the token a login and sessions. Larger machines set a number.
-MAX_AUTO_PROCESSES = 8
-
-
 def _cgroup_cpu_limit() -> float | None:
     """CPUs allowed by a cgroup quota (containers: docker --cpus, Kubernetes limits.cpu)."""
     try:  # cgroup v2
@@ -389,13 +354,119 @@ def available_cpus() -> int:
     return cpus
 
 
+def _token(root: _Table) -> TokenConfig:
+    t = root.table("token")
+    module = t.required_path("module")
+    label = t.get("label", str, default_of(TokenConfig, "label"), "the token label")
+    serial = t.get("serial", str, default_of(TokenConfig, "serial"), "the token serial number")
+    uri = t.get("uri", str, None, "a PKCS#11 URI")
+    if uri is not None:
+        if label is not None or serial is not None:
+            raise t.error("uri", "give either uri or label/serial, not both")
+        label, serial = _parse_uri(t, uri)
+    if label is None and serial is None:
+        raise t.error("label", "is required: the token label (or give serial, or uri)")
+    if "pin" in t.data:
+        raise t.error(
+            "pin", "PINs never go in the config file; use pin_file, pin_env or pin_credential"
+        )
+    pin_file = t.path_value("pin_file")
+    pin_env = t.get("pin_env", str, None, "an environment variable name")
+    pin_cred = t.get("pin_credential", str, None, "a systemd credential name")
+    given = [x for x in (pin_file, pin_env, pin_cred) if x is not None]
+    if len(given) != 1:
+        raise t.error("pin_file", "exactly one of pin_file, pin_env, pin_credential is required")
+    env_table = t.table("environment")
+    environment: dict[str, str] = {}
+    for k, v in env_table.data.items():
+        if not isinstance(v, str):
+            raise env_table.error(k, f"got {v!r}; allowed: a string")
+        # Values that look like relative paths are relative to the config file.
+        if v.startswith(("./", "../")):
+            v = str((root.path.parent / v).resolve())
+        environment[k] = v
+        env_table.used.add(k)
+    threading = t.get("threading", str, default_threading(module), '"parallel" or "serialized"')
+    if threading not in ("parallel", "serialized"):
+        raise t.error("threading", f'got {threading!r}; allowed: "parallel" or "serialized"')
+    sessions = t.positive("sessions", int, default_of(TokenConfig, "sessions"), 256)
+    wait = t.positive(
+        "session_wait_seconds", float, default_of(TokenConfig, "session_wait_seconds"), 600
+    )
+    t.finish()
+    return TokenConfig(
+        module=module,
+        label=label,
+        serial=serial,
+        pin=PinSource(file=pin_file, env=pin_env, credential=pin_cred),
+        environment=environment,
+        threading=threading,
+        sessions=sessions,
+        session_wait_seconds=wait,
+    )
+
+
+def _threads(s: _Table, sessions: int) -> int:
+    """server.threads, or its former name server.workers (still read; not both)."""
+    if "workers" in s.data:
+        if "threads" in s.data:
+            raise s.error("workers", "is the former name of threads; give only threads")
+        return int(s.positive("workers", int, default_threads(sessions), 1024))
+    return int(s.positive("threads", int, default_threads(sessions), 1024))
+
+
+def _server(root: _Table, sessions: int) -> ServerConfig:
+    s = root.table("server")
+    listen = s.get("listen", str, default_of(ServerConfig, "listen"), '"HOST:PORT"')
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise s.error("listen", f'got {listen!r}; allowed: "HOST:PORT" such as "127.0.0.1:50051"')
+    threads = _threads(s, sessions)
+    max_calls = s.positive(
+        "max_concurrent_calls", int, default_of(ServerConfig, "max_concurrent_calls"), 100_000
+    )
+    grace = s.positive("grace_seconds", float, default_of(ServerConfig, "grace_seconds"), 3600)
+    reflection = s.get("reflection", bool, default_of(ServerConfig, "reflection"), "true or false")
+    processes = _processes(s)
+    key_admin = s.get("key_admin", bool, default_of(ServerConfig, "key_admin"), "true or false")
+    tls: TlsConfig | None = None
+    s.used.add("tls")  # listed among the allowed keys even when absent
+    if "tls" in s.data:
+        tt = s.table("tls")
+        admin_clients = tt.get("admin_clients", list, [], "a list of client certificate names")
+        if not all(isinstance(n, str) and n for n in admin_clients):
+            raise tt.error(
+                "admin_clients", f"got {admin_clients!r}; allowed: non-empty names (strings)"
+            )
+        tls = TlsConfig(
+            cert=tt.required_path("cert"),
+            key=tt.required_path("key"),
+            client_ca=tt.path_value("client_ca"),
+            admin_clients=frozenset(admin_clients),
+        )
+        if tls.admin_clients and tls.client_ca is None:
+            raise tt.error("admin_clients", "needs client_ca: names come from client certificates")
+        tt.finish()
+    s.finish()
+    return ServerConfig(
+        processes=processes,
+        threads=threads,
+        listen=listen,
+        max_concurrent_calls=max_calls,
+        grace_seconds=grace,
+        reflection=reflection,
+        key_admin=key_admin,
+        tls=tls,
+    )
+
+
 def _processes(s: _Table) -> int:
     allowed = (
         f'"auto" (one per CPU, at most {MAX_AUTO_PROCESSES}) or a number from 1 to {MAX_PROCESSES}'
     )
-    value = s.get("processes", (int, str), "auto", allowed)
-    if value == "auto":
-        return min(available_cpus(), MAX_AUTO_PROCESSES)
+    value = s.get("processes", (int, str), PROCESSES_AUTO, allowed)
+    if value == PROCESSES_AUTO:
+        return default_processes()
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_PROCESSES:
         raise s.error("processes", f"got {value!r}; allowed: {allowed}")
     return value
@@ -403,12 +474,19 @@ def _processes(s: _Table) -> int:
 
 def _keyring(root: _Table) -> KeyRingConfig:
     k = root.table("keyring")
-    refresh = k.positive("refresh_seconds", float, 2.0, 3600)
-    min_delay = k.get("min_destruction_delay_hours", float, 24.0, "hours, a number >= 0")
+    refresh = k.positive(
+        "refresh_seconds", float, default_of(KeyRingConfig, "refresh_seconds"), 3600
+    )
+    min_delay = k.get(
+        "min_destruction_delay_hours",
+        float,
+        default_of(KeyRingConfig, "min_destruction_delay_hours"),
+        "hours, a number >= 0",
+    )
     if min_delay < 0:
         raise k.error("min_destruction_delay_hours", f"got {min_delay!r}; allowed: a number >= 0")
     k.finish()
-    return KeyRingConfig(refresh_seconds=refresh, min_destruction_delay_seconds=min_delay * 3600)
+    return KeyRingConfig(refresh_seconds=refresh, min_destruction_delay_hours=min_delay)
 
 
 def _keys(root: _Table) -> dict[str, KeyOptions]:
@@ -417,15 +495,15 @@ def _keys(root: _Table) -> dict[str, KeyOptions]:
     for name in list(keys.data):
         kt = keys.table(name)
         out[name] = KeyOptions(
-            allow_extractable=kt.get("allow_extractable", bool, False, "true or false"),
-            allow_pkcs1v15_unwrap=kt.get("allow_pkcs1v15_unwrap", bool, False, "true or false"),
+            **{f.name: kt.get(f.name, bool, f.default, "true or false") for f in fields(KeyOptions)}
         )
         kt.finish()
     return out
 
 
 def load(path: Path) -> Config:
-    """Reads and validates a config file. Raises ConfigError naming the file and key."""
+    """Reads and validates a config file: the one loader. Raises ConfigError naming the file
+    and key."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
@@ -435,9 +513,10 @@ def load(path: Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     root = _Table(path.resolve(), "", raw)
-    level = root.get("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR").upper()
+    allowed_levels = "DEBUG, INFO, WARNING or ERROR"
+    level = root.get("log_level", str, default_of(Config, "log_level"), allowed_levels).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise root.error("log_level", f"got {level!r}; allowed: DEBUG, INFO, WARNING or ERROR")
+        raise root.error("log_level", f"got {level!r}; allowed: {allowed_levels}")
     token = _token(root)
     config = Config(
         path=root.path,
@@ -449,3 +528,26 @@ def load(path: Path) -> Config:
     )
     root.finish()
     return config
+
+
+#: Where ``hsmsignd`` reads its config when neither --config nor $HSMSIGN_CONFIG names one,
+#: in an installed package: where deploy/ (systemd unit, container, Kubernetes) puts it.
+INSTALLED_CONFIG = Path("/etc/hsmsign/hsmsignd.toml")
+#: The SoftHSM2 development config, in a source checkout (what `make run` uses).
+SOURCE_TREE_CONFIG = Path(__file__).resolve().parent.parent / "hsm_config" / "dev.toml"
+
+
+def default_config_path(
+    environ: Mapping[str, str] = os.environ, source_tree_config: Path = SOURCE_TREE_CONFIG
+) -> Path:
+    """The config file when --config is not given: $HSMSIGN_CONFIG; else, in a source
+    checkout, its hsm_config/dev.toml (the dev token's config, whose relative paths point into
+    the checkout); else INSTALLED_CONFIG. The dev config is not shipped in the package: its
+    paths name files of the checkout (softhsm/dev/), which an installed package does not have.
+    """
+    env = environ.get("HSMSIGN_CONFIG")
+    if env:
+        return Path(env)
+    if source_tree_config.is_file():
+        return source_tree_config
+    return INSTALLED_CONFIG

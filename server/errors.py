@@ -1,24 +1,31 @@
-"""Domain errors of the daemon. Each carries the gRPC status it becomes in ``server.service``.
+"""The daemon's one error root: ``ServerError``.
 
-Messages are written for the caller: one line, what was wrong and what is allowed, never a
-PIN, a session key, a digest the caller sent or any other secret.
+Every error the daemon raises on purpose is a ``ServerError``. Each class carries what it
+becomes at the two boundaries, so nothing else decides it:
+
+- ``code``: the gRPC status when it ends a call (applied only by ``server.api.pipeline``);
+- ``exit_code``: the exit status when it ends ``hsmsignd`` (applied only by ``server.main``).
+
+Call errors come one class per status; start-up errors (``StartupError`` and below) stop the
+daemon before it serves. Messages are written for the caller: one line, what was wrong and what
+is allowed, never a PIN, a session key, a digest the caller sent or any other secret.
+
+This root is the daemon's own: it does not derive from the client's ``hsmsign.errors``.
 """
 
 from __future__ import annotations
 
 import grpc
 
-from hsmsign.errors import HsmsignError
 
-
-class ServerError(HsmsignError):
-    """Root of the daemon's errors; unexpected ones map to INTERNAL."""
+class ServerError(Exception):
+    """Root of the daemon's errors; one not refined below maps to INTERNAL and exit code 1."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    exit_code: int = 1
 
-    @property
-    def status_name(self) -> str:  # type: ignore[override]
-        return str(self.code.name)
+
+# -- call errors: one class per gRPC status -------------------------------------------------
 
 
 class InvalidArgument(ServerError):
@@ -49,20 +56,32 @@ class Busy(ServerError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class TokenUnavailable(ServerError):
+class Unavailable(ServerError):
+    """Try again later: the daemon is draining, or the token failed."""
+
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class ConfigError(ServerError):
-    """The configuration file is wrong: names the file, the key and what is allowed."""
+class TokenUnavailable(Unavailable):
+    """The token failed or is out of reach."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+
+# -- start-up errors: carry the exit code ---------------------------------------------------
 
 
 class StartupError(ServerError):
-    """The daemon cannot start: module missing, token not found, login refused, ..."""
+    """The daemon cannot start: module missing, token not found, login refused, port taken."""
 
     code = grpc.StatusCode.UNAVAILABLE
+    exit_code = 1
+
+
+class ConfigError(StartupError):
+    """The configuration (or a command line) is wrong: names the file, the key and what is
+    allowed. Exit code 2, like a usage error."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    exit_code = 2
 
 
 class TokenNotFound(StartupError):

@@ -19,12 +19,14 @@ from hsmsign import _cli_keys
 from hsmsign.admin_client import read_private_key_file
 from hsmsign.errors import HsmsignError
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
-from server import admin
-from server.admin_service import KeyAdminService, key_to_pb
+from server.api.admin import KeyAdminService
+from server.api.convert import key_to_pb
 from server.config import Config
 from server.errors import InvalidArgument
-from server.keyring import Key, KeyRing, Purpose
-from server.token import Token
+from server.keyring.model import Key, Purpose
+from server.keyring.ring import KeyRing
+from server.ops import keyadmin as admin
+from server.pkcs11.token import Token
 
 _ALGORITHMS = {"rsa-2048": 2048, "rsa-3072": 3072, "rsa-4096": 4096}
 

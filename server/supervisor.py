@@ -1,15 +1,16 @@
-"""Several serving processes behind one port: the daemon's process model (docs/adr/0003).
+"""Several serving processes behind one port: the daemon's process model
+(docs/adr/0003-serving-processes.md).
 
 With ``server.processes`` above 1 the process hsmsignd starts as becomes a small supervisor:
 
-1. it checks the token once (one login attempt, so a wrong PIN costs the token one retry, not
-   one per process), reads the key ring, checks ``[keys.NAME]`` tables and makes sure the
-   token's implicit-rejection secret exists (so no two processes create one each);
-2. it reserves the port (a socket bound with SO_REUSEPORT, never listening), so a port in use
-   fails here with one clear line and port 0 picks one port for every process;
-3. it starts the serving processes (``python -m server.main ... serve --worker SPEC``), each
-   with its own PKCS#11 login, session pool and threads, all listening on the port with
-   SO_REUSEPORT so the kernel spreads connections over them;
+1. it checks the token once (``server.serve.run_daemon``, the same start-up order as a lone
+   daemon: one login attempt, so a wrong PIN costs the token one retry, not one per process;
+   the key ring, the ``[keys.NAME]`` tables and the implicit-rejection secret);
+2. then it reserves the port (a socket bound with SO_REUSEPORT, never listening), so a port in
+   use fails here with one clear line and port 0 picks one port for every process;
+3. it starts the serving processes (``python -m server.main ... serve --serving-process
+   SPEC``), each with its own PKCS#11 login, session pool and threads, all listening on the
+   port with SO_REUSEPORT so the kernel spreads connections over them;
 4. it forwards SIGTERM/SIGINT (each process drains its calls), restarts a process that dies,
    and gives up (exit 1) if they keep dying.
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import mmap
 import os
@@ -33,17 +33,15 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.config import Config
-from server.errors import StartupError
-from server.keyring import KeyRing
-from server.token import Token
+from server.errors import ConfigError, StartupError
+from server.ready import write_ready_file
 
 log = logging.getLogger("hsmsignd")
 
@@ -109,8 +107,8 @@ class SharedCounter:
 
 
 @dataclass(frozen=True)
-class WorkerSpec:
-    """What a serving process gets from its supervisor (``--worker INDEX/COUNT:C:R:L``)."""
+class ServingProcessSpec:
+    """What a serving process gets from its supervisor (``--serving-process INDEX/COUNT:C:R:L``)."""
 
     index: int
     count: int
@@ -122,14 +120,15 @@ class WorkerSpec:
         return f"{self.index}/{self.count}:{self.counter_fd}:{self.ready_fd}:{self.lifeline_fd}"
 
     @classmethod
-    def decode(cls, text: str) -> WorkerSpec:
+    def decode(cls, text: str) -> ServingProcessSpec:
+        """Raises ConfigError (a usage error) for text the supervisor did not write."""
         try:
             position, counter, ready, lifeline = text.split(":")
             index, count = position.split("/")
             return cls(int(index), int(count), int(counter), int(ready), int(lifeline))
         except ValueError:
-            raise StartupError(
-                f"--worker {text!r} is internal to hsmsignd (INDEX/COUNT:FD:FD:FD)"
+            raise ConfigError(
+                f"--serving-process {text!r} is internal to hsmsignd (INDEX/COUNT:FD:FD:FD)"
             ) from None
 
     @property
@@ -156,39 +155,6 @@ class WorkerSpec:
                 on_orphaned.set()
 
         threading.Thread(target=wait, name="lifeline", daemon=True).start()
-
-
-def listening_line(cfg: Config, address: str, label: str, ring: KeyRing, processes: int) -> str:
-    """The INFO line that says the daemon is up: where, how, which token and keys."""
-    tls = cfg.server.tls
-    how = (
-        "plaintext"
-        if tls is None
-        else "TLS" + (" with client certificates" if tls.client_ca else "")
-    )
-    keys = ", ".join(
-        f"{k.name} v{k.primary.version} sha256:{k.primary.fingerprint}"
-        for k in ring.list_keys()
-        if k.primary
-    )
-    procs = f", {processes} serving processes" if processes > 1 else ""
-    keys = keys or "no keys yet (create one with 'hsmsignd keys create NAME')"
-    return f"listening on {address} ({how}{procs}) token {label!r}; keys: {keys}"
-
-
-def preflight(cfg: Config, address: str) -> str:
-    """Checks what every serving process needs, once; returns the line to log when serving.
-    Raises the same one-line errors a single-process daemon would."""
-    token = Token(cfg.token)
-    try:
-        ring = KeyRing(token, cfg)
-        for warning in ring.check_config():
-            log.warning("%s", warning)
-        with token.session("preparing the implicit-rejection secret") as s:
-            s.implicit_rejection_mac(b"hsmsignd start-up")
-        return listening_line(cfg, address, token.label, ring, cfg.server.processes)
-    finally:
-        token.close()
 
 
 def reserve_port(listen: str) -> tuple[socket.socket, str]:
@@ -220,7 +186,7 @@ def reserve_port(listen: str) -> tuple[socket.socket, str]:
     return hold, f"{host}:{chosen}"
 
 
-class _Worker:
+class _ServingProcess:
     def __init__(self, index: int) -> None:
         self.index = index
         self.proc: subprocess.Popen[bytes] | None = None
@@ -228,19 +194,24 @@ class _Worker:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, listen: str | None, ready_file: Path | None) -> None:
+    def __init__(
+        self, cfg: Config, listen: str, ready_file: Path | None, line: Callable[[str], str]
+    ) -> None:
         self.cfg = cfg
-        self.listen = listen or cfg.server.listen
+        self.listen = listen
         self.ready_file = ready_file
+        self.line = line
         self.count = cfg.server.processes
-        self.workers = [_Worker(i + 1) for i in range(self.count)]
+        self.processes = [_ServingProcess(i + 1) for i in range(self.count)]
         self.stop = threading.Event()
         self.restarts: list[float] = []
 
     # -- starting -------------------------------------------------------------------------
 
-    def _spawn(self, w: _Worker) -> None:
-        spec = WorkerSpec(w.index, self.count, self.counter.fd, self.ready_w, self.lifeline_r)
+    def _spawn(self, w: _ServingProcess) -> None:
+        spec = ServingProcessSpec(
+            w.index, self.count, self.counter.fd, self.ready_w, self.lifeline_r
+        )
         cmd = [
             sys.executable,
             "-m",
@@ -250,7 +221,7 @@ class Supervisor:
             "serve",
             "--listen",
             self.address,
-            "--worker",
+            "--serving-process",
             spec.encode(),
         ]
         w.pid_ready = None
@@ -261,10 +232,10 @@ class Supervisor:
         )
 
     def _read_ready(self, timeout: float) -> None:
-        """Reads 'ready INDEX PID' lines until every worker is ready or ``timeout``."""
+        """Reads 'ready INDEX PID' lines until every serving process is ready or ``timeout``."""
         deadline = time.monotonic() + timeout
-        while any(w.pid_ready is None for w in self.workers):
-            for w in self.workers:
+        while any(w.pid_ready is None for w in self.processes):
+            for w in self.processes:
                 if w.pid_ready is None and w.proc is not None and w.proc.poll() is not None:
                     raise StartupError(
                         f"serving process {w.index}/{self.count} exited with code "
@@ -285,34 +256,21 @@ class Supervisor:
             parts = line.split()
             if len(parts) == 3 and parts[0] == "ready":
                 index, pid = int(parts[1]), int(parts[2])
-                w = self.workers[index - 1]
+                w = self.processes[index - 1]
                 if w.proc is not None and w.proc.pid == pid:
                     w.pid_ready = pid
 
     def _write_ready_file(self) -> None:
-        if self.ready_file is None:
-            return
-        fd, tmp = tempfile.mkstemp(dir=self.ready_file.parent, prefix=".ready-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(
-                {
-                    "address": self.address,
-                    "pid": os.getpid(),
-                    "workers": [w.proc.pid for w in self.workers if w.proc is not None],
-                },
-                f,
-            )
-        os.replace(tmp, self.ready_file)
+        if self.ready_file is not None:
+            pids = [w.proc.pid for w in self.processes if w.proc is not None]
+            write_ready_file(self.ready_file, self.address, pids)
 
     # -- running --------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Reserves the port, starts the serving processes and watches them until SIGTERM or
+        SIGINT. Raises StartupError when the port is taken or a process cannot start."""
         self.hold, self.address = reserve_port(self.listen)
-        try:
-            line = preflight(self.cfg, self.address)
-        except BaseException:
-            self.hold.close()
-            raise
         self.counter = SharedCounter.create()
         self.ready_r, self.ready_w = os.pipe()
         self.lifeline_r, lifeline_w = os.pipe()
@@ -331,10 +289,10 @@ class Supervisor:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         try:
-            for w in self.workers:
+            for w in self.processes:
                 self._spawn(w)
             self._read_ready(START_TIMEOUT)
-            log.info("%s", line)
+            log.info("%s", self.line(self.address))
             self._write_ready_file()
             return self._watch()
         finally:
@@ -346,7 +304,7 @@ class Supervisor:
         while not self.stop.wait(0.2):
             if select.select([self.ready_r], [], [], 0)[0]:
                 self._take_ready_lines()
-            for w in self.workers:
+            for w in self.processes:
                 code = w.proc.poll() if w.proc is not None else None
                 if w.proc is None or code is None or self.stop.is_set():
                     continue
@@ -375,7 +333,7 @@ class Supervisor:
         return 0
 
     def _stop_all(self) -> None:
-        running = [w.proc for w in self.workers if w.proc is not None and w.proc.poll() is None]
+        running = [w.proc for w in self.processes if w.proc is not None and w.proc.poll() is None]
         for p in running:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
@@ -391,5 +349,7 @@ class Supervisor:
             log.info("stopped")
 
 
-def run(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
-    return Supervisor(cfg, listen, ready_file).run()
+def run(cfg: Config, listen: str, ready_file: Path | None, line: Callable[[str], str]) -> int:
+    """Supervises ``server.processes`` serving processes on ``listen``; ``line`` makes the
+    listening line for the address they serve on. Returns the exit code."""
+    return Supervisor(cfg, listen, ready_file, line).run()

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from server import accesslog, main
+from server import main
+from server.api import accesslog
 
 LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO \[1/2\] hsmsign\.access: "

@@ -16,8 +16,10 @@ from tests.conftest import HSMSIGND, REPO, hsmsignd, make_token, write_config
 SCRIPT = textwrap.dedent("""
     import json, subprocess, sys, time
     from pathlib import Path
-    from server import config as cfgmod, keyring as kr
-    from server.token import Session, Token
+    from server import config as cfgmod
+    from server.keyring import ring as kr
+    from server.pkcs11.session import Session
+    from server.pkcs11.token import Token
 
     config, hsmsignd = sys.argv[1], sys.argv[2]
     cfg = cfgmod.load(Path(config))

@@ -9,7 +9,8 @@ from typing import Any, cast
 
 import pytest
 
-from server.token import Session, SessionPool
+from server.pkcs11.pool import SessionPool
+from server.pkcs11.session import Session
 
 
 def _session(name: str) -> Session:

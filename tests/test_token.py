@@ -60,9 +60,11 @@ WORKLOAD = textwrap.dedent("""
     from cryptography.hazmat.primitives.asymmetric import padding
     from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
     from cryptography.hazmat.primitives import hashes
-    from server import config as cfgmod, operations
-    from server.keyring import KeyRing, KeyReference, Purpose
-    from server.token import Token
+    from server import config as cfgmod
+    from server.ops import signing as operations
+    from server.keyring.model import KeyReference, Purpose
+    from server.keyring.ring import KeyRing
+    from server.pkcs11.token import Token
 
     cfg = cfgmod.load(Path(sys.argv[1]))
     token = Token(cfg.token)

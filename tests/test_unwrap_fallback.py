@@ -19,10 +19,14 @@ SCRIPT = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     from cryptography.hazmat.primitives.asymmetric import padding
-    from server import config as cfgmod, unwrap
+    from server import config as cfgmod
+    from server.ops import unwrap
     from server.errors import MechanismUnsupported
-    from server.keyring import KeyRing, KeyReference, Purpose
-    from server.token import RSA_X_509, Session, Token
+    from server.keyring.model import KeyReference, Purpose
+    from server.keyring.ring import KeyRing
+    from server.pkcs11.mechanisms import RSA_X_509
+    from server.pkcs11.session import Session
+    from server.pkcs11.token import Token
 
     calls = {"raw": 0, "pkcs": 0}
     real = Session.decrypt_or_none

@@ -5,7 +5,7 @@ so a running daemon and an offline ceremony see the same ring. A new version is 
 steps: its number is reserved in the state (so two processes rotating at once cannot both make
 "v3"), the key pair is generated (or imported) in the token, then the version is recorded as
 enabled. Each function raises KeyNotFound, InvalidArgument or FailedPrecondition with a
-one-line message, and token errors as classified by ``server.token``.
+one-line message, and token errors as classified by ``server.pkcs11.errors``.
 """
 
 from __future__ import annotations
@@ -20,23 +20,23 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hsmsign import keyformats
 from server.errors import FailedPrecondition, InvalidArgument, KeyNotFound
-from server.keyring import (
+from server.keyring.model import (
     ALLOWED_BITS,
     PENDING,
     Key,
-    KeyRecord,
-    KeyRing,
     KeyVersion,
     Purpose,
-    RingState,
     State,
-    VersionRecord,
     check_name,
     now_utc,
     spki_b64,
     version_label,
 )
-from server.token import KeyObjectInfo, Session, Token
+from server.keyring.ring import KeyRing
+from server.keyring.state import KeyRecord, RingState, VersionRecord
+from server.pkcs11.objects import KeyObjectInfo
+from server.pkcs11.session import Session
+from server.pkcs11.token import Token
 
 log = logging.getLogger(__name__)
 

@@ -13,29 +13,15 @@ import logging
 import grpc
 
 from hsmsign.v1 import hsmsign_pb2 as pb
-from server import unwrap
+from server.api.convert import key_reference, unwrap_scheme, used_key
+from server.api.pipeline import rpc
 from server.config import Config
-from server.errors import InvalidArgument
-from server.keyring import KeyRing, Purpose
-from server.rpc import key_reference, rpc, used_key
-from server.token import Token
+from server.keyring.model import Purpose
+from server.keyring.ring import KeyRing
+from server.ops import unwrap
+from server.pkcs11.token import Token
 
 log = logging.getLogger(__name__)
-
-_SCHEMES: dict[int, str] = {
-    pb.UNWRAP_SCHEME_RSA_OAEP_SHA1: "rsa-oaep-sha1",
-    pb.UNWRAP_SCHEME_RSA_OAEP_SHA256: "rsa-oaep-sha256",
-    pb.UNWRAP_SCHEME_RSA_PKCS1_V15: "rsa-pkcs1v15",
-}
-
-
-def unwrap_scheme(value: int, field: str) -> unwrap.UnwrapScheme:
-    """The domain scheme for an UnwrapScheme value; INVALID_ARGUMENT when unset or unknown."""
-    name = _SCHEMES.get(value)
-    if name is None:
-        allowed = ", ".join(pb.UnwrapScheme.Name(v) for v in _SCHEMES)  # type: ignore[arg-type]
-        raise InvalidArgument(f"{field} {value} is not supported; allowed: {allowed}")
-    return unwrap.SCHEMES[name]
 
 
 def _input_digest(wrapped: bytes) -> str:

@@ -1,13 +1,13 @@
 """The access log: one line per call, written with a single write(2).
 
 Every call writes one line, so this is the only output on the signing path. Through the
-logging module a line cost about twice the rest of hsmsign's per-call Python (a LogRecord,
-the Formatter, the handler's lock held across the write; docs/performance.md), and under
-load the handler lock made the serving threads queue behind each other's writes. Here a
-line is one f-string and one ``os.write`` on stderr: no lock, because the kernel keeps one
-write of a short line whole, and nothing buffered, so a line survives a crash as before.
+logging module a line costs more than the rest of hsmsign's per-call Python (a LogRecord, the
+Formatter, the handler's lock held across the write; docs/performance.md), and under load the
+handler lock made the serving threads queue behind each other's writes. Here a line is one
+f-string and one ``os.write`` on stderr: no lock, because the kernel keeps one write of a
+short line whole, and nothing buffered, so a line survives a crash.
 
-The line is the same as the logging format's (``server.main``)::
+The line is the same as the logging format's (``server.main._setup_logging``)::
 
     2026-11-26 14:31:07,412 INFO [1/2] hsmsign.access: SignDigest peer=ipv4:... status=OK ...
 

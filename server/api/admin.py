@@ -1,7 +1,8 @@
 """The KeyAdmin gRPC service: the calls security teams make.
 
-Each handler turns the request into domain values, calls ``server.admin`` and answers with the
-key as it now is. Errors become status codes in ``server.service.rpc`` (the one mapping).
+Each handler turns the request into domain values (``server.api.convert``), calls
+``server.ops.keyadmin`` and answers with the key as it now is. Errors become status codes in
+the call pipeline (``server.api.pipeline``, the one mapping).
 Nothing here logs key material: ImportKey's private key is passed through, never printed.
 """
 
@@ -9,112 +10,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, TypeVar, cast
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from hsmsign import keyformats
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
-from server import admin
+from server.api.convert import key_bits, key_to_pb, purpose, version_number
+from server.api.pipeline import rpc
 from server.config import Config, ServerConfig
 from server.errors import InvalidArgument, PermissionDenied
-from server.keyring import Key, KeyRing, KeyVersion, Purpose, State
-from server.rpc import rpc
-from server.token import Token
-
-_PURPOSES: dict[pb.KeyPurpose.ValueType, Purpose] = {
-    pb.KEY_PURPOSE_SIGN: Purpose.SIGN,
-    pb.KEY_PURPOSE_UNWRAP: Purpose.UNWRAP,
-}
-_PURPOSE_PB = {v: k for k, v in _PURPOSES.items()}
-_ALGORITHMS: dict[pb.KeyAlgorithm.ValueType, int] = {
-    pb.KEY_ALGORITHM_RSA_2048: 2048,
-    pb.KEY_ALGORITHM_RSA_3072: 3072,
-    pb.KEY_ALGORITHM_RSA_4096: 4096,
-}
-_ALGORITHM_PB = {v: k for k, v in _ALGORITHMS.items()}
-_STATES: dict[State, pb.KeyVersionState.ValueType] = {
-    State.ENABLED: pb.KEY_VERSION_STATE_ENABLED,
-    State.DISABLED: pb.KEY_VERSION_STATE_DISABLED,
-    State.DESTRUCTION_SCHEDULED: pb.KEY_VERSION_STATE_DESTRUCTION_SCHEDULED,
-    State.DESTROYED: pb.KEY_VERSION_STATE_DESTROYED,
-}
-
-
-def _timestamp(t: object) -> Timestamp | None:
-    if not isinstance(t, datetime):
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(t)
-    return ts
-
-
-def version_to_pb(v: KeyVersion) -> pb.KeyVersion:
-    destroyed = v.state is State.DESTROYED
-    out = pb.KeyVersion(
-        version=v.version,
-        state=_STATES[v.state],
-        fingerprint=v.fingerprint,
-        capgo_key_id=v.capgo_key_id,
-        provenance=pb.Provenance(
-            local=v.info.local,
-            never_extractable=v.info.never_extractable,
-            always_sensitive=v.info.always_sensitive,
-            extractable=v.info.extractable,
-            sensitive=v.info.sensitive,
-            imported=v.imported,
-        )
-        if not destroyed
-        else pb.Provenance(imported=v.imported),
-        spki_pem=keyformats.spki_pem(v.public_key),
-        pkcs1_pem=keyformats.pkcs1_pem(v.public_key),
-        primary=v.primary,
-    )
-    created = _timestamp(v.created_at)
-    if created is not None:
-        out.created_at.CopyFrom(created)
-    destroy_at = _timestamp(v.destroy_at)
-    if destroy_at is not None and v.state in (State.DESTRUCTION_SCHEDULED, State.DESTROYED):
-        out.destroy_at.CopyFrom(destroy_at)
-    return out
-
-
-def key_to_pb(key: Key) -> pb.Key:
-    return pb.Key(
-        name=key.name,
-        purpose=_PURPOSE_PB[key.purpose],
-        algorithm=_ALGORITHM_PB.get(key.bits, pb.KEY_ALGORITHM_UNSPECIFIED),
-        primary_version=key.primary.version if key.primary else 0,
-        versions=[version_to_pb(v) for v in key.versions],
-    )
-
-
-def _purpose(value: int, field: str = "purpose") -> Purpose:
-    try:
-        return _PURPOSES[pb.KeyPurpose.ValueType(value)]
-    except KeyError:
-        raise InvalidArgument(
-            f"{field} must be KEY_PURPOSE_SIGN or KEY_PURPOSE_UNWRAP (got {value})"
-        ) from None
-
-
-def _bits(value: int) -> int:
-    try:
-        return _ALGORITHMS[pb.KeyAlgorithm.ValueType(value)]
-    except KeyError:
-        raise InvalidArgument(
-            "algorithm must be KEY_ALGORITHM_RSA_2048, _3072 or _4096 "
-            f"(got {value}); Capgo needs RSA-2048"
-        ) from None
-
-
-def _version(value: int) -> int:
-    if value == 0:
-        raise InvalidArgument("version is required (1, 2, ...)")
-    return value
+from server.keyring.ring import KeyRing
+from server.ops import keyadmin
+from server.pkcs11.token import Token
 
 
 class AdminAccess:
@@ -197,15 +106,19 @@ class KeyAdminService(pb_grpc.KeyAdminServicer):
     @rpc
     @_admin
     def CreateKey(self, request: pb.CreateKeyRequest, context: grpc.ServicerContext) -> pb.Key:
-        v = admin.create_key(
-            self.token, self.ring, request.name, _purpose(request.purpose), _bits(request.algorithm)
+        v = keyadmin.create_key(
+            self.token,
+            self.ring,
+            request.name,
+            purpose(request.purpose),
+            key_bits(request.algorithm),
         )
         return self._key(v.name)
 
     @rpc
     @_admin
     def RotateKey(self, request: pb.RotateKeyRequest, context: grpc.ServicerContext) -> pb.Key:
-        v = admin.rotate_key(self.ring, request.name, request.make_primary)
+        v = keyadmin.rotate_key(self.ring, request.name, request.make_primary)
         return self._key(v.name)
 
     @rpc
@@ -227,21 +140,27 @@ class KeyAdminService(pb_grpc.KeyAdminServicer):
     def SetPrimaryVersion(
         self, request: pb.KeyVersionRequest, context: grpc.ServicerContext
     ) -> pb.Key:
-        return key_to_pb(admin.set_primary(self.ring, request.name, _version(request.version)))
+        return key_to_pb(
+            keyadmin.set_primary(self.ring, request.name, version_number(request.version))
+        )
 
     @rpc
     @_admin
     def DisableKeyVersion(
         self, request: pb.KeyVersionRequest, context: grpc.ServicerContext
     ) -> pb.Key:
-        return key_to_pb(admin.disable_version(self.ring, request.name, _version(request.version)))
+        return key_to_pb(
+            keyadmin.disable_version(self.ring, request.name, version_number(request.version))
+        )
 
     @rpc
     @_admin
     def EnableKeyVersion(
         self, request: pb.KeyVersionRequest, context: grpc.ServicerContext
     ) -> pb.Key:
-        return key_to_pb(admin.enable_version(self.ring, request.name, _version(request.version)))
+        return key_to_pb(
+            keyadmin.enable_version(self.ring, request.name, version_number(request.version))
+        )
 
     @rpc
     @_admin
@@ -254,7 +173,9 @@ class KeyAdminService(pb_grpc.KeyAdminServicer):
             else None
         )
         return key_to_pb(
-            admin.schedule_destruction(self.ring, request.name, _version(request.version), delay)
+            keyadmin.schedule_destruction(
+                self.ring, request.name, version_number(request.version), delay
+            )
         )
 
     @rpc
@@ -263,7 +184,7 @@ class KeyAdminService(pb_grpc.KeyAdminServicer):
         self, request: pb.KeyVersionRequest, context: grpc.ServicerContext
     ) -> pb.Key:
         return key_to_pb(
-            admin.cancel_destruction(self.ring, request.name, _version(request.version))
+            keyadmin.cancel_destruction(self.ring, request.name, version_number(request.version))
         )
 
     @rpc
@@ -271,10 +192,10 @@ class KeyAdminService(pb_grpc.KeyAdminServicer):
     def ImportKey(self, request: pb.ImportKeyRequest, context: grpc.ServicerContext) -> pb.Key:
         if not request.private_key_der:
             raise InvalidArgument("private_key_der is empty")
-        v = admin.import_key(
+        v = keyadmin.import_key(
             self.ring,
             request.name,
-            _purpose(request.purpose),
+            purpose(request.purpose),
             request.private_key_der,
             request.make_primary,
         )

@@ -1,7 +1,7 @@
 """Session-key unwrap and rewrap with a key version whose purpose is unwrap.
 
 The private key never leaves the token; the session key does (it is the caller's result).
-Three schemes, each one fixed mechanism from ``server.token``'s table:
+Three schemes, each one fixed mechanism from ``server.pkcs11.mechanisms``:
 
 - RSA-OAEP with SHA-1 or SHA-256 (MGF1 of the same hash, empty label): C_UnwrapKey into a
   session object that is read and destroyed, or C_Decrypt where the token lacks unwrap. Every
@@ -25,8 +25,10 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 from server.config import KeyOptions
 from server.errors import FailedPrecondition, InvalidArgument, MechanismUnsupported
-from server.keyring import KeyVersion
-from server.token import RSA_OAEP_SHA1, RSA_OAEP_SHA256, RSA_PKCS, RSA_X_509, Mech, Session, Token
+from server.keyring.model import KeyVersion
+from server.pkcs11.mechanisms import RSA_OAEP_SHA1, RSA_OAEP_SHA256, RSA_PKCS, RSA_X_509, Mech
+from server.pkcs11.session import Session
+from server.pkcs11.token import Token
 
 #: Length of a PKCS#1 v1.5 session key, and of the implicit-rejection key: AES-128, as in
 #: Capgo's bundles. A v1.5 plaintext of any other length is treated like bad padding (a

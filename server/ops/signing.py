@@ -1,7 +1,7 @@
-"""The cryptographic operations, as plain functions of (token, key version, bytes).
+"""Signing operations, as plain functions of (token, key version, bytes).
 
-Every mechanism and parameter comes from the tables here and in ``server.token``; nothing
-relies on python-pkcs11's defaults (docs/design-facts.md, fact 4).
+Every mechanism and parameter comes from ``server.pkcs11.mechanisms``; nothing relies on
+python-pkcs11's defaults (docs/design-facts.md, fact 4).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from server.errors import InvalidArgument
-from server.keyring import KeyVersion
-from server.token import RSA_PKCS, RSA_PSS_SHA256, RSA_PSS_SHA384, RSA_PSS_SHA512, Mech, Token
+from server.keyring.model import KeyVersion
+from server.pkcs11.mechanisms import RSA_PKCS, RSA_PSS_SHA256, RSA_PSS_SHA384, RSA_PSS_SHA512, Mech
+from server.pkcs11.token import Token
 
 #: Most digests one batch call may carry.
 MAX_BATCH = 10_000
@@ -23,8 +24,8 @@ MAX_BATCH = 10_000
 #: one handoff to a helper thread costs far less than one RSA signature, but not nothing.
 MIN_DIGESTS_PER_SESSION = 8
 
-# Helper threads that sign the further parts of a split batch (docs/performance.md): one
-# session is one core of a software token, so a batch on one session used half the machine.
+# Helper threads that sign the further parts of a split batch: one session is one core of a
+# software token, so a batch on one session would use one core only.
 _BATCH_HELPERS = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="batch")
 
 
@@ -97,14 +98,15 @@ def sign_digests(
     if len(digests) > MAX_BATCH:
         raise InvalidArgument(f"{len(digests)} digests in one call; at most {MAX_BATCH:,} allowed")
     blocks = [_check_digest(scheme, d, f"digests[{i}]") for i, d in enumerate(digests)]
-    return _sign_blocks(token, key, scheme.mech, blocks, f"signing with {scheme.mech.description}")
+    return sign_blocks(token, key, scheme.mech, blocks, f"signing with {scheme.mech.description}")
 
 
-def _sign_blocks(
+def sign_blocks(
     token: Token, key: KeyVersion, mech: Mech, blocks: Sequence[bytes], what: str
 ) -> list[bytes]:
-    """Signs blocks in order; a large batch is split across sessions signing in parallel
-    (one SoftHSM2 session signs on one core)."""
+    """Signs already-encoded blocks in order with ``mech``; a large batch is split across
+    sessions signing in parallel (one SoftHSM2 session signs on one core). Only the operations
+    in ``server.ops`` call this, after checking every block's length."""
 
     def sign_part(part: Sequence[bytes]) -> list[bytes]:
         with token.session(what) as s:
@@ -133,12 +135,3 @@ def _parallel_sessions(token: Token) -> int:
     if token.config.threading == "serialized":
         return 1
     return max(1, min(token.config.sessions, os.cpu_count() or 1))
-
-
-def private_encrypt(token: Token, key: KeyVersion, blocks: Sequence[bytes]) -> list[bytes]:
-    """CKM_RSA_PKCS C_Sign over raw bytes: OpenSSL's RSA private-encrypt with PKCS#1 type 1.
-
-    This signs whatever it is given, so only purpose-built callers that have checked their
-    input lengths (Capgo's 16-byte session key, 32/48-byte checksum inputs) may use it.
-    """
-    return _sign_blocks(token, key, RSA_PKCS, list(blocks), "Capgo private-encrypt (CKM_RSA_PKCS)")

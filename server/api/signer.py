@@ -1,7 +1,7 @@
 """The Signer gRPC servicer: one class composed of a mixin per capability.
 
-Handlers convert requests to domain values, call ``server.operations`` and convert back;
-``server.rpc`` holds the decorator that maps errors to status codes.
+Handlers convert requests to domain values (``server.api.convert``), call ``server.ops`` and
+convert back; every handler runs inside the call pipeline (``server.api.pipeline.rpc``).
 """
 
 from __future__ import annotations
@@ -11,17 +11,15 @@ import grpc
 from hsmsign import keyformats
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
-from server import operations
+from server.api.capgo import CapgoCalls
+from server.api.convert import key_reference, signature_scheme, used_key
+from server.api.pipeline import rpc
+from server.api.unwrap import UnwrapCalls
 from server.config import Config
-from server.keyring import KeyRing, KeyVersion, Purpose
-
-# Re-exported for the capability mixins.
-from server.rpc import key_reference, rpc, scheme_for, used_key
-from server.service_capgo import CapgoCalls
-from server.service_unwrap import UnwrapCalls
-from server.token import Token
-
-__all__ = ["SignerService", "key_reference", "rpc", "used_key"]
+from server.keyring.model import KeyVersion, Purpose
+from server.keyring.ring import KeyRing
+from server.ops import signing
+from server.pkcs11.token import Token
 
 
 class SignerService(CapgoCalls, UnwrapCalls, pb_grpc.SignerServicer):
@@ -29,7 +27,7 @@ class SignerService(CapgoCalls, UnwrapCalls, pb_grpc.SignerServicer):
 
     def __init__(self, token: Token, ring: KeyRing, config: Config) -> None:
         self.token, self.ring, self.config = token, ring, config
-        # Signer calls are side-effect free: server.rpc may run one again after re-reading
+        # Signer calls are side-effect free: the pipeline may run one again after re-reading
         # this ring when the token says a version's object was destroyed meanwhile.
         self.retry_ring = ring
         # Public-key encodings by fingerprint: a version's public key never changes, and
@@ -62,16 +60,16 @@ class SignerService(CapgoCalls, UnwrapCalls, pb_grpc.SignerServicer):
     def SignDigest(
         self, request: pb.SignDigestRequest, context: grpc.ServicerContext
     ) -> pb.SignDigestResponse:
-        scheme = scheme_for(request.algorithm)
+        scheme = signature_scheme(request.algorithm)
         key = self._signing_key(request.key)
-        sig = operations.sign_digest(self.token, key, scheme, request.digest)
+        sig = signing.sign_digest(self.token, key, scheme, request.digest)
         return pb.SignDigestResponse(key=used_key(key), signature=sig)
 
     @rpc
     def SignDigests(
         self, request: pb.SignDigestsRequest, context: grpc.ServicerContext
     ) -> pb.SignDigestsResponse:
-        scheme = scheme_for(request.algorithm)
+        scheme = signature_scheme(request.algorithm)
         key = self._signing_key(request.key)
-        sigs = operations.sign_digests(self.token, key, scheme, list(request.digests))
+        sigs = signing.sign_digests(self.token, key, scheme, list(request.digests))
         return pb.SignDigestsResponse(key=used_key(key), signatures=sigs)

@@ -1,0 +1,205 @@
+"""The call pipeline: every RPC handler runs inside the same named stages.
+
+A call passes the stages in ``STAGES`` from the outside in, then the handler, and comes back
+out through them in reverse. Today's stages:
+
+``access_log``
+    one access-log line per call (method, peer, status, key versions used, duration);
+    never what the caller sent.
+``status``
+    the one place where errors become gRPC status codes: a ``ServerError`` ends the call with
+    its ``code`` and its one-line message; anything else with INTERNAL and an incident id
+    (the traceback stays in the daemon's log).
+``admission``
+    refuses calls once the process is draining (SIGTERM) and counts the calls in flight, so
+    that draining can wait for them.
+``handler``
+    runs the servicer's method; a Signer call whose key object another process destroyed
+    meanwhile is answered again after a re-read of the ring (``retry_ring``).
+
+The flow identity -> policy -> admission -> handler -> audit -> status has seams for what
+is designed next: an identity stage (the caller from its TLS certificate or OIDC token) and a
+policy stage go between ``status`` and ``admission`` (today the only policy is KeyAdmin's
+``AdminAccess`` check, a decorator in ``server.api.admin``); an audit stage goes between
+``admission`` and ``handler``, so it sees the handler's result before it is returned. A stage
+is a function ``(call, proceed) -> response`` that may read and annotate the ``Call``: add it
+to ``STAGES`` with its name. Raise a ``ServerError`` to refuse a call; never abort it
+directly (``status`` is the one place that does).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+import grpc
+
+from server.api.accesslog import access
+from server.errors import KeyObjectGone, ServerError, Unavailable
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.ServicerContext], Resp]
+
+
+@dataclass(slots=True)
+class Call:
+    """One call as it passes the stages."""
+
+    method: str
+    servicer: Any
+    request: Any
+    context: grpc.ServicerContext
+    #: The status the call ended with, by name (set by the ``status`` stage).
+    status: str = "OK"
+    #: Key versions the call used ("name@version"), for its log line and audit record.
+    keys_used: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+
+#: What a stage calls to run the rest of the pipeline.
+Proceed = Callable[[Call], Any]
+#: One stage: does its part before and after ``proceed(call)``.
+Stage = Callable[[Call, Proceed], Any]
+
+
+class _Calls:
+    """Calls in flight in this process, and whether it is draining (SIGTERM received)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.in_flight = 0
+        self.draining = False
+
+    def drain(self, timeout: float) -> bool:
+        """Refuses new calls from now on; waits up to ``timeout`` seconds for the ones in
+        flight to return. True when none is left."""
+        with self.cond:
+            self.draining = True
+            return self.cond.wait_for(lambda: self.in_flight == 0, timeout)
+
+
+#: This process's calls (``server.serve`` drains them on SIGTERM).
+calls = _Calls()
+
+#: The call running in this thread (``note_key_used`` records into it).
+_current: contextvars.ContextVar[Call] = contextvars.ContextVar("call")
+
+
+def note_key_used(name: str, version: int) -> None:
+    """Records that the running call used a key version (``server.api.convert.used_key``)."""
+    call = _current.get(None)
+    if call is not None:
+        call.keys_used.append(f"{name}@{version}")
+
+
+# -- the stages -------------------------------------------------------------------------------
+
+
+def access_log_stage(call: Call, proceed: Proceed) -> Any:
+    try:
+        return proceed(call)
+    finally:
+        access.line(
+            call.method,
+            call.context.peer(),
+            call.status,
+            ",".join(call.keys_used) or "-",
+            (time.perf_counter() - call.started) * 1000,
+        )
+
+
+def status_stage(call: Call, proceed: Proceed) -> Any:
+    try:
+        return proceed(call)
+    except ServerError as e:
+        call.status = e.code.name
+        call.context.abort(e.code, str(e))
+    except Exception:
+        incident = uuid.uuid4().hex[:12]
+        call.status = "INTERNAL"
+        log.exception("internal error in %s (incident %s)", call.method, incident)
+        call.context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
+
+
+def admission_stage(call: Call, proceed: Proceed) -> Any:
+    with calls.cond:
+        refused = calls.draining
+        if not refused:
+            calls.in_flight += 1
+    if refused:
+        raise Unavailable("hsmsignd is shutting down; retry")
+    try:
+        return proceed(call)
+    finally:
+        with calls.cond:
+            calls.in_flight -= 1
+            if calls.in_flight == 0:
+                calls.cond.notify_all()
+
+
+#: The stages, outermost first (see the module docstring for where new ones go).
+STAGES: Final[tuple[tuple[str, Stage], ...]] = (
+    ("access_log", access_log_stage),
+    ("status", status_stage),
+    # identity, policy: here
+    ("admission", admission_stage),
+    # audit: here
+)
+
+
+def _handler_stage(handler: Handler[Any, Any]) -> Proceed:
+    def run(call: Call) -> Any:
+        try:
+            return handler(call.servicer, call.request, call.context)
+        except KeyObjectGone:
+            # Another process destroyed the version between this process's last read of the
+            # ring and the token call: re-read and answer as the ring now says (the version
+            # shows as destroyed). Signer calls have no side effects, so running the call
+            # again is safe; KeyAdmin calls (no retry_ring) are not retried.
+            ring = getattr(call.servicer, "retry_ring", None)
+            if ring is None:
+                raise
+            ring.refresh()
+            call.keys_used.clear()
+            return handler(call.servicer, call.request, call.context)
+
+    return run
+
+
+def _bind(stage: Stage, proceed: Proceed) -> Proceed:
+    return lambda call: stage(call, proceed)
+
+
+def _compose(stages: tuple[tuple[str, Stage], ...], innermost: Proceed) -> Proceed:
+    run = innermost
+    for _name, stage in reversed(stages):
+        run = _bind(stage, run)
+    return run
+
+
+def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Runs a servicer method inside the pipeline's stages."""
+    run = _compose(STAGES, _handler_stage(handler))
+    method = handler.__name__
+
+    @functools.wraps(handler)
+    def wrapper(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
+        call = Call(method, self, request, context)
+        token = _current.set(call)
+        try:
+            result: Resp = run(call)
+            return result
+        finally:
+            _current.reset(token)
+
+    return wrapper

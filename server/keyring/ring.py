@@ -1,0 +1,387 @@
+"""The key ring as requests see it: a cached join of the token's key objects and the state
+document, refreshed from the token, and the one way to change the state (``KeyRing.update``).
+
+Every ``keyring.refresh_seconds`` a daemon reads the state document, and reads the key objects
+again when the state changed, when a destruction falls due, and at least every
+``FULL_SCAN_SECONDS``; at once when a request names something unknown. The choice and its
+residual race are written down in docs/adr/0002-key-ring-state.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from server.config import Config
+from server.errors import FailedPrecondition, KeyNotFound, ServerError, StartupError
+from server.keyring import state as state_doc
+from server.keyring.join import adopt, build_keys, due_for_destruction
+from server.keyring.model import LABEL_PREFIX, Key, KeyReference, KeyVersion, Purpose, State
+from server.keyring.state import STATE_APPLICATION, STATE_LABEL, RingState, read_states
+from server.pkcs11.token import Token
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Attempts at a state write that keeps colliding with another process's write.
+_WRITE_ATTEMPTS = 8
+
+#: The background check reads the key objects again at least this often even when the state
+#: document did not change: objects created or destroyed by other tools than hsmsign show up
+#: within this time (a request naming an unknown key re-reads at once anyway).
+FULL_SCAN_SECONDS = 60.0
+
+
+@dataclass
+class _Snapshot:
+    keys: dict[str, Key] = field(default_factory=dict)
+    #: When the ring was last known to be current (monotonic).
+    loaded_at: float = 0.0
+    #: The state document the keys were built from, and when the key objects were read.
+    state: RingState | None = None
+    scanned_at: float = 0.0
+
+
+class ChangeCounter(Protocol):
+    """A counter shared by a daemon's serving processes (``server.supervisor.SharedCounter``)."""
+
+    def read(self) -> int: ...
+
+    def bump(self) -> int:
+        """Adds one; returns the new value."""
+        ...
+
+    def objects_exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Held while reading or changing the token's objects; one process at a time."""
+        ...
+
+
+def _article(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
+class KeyRing:
+    """Resolves key references to versions; thread-safe; refreshes from the token.
+
+    ``update`` is the one way to change the ring state (admin calls and scheduled
+    destruction go through it).
+    """
+
+    def __init__(self, token: Token, config: Config, siblings: ChangeCounter | None = None) -> None:
+        self._token = token
+        self._config = config
+        # Serving processes of one daemon share a counter that each bumps after changing the
+        # ring, so a sibling re-reads before its next request (read-your-writes across them).
+        self._siblings = siblings
+        self._seen_change = siblings.read() if siblings else 0
+        self._snapshot = _Snapshot()
+        self._lock = threading.RLock()  # guards reading + installing a snapshot
+        self._write_lock = threading.RLock()  # one state writer per process
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.refresh()
+
+    @property
+    def token(self) -> Token:
+        return self._token
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    def objects_exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Hold while reading or changing the token's key objects: the daemon's other serving
+        processes wait (SoftHSM2 fails reads that race with creation or destruction in another
+        process). A no-op for a daemon serving from one process."""
+        if self._siblings is None:
+            return contextlib.nullcontext()
+        return self._siblings.objects_exclusive()
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _reload(self) -> list[KeyVersion]:
+        """Re-reads objects and state; installs the snapshot; returns versions now due for
+        destruction. Call with ``_lock`` held."""
+        with self.objects_exclusive(), self._token.session("reading the key ring") as s:
+            objects = s.find_key_objects(LABEL_PREFIX)
+            state = state_doc.current(read_states(s))
+        keys = build_keys(objects, state, self._config.key_options)
+        now_mono = time.monotonic()
+        self._snapshot = _Snapshot(keys=keys, loaded_at=now_mono, state=state, scanned_at=now_mono)
+        return due_for_destruction(keys, state)
+
+    def _check(self) -> None:
+        """The background refresh. Reading every key object holds a session and the GIL for
+        a time that grows with the number of versions, in every serving process every
+        refresh_seconds. This reads only the state document (a fraction of that), which every
+        change hsmsign makes writes anew, and reads the objects again when it changed, when a
+        destruction falls due, or when the last full read is FULL_SCAN_SECONDS old."""
+        with self._lock:
+            snap = self._snapshot
+            sibling_change = self._siblings.read() if self._siblings is not None else 0
+            if (
+                snap.state is not None
+                and sibling_change == self._seen_change
+                and time.monotonic() - snap.scanned_at < FULL_SCAN_SECONDS
+            ):
+                with self.objects_exclusive(), self._token.session("reading the key ring") as s:
+                    state = state_doc.current(read_states(s))
+                same = (state.generation, state.writer) == (
+                    snap.state.generation,
+                    snap.state.writer,
+                )
+                if same and not due_for_destruction(snap.keys, snap.state):
+                    self._snapshot = _Snapshot(
+                        keys=snap.keys,
+                        loaded_at=time.monotonic(),
+                        state=snap.state,
+                        scanned_at=snap.scanned_at,
+                    )
+                    return
+        self.refresh()
+
+    def refresh(self, only_if_siblings_changed: bool = False) -> None:
+        """Re-reads the ring from the token, then destroys versions whose time has come.
+
+        ``only_if_siblings_changed``: only if another serving process of this daemon changed
+        the ring since this process last read it (threads that waited for the lock while one
+        of them re-read return at once)."""
+        with self._lock:
+            if self._siblings is not None:
+                change = self._siblings.read()
+                if only_if_siblings_changed and change == self._seen_change:
+                    return
+                self._seen_change = change
+            due = self._reload()
+        if due:
+            self._destroy_due(due)
+
+    def _destroy_due(self, due: list[KeyVersion]) -> None:
+        with self._write_lock:
+            for v in due:
+                with (
+                    self.objects_exclusive(),
+                    self._token.session(f"destroying {v.describe()}") as s,
+                ):
+                    n = s.destroy_key_objects(v.cka_id)
+                log.warning(
+                    "destroyed %s (sha256:%s): %d token objects removed as scheduled",
+                    v.describe(),
+                    v.fingerprint,
+                    n,
+                )
+
+            def mark(state: RingState) -> None:
+                for v in due:
+                    rec = state.keys.get(v.name)
+                    vr = rec.versions.get(v.version) if rec else None
+                    if vr is not None and vr.state in (
+                        State.DESTRUCTION_SCHEDULED.value,
+                        State.DESTROYED.value,
+                    ):
+                        vr.state = State.DESTROYED.value
+
+            self.update(mark)
+
+    def _current(self) -> Mapping[str, Key]:
+        if self._siblings is not None and self._siblings.read() != self._seen_change:
+            # A sibling process changed the ring: requests wait for the re-read, so that no
+            # call made after the change's response uses the old state.
+            self.refresh(only_if_siblings_changed=True)
+        snap = self._snapshot
+        max_age = self._config.keyring.refresh_seconds
+        if self._thread is not None:
+            # The background thread keeps the snapshot fresh; a request re-reads the token
+            # itself (several ms on its latency) only if that thread has fallen behind.
+            max_age *= 3
+        if time.monotonic() - snap.loaded_at > max_age:
+            due: list[KeyVersion] = []
+            if self._lock.acquire(blocking=False):
+                try:
+                    due = self._reload()
+                finally:
+                    self._lock.release()
+            if due:
+                self._destroy_due(due)
+        return self._snapshot.keys
+
+    def list_keys(self) -> list[Key]:
+        return sorted(self._current().values(), key=lambda k: k.name)
+
+    def get(self, name: str) -> Key:
+        key = self._current().get(name)
+        if key is None:
+            self.refresh()
+            key = self._snapshot.keys.get(name)
+        if key is None:
+            raise KeyNotFound(f"no key named {name!r} in token {self._token.label!r}")
+        return key
+
+    def find(self, ref: KeyReference) -> KeyVersion:
+        """The version a reference names, whatever its state. Raises KeyNotFound."""
+        version = self._find(ref)
+        if version is None:
+            self.refresh()
+            version = self._find(ref)
+        if version is None:
+            raise KeyNotFound(f"no {ref.describe()} in token {self._token.label!r}")
+        return version
+
+    def resolve(self, ref: KeyReference, purpose: Purpose) -> KeyVersion:
+        """The version a request uses for ``purpose``. Raises KeyNotFound or FailedPrecondition."""
+        version = self.find(ref)
+        if version.purpose is not purpose:
+            raise FailedPrecondition(
+                f"{version.describe()} is {_article(version.purpose.value)} key; this call "
+                f"needs {_article(purpose.value)} key"
+            )
+        if version.state is not State.ENABLED:
+            raise FailedPrecondition(f"{version.describe()} is {version.state.value}")
+        if version.refused:
+            raise FailedPrecondition(version.refused)
+        return version
+
+    def _find(self, ref: KeyReference) -> KeyVersion | None:
+        keys = self._current()
+        if ref.name is not None:
+            key = keys.get(ref.name)
+            if key is None:
+                return None
+            if ref.version == 0:
+                if key.primary is None:
+                    raise FailedPrecondition(
+                        f"key {ref.name!r} has no enabled primary version; name a version"
+                    )
+                return key.primary
+            return next((v for v in key.versions if v.version == ref.version), None)
+        matches = [
+            v
+            for k in keys.values()
+            for v in k.versions
+            if (ref.fingerprint is not None and v.fingerprint == ref.fingerprint.lower())
+            or (ref.capgo_key_id is not None and v.capgo_key_id == ref.capgo_key_id)
+        ]
+        if len(matches) > 1:
+            found = ", ".join(f"{v.name} v{v.version}" for v in matches)
+            raise FailedPrecondition(
+                f"{ref.describe()} is ambiguous (matches {found}); name the key and version"
+            )
+        return matches[0] if matches else None
+
+    # -- writing --------------------------------------------------------------------------
+
+    def update(self, mutate: Callable[[RingState], T]) -> T:
+        """Applies ``mutate`` to the current state and writes the next generation.
+
+        ``mutate`` must only change the state it is given (it may run more than once when
+        another process writes at the same moment) and may raise a ServerError to refuse.
+        Compare-and-swap in the token: write generation N+1, re-read; if another writer also
+        wrote N+1, withdraw ours and retry from what is there now. Raises TokenUnavailable
+        when the writes keep colliding.
+        """
+        with self._write_lock:
+            for attempt in range(_WRITE_ATTEMPTS):
+                with self.objects_exclusive(), self._token.session("updating the key ring") as s:
+                    current = state_doc.current(read_states(s))
+                    objects = s.find_key_objects(LABEL_PREFIX)
+                    new = copy.deepcopy(current)
+                    adopt(new, objects)
+                    result = mutate(new)
+                    new.generation = current.generation + 1
+                    new.writer = os.urandom(8).hex()
+                    s.create_data_object(STATE_APPLICATION, STATE_LABEL, new.to_bytes())
+                    states = read_states(s)
+                    mine = [o for o, st in states if st.writer == new.writer]
+                    rivals = [
+                        st
+                        for _o, st in states
+                        if st.generation == new.generation and st.writer != new.writer
+                    ]
+                    if rivals:
+                        # Someone else wrote the same generation: withdraw ours, retry.
+                        for obj in mine:
+                            with contextlib.suppress(Exception):
+                                s.destroy_object(obj)
+                        log.info("key-ring write collided with another writer; retrying")
+                    else:
+                        for obj, st in states:
+                            if st.generation < new.generation:
+                                with contextlib.suppress(Exception):
+                                    s.destroy_object(obj)
+                if not rivals:
+                    break
+                time.sleep(random.uniform(0.02, 0.2) * (attempt + 1))  # noqa: S311 (jitter)
+            else:
+                raise FailedPrecondition(
+                    "the key-ring state kept changing under concurrent writers; retry"
+                )
+        # Bump before re-reading: a sibling's change that bumped earlier is in the token
+        # already, so this re-read includes it.
+        change = self._siblings.bump() if self._siblings is not None else None
+        with self._lock:
+            if change is not None:
+                self._seen_change = change
+            self._reload()
+        return result
+
+    # -- daemon life ----------------------------------------------------------------------
+
+    def check_config(self) -> list[str]:
+        """Checks [keys.NAME] tables against the ring. Raises StartupError for a table that
+        names no key; returns warnings (extractable keys) to log at start-up."""
+        keys = self._snapshot.keys
+        unknown = sorted(set(self._config.keys) - set(keys))
+        if unknown:
+            raise StartupError(
+                f"{self._config.path}: [keys.{unknown[0]}] names a key that is not in token "
+                f"{self._token.label!r} (keys: {', '.join(sorted(keys)) or 'none'})"
+            )
+        warnings = []
+        for key in keys.values():
+            for v in key.versions:
+                if v.state is State.DESTROYED or not v.info.extractable:
+                    continue
+                if v.refused:
+                    warnings.append(v.refused)
+                else:
+                    warnings.append(
+                        f"key {v.name!r} version {v.version}: the token reports its private key "
+                        f"as extractable; used only because [keys.{v.name}] allow_extractable "
+                        "= true"
+                    )
+        return warnings
+
+    def start_background_refresh(self) -> None:
+        """Re-reads the ring every refresh_seconds in a daemon thread, so that scheduled
+        destructions happen on time even when no request arrives."""
+        if self._thread is not None:
+            return
+
+        def loop() -> None:
+            interval = max(self._config.keyring.refresh_seconds, 0.2)
+            while not self._stop.wait(interval):
+                try:
+                    self._check()
+                except ServerError as e:
+                    log.warning("key-ring refresh failed: %s", e)
+                except Exception:
+                    log.exception("key-ring refresh failed")
+
+        self._thread = threading.Thread(target=loop, name="keyring-refresh", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops the background refresh and waits for a refresh in flight to finish, so that
+        the token is not closed under it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)

@@ -1,0 +1,393 @@
+"""One borrowed PKCS#11 session and what it does: sign, decrypt, unwrap, the implicit-rejection
+HMAC, and the object management the key ring and key administration need.
+
+Every mechanism comes from ``server.pkcs11.mechanisms`` and every template from
+``server.pkcs11.templates``. PKCS#11 errors raised here reach ``Token.session``, which
+classifies them (``server.pkcs11.errors``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from pkcs11 import Attribute, KeyType, ObjectClass
+
+from server.errors import KeyObjectGone, MechanismUnsupported
+from server.pkcs11 import templates
+from server.pkcs11.errors import (
+    ATTRIBUTE_UNREADABLE,
+    CIPHERTEXT_REJECTED,
+    HANDLE_STALE,
+    MECHANISM_REFUSED,
+    SCAN_COLLIDED,
+    UNWRAP_NOT_OFFERED,
+    HalfWritten,
+    PKCS11Error,
+    classify,
+)
+from server.pkcs11.mechanisms import (
+    GENERIC_SECRET_KEY_GEN,
+    RSA_PKCS_KEY_PAIR_GEN,
+    SHA256_HMAC,
+    Mech,
+)
+from server.pkcs11.objects import KeyObjectInfo
+from server.pkcs11.templates import IMPLICIT_REJECTION_LABEL
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Only one thread of a process creates the implicit-rejection secret.
+_IMPLICIT_REJECTION_LOCK = threading.Lock()
+
+#: A scan that keeps colliding with another process's writes is reported after this many.
+_SCAN_ATTEMPTS = 5
+
+
+class Session:
+    """One borrowed PKCS#11 session, with the private-key handles it has looked up."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self._keys: dict[bytes, Any] = {}
+        #: Handle of the implicit-rejection secret, looked up once per session.
+        self._implicit_rejection_key: Any = None
+
+    def _private_key(self, cka_id: bytes) -> Any:
+        key = self._keys.get(cka_id)
+        if key is None:
+            objs = list(
+                self.raw.get_objects(
+                    {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: cka_id}
+                )
+            )
+            if not objs:
+                raise KeyObjectGone("the key's private object is no longer in the token")
+            key = objs[0]
+            self._keys[cka_id] = key
+        return key
+
+    def forget(self, cka_id: bytes) -> None:
+        """Drops the cached handle of a key (its objects were destroyed)."""
+        self._keys.pop(cka_id, None)
+
+    def _with_key(self, cka_id: bytes, op: Callable[[Any], T]) -> T:
+        """Runs op on the cached key handle; a stale handle is looked up again once.
+
+        Raises KeyObjectGone when the private object is no longer in the token.
+        """
+        for attempt in (1, 2):
+            key = self._private_key(cka_id)
+            try:
+                return op(key)
+            except HANDLE_STALE:
+                self.forget(cka_id)
+                if attempt == 2:
+                    raise KeyObjectGone(
+                        "the key's private object is no longer in the token"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    # -- signing ------------------------------------------------------------------------------
+
+    def sign(self, cka_id: bytes, mech: Mech, data: bytes) -> bytes:
+        """C_Sign with an explicit mechanism over ``data`` (already a digest or encoded block)."""
+        return self._with_key(
+            cka_id,
+            lambda k: bytes(k.sign(data, mechanism=mech.mechanism, mechanism_param=mech.param)),
+        )
+
+    def sign_many(self, cka_id: bytes, mech: Mech, items: Sequence[bytes]) -> list[bytes]:
+        """C_Sign of each item in order with one key lookup."""
+
+        def run(k: Any) -> list[bytes]:
+            return [
+                bytes(k.sign(d, mechanism=mech.mechanism, mechanism_param=mech.param))
+                for d in items
+            ]
+
+        return self._with_key(cka_id, run)
+
+    # -- unwrap (server.ops.unwrap) -----------------------------------------------------------
+
+    def _rsa_private_op(
+        self, cka_id: bytes, mech: Mech, op: Callable[[Any], bytes]
+    ) -> bytes | None:
+        try:
+            return self._with_key(cka_id, op)
+        except MECHANISM_REFUSED as e:
+            raise MechanismUnsupported(
+                f"the token does not support {mech.description} ({type(e).__name__})"
+            ) from None
+        except CIPHERTEXT_REJECTED:
+            return None
+
+    def decrypt_or_none(self, cka_id: bytes, mech: Mech, data: bytes) -> bytes | None:
+        """C_Decrypt; None when the token rejects the ciphertext (any reason, not told apart).
+
+        Raises MechanismUnsupported naming ``mech`` when the token refuses the mechanism.
+        """
+        return self._rsa_private_op(
+            cka_id,
+            mech,
+            lambda k: bytes(k.decrypt(data, mechanism=mech.mechanism, mechanism_param=mech.param)),
+        )
+
+    def unwrap_secret(self, cka_id: bytes, mech: Mech, wrapped: bytes) -> bytes | None:
+        """The secret an RSA ciphertext carries; None when the token rejects the ciphertext.
+
+        C_UnwrapKey into a session-only (CKA_TOKEN=false) generic-secret object that is not
+        sensitive, so its value can be read; the object is destroyed at once. Falls back to
+        C_Decrypt where the token, the key or the template does not allow unwrap with ``mech``.
+        Raises MechanismUnsupported naming ``mech`` when the token refuses the mechanism.
+        """
+
+        def op(k: Any) -> bytes:
+            try:
+                obj = k.unwrap_key(
+                    ObjectClass.SECRET_KEY,
+                    KeyType.GENERIC_SECRET,
+                    wrapped,
+                    mechanism=mech.mechanism,
+                    mechanism_param=mech.param,
+                    store=False,
+                    template=dict(templates.SESSION_SECRET_TEMPLATE),
+                )
+            except UNWRAP_NOT_OFFERED:
+                return bytes(
+                    k.decrypt(wrapped, mechanism=mech.mechanism, mechanism_param=mech.param)
+                )
+            try:
+                return bytes(obj[Attribute.VALUE])
+            finally:
+                obj.destroy()
+
+        return self._rsa_private_op(cka_id, mech, op)
+
+    def _find_implicit_rejection_key(self) -> Any:
+        objs = list(
+            self.raw.get_objects(
+                {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: IMPLICIT_REJECTION_LABEL}
+            )
+        )
+        # Two daemons creating it at once leave two: every daemon picks the lowest CKA_ID.
+        return min(objs, key=lambda o: bytes(o[Attribute.ID])) if objs else None
+
+    def _implicit_rejection_secret(self) -> Any:
+        key = self._implicit_rejection_key or self._find_implicit_rejection_key()
+        if key is None:
+            with _IMPLICIT_REJECTION_LOCK:
+                key = self._find_implicit_rejection_key()
+                if key is None:
+                    self.raw.generate_key(
+                        KeyType.GENERIC_SECRET,
+                        256,
+                        id=self.random(16),
+                        label=IMPLICIT_REJECTION_LABEL,
+                        store=True,
+                        mechanism=GENERIC_SECRET_KEY_GEN.mechanism,
+                        template=dict(templates.IMPLICIT_REJECTION_SECRET_TEMPLATE),
+                    )
+                    log.info("created the token's implicit-rejection secret")
+                    key = self._find_implicit_rejection_key()
+        self._implicit_rejection_key = key
+        return key
+
+    def implicit_rejection_mac(self, data: bytes) -> bytes:
+        """HMAC-SHA-256 of ``data`` under the token's implicit-rejection secret.
+
+        The secret is a generic-secret token object (sensitive, never extractable, sign only),
+        created on first need; it never leaves the token.
+        """
+        for attempt in (1, 2):
+            key = self._implicit_rejection_secret()
+            try:
+                return bytes(key.sign(data, mechanism=SHA256_HMAC.mechanism))
+            except HANDLE_STALE:
+                self._implicit_rejection_key = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    # -- object management (key ring, key administration) -----------------------------------
+
+    def find_key_objects(self, label_prefix: str) -> list[KeyObjectInfo]:
+        """Every RSA private key whose label starts with ``label_prefix``, with its attributes."""
+
+        def scan() -> list[KeyObjectInfo]:
+            out = []
+            for obj in self.raw.get_objects(
+                {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType.RSA}
+            ):
+                label = obj[Attribute.LABEL] or ""
+                if label.startswith(label_prefix):
+                    info = _describe(obj)
+                    if info.modulus < 3 or info.public_exponent < 3:
+                        raise HalfWritten  # another process is still creating it
+                    out.append(info)
+            return out
+
+        return _rescan_if_changed(scan)
+
+    def generate_rsa_keypair(
+        self, bits: int, label: str, cka_id: bytes, *, sign: bool, decrypt: bool
+    ) -> KeyObjectInfo:
+        """Generates a key pair inside the token: sensitive, never extractable, one purpose.
+
+        Raises the classified token error when the token refuses.
+        """
+        public_template = {
+            **templates.rsa_public_key_template(label, cka_id, sign=sign, decrypt=decrypt),
+            Attribute.MODULUS_BITS: bits,
+            Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01",
+        }
+        private_template = templates.rsa_private_key_template(
+            label, cka_id, sign=sign, decrypt=decrypt
+        )
+        try:
+            _pub, priv = self.raw.generate_keypair(
+                KeyType.RSA,
+                bits,
+                store=True,
+                mechanism=RSA_PKCS_KEY_PAIR_GEN.mechanism,
+                public_template=public_template,
+                private_template=private_template,
+            )
+        except PKCS11Error as e:
+            raise classify(e, f"generating an RSA-{bits} key pair") from None
+        return _describe(priv)
+
+    def destroy_key_objects(self, cka_id: bytes) -> int:
+        """Destroys the private and public objects with this CKA_ID; returns how many."""
+        n = 0
+        for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+            for obj in list(self.raw.get_objects({Attribute.CLASS: cls, Attribute.ID: cka_id})):
+                try:
+                    obj.destroy()
+                    n += 1
+                except HANDLE_STALE:
+                    pass  # another process destroyed it first: the outcome is the same
+        self.forget(cka_id)
+        return n
+
+    def data_objects(self, application: str) -> list[tuple[Any, str, bytes]]:
+        """CKO_DATA objects of an application: (object, label, value)."""
+
+        def scan() -> list[tuple[Any, str, bytes]]:
+            return [
+                (obj, obj[Attribute.LABEL] or "", bytes(obj[Attribute.VALUE]))
+                for obj in self.raw.get_objects(
+                    {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: application}
+                )
+            ]
+
+        return _rescan_if_changed(scan)
+
+    def create_data_object(self, application: str, label: str, value: bytes) -> None:
+        """Creates a CKO_DATA object on the token (``templates.data_object_template``)."""
+        self.raw.create_object(templates.data_object_template(application, label, value))
+
+    def destroy_object(self, obj: Any) -> None:
+        """Destroys an object returned by ``data_objects`` (state kept in data objects is
+        replaced, never edited: docs/design-facts.md fact 7). One already destroyed by another
+        process counts as destroyed."""
+        with contextlib.suppress(*HANDLE_STALE):
+            obj.destroy()
+
+    def import_rsa_private_key(
+        self,
+        label: str,
+        cka_id: bytes,
+        numbers: Mapping[str, int],
+        *,
+        sign: bool,
+        decrypt: bool,
+    ) -> KeyObjectInfo:
+        """Writes an existing RSA key into the token as a private and a public object.
+
+        ``numbers`` holds n, e, d, p, q, dmp1, dmq1, iqmp. The private object is sensitive and
+        not extractable and has only its purpose's capabilities; the token reports it as not
+        local (it was not generated there) and neither always sensitive nor never extractable.
+        Raises the classified token error when the token refuses; leaves no half-imported key.
+        """
+
+        def big(name: str) -> bytes:
+            v = numbers[name]
+            return v.to_bytes((v.bit_length() + 7) // 8 or 1, "big")
+
+        private_template = {
+            **templates.rsa_private_key_template(label, cka_id, sign=sign, decrypt=decrypt),
+            Attribute.MODULUS: big("n"),
+            Attribute.PUBLIC_EXPONENT: big("e"),
+            Attribute.PRIVATE_EXPONENT: big("d"),
+            Attribute.PRIME_1: big("p"),
+            Attribute.PRIME_2: big("q"),
+            Attribute.EXPONENT_1: big("dmp1"),
+            Attribute.EXPONENT_2: big("dmq1"),
+            Attribute.COEFFICIENT: big("iqmp"),
+        }
+        public_template = {
+            **templates.rsa_public_key_template(label, cka_id, sign=sign, decrypt=decrypt),
+            Attribute.MODULUS: big("n"),
+            Attribute.PUBLIC_EXPONENT: big("e"),
+        }
+        priv = None
+        try:
+            priv = self.raw.create_object(private_template)
+            self.raw.create_object(public_template)
+        except PKCS11Error as e:
+            if priv is not None:  # no half-imported key left behind
+                with contextlib.suppress(PKCS11Error):
+                    priv.destroy()
+            raise classify(e, "importing an RSA private key") from None
+        return _describe(priv)
+
+    def random(self, n: int) -> bytes:
+        """``n`` random bytes from the token's generator."""
+        return bytes(self.raw.generate_random(n * 8))
+
+
+def _rescan_if_changed(scan: Callable[[], T]) -> T:
+    """Runs an object scan again when another process changed the token's objects while it
+    read them (docs/design-facts.md fact 7: such changes are visible at once). A scan only
+    reads, so a retry is safe; the fifth collision in a row is reported."""
+    for attempt in range(_SCAN_ATTEMPTS):
+        try:
+            return scan()
+        except SCAN_COLLIDED:
+            if attempt == _SCAN_ATTEMPTS - 1:
+                raise
+            time.sleep(0.005 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _flag(obj: Any, attr: Attribute) -> bool:
+    try:
+        return bool(obj[attr])
+    except ATTRIBUTE_UNREADABLE:
+        return False
+
+
+def _describe(priv: Any) -> KeyObjectInfo:
+    modulus = int.from_bytes(bytes(priv[Attribute.MODULUS]), "big")
+    exponent = int.from_bytes(bytes(priv[Attribute.PUBLIC_EXPONENT]), "big")
+    return KeyObjectInfo(
+        cka_id=bytes(priv[Attribute.ID]),
+        label=priv[Attribute.LABEL] or "",
+        modulus=modulus,
+        public_exponent=exponent,
+        can_sign=_flag(priv, Attribute.SIGN),
+        can_decrypt=_flag(priv, Attribute.DECRYPT),
+        can_unwrap=_flag(priv, Attribute.UNWRAP),
+        local=_flag(priv, Attribute.LOCAL),
+        never_extractable=_flag(priv, Attribute.NEVER_EXTRACTABLE),
+        always_sensitive=_flag(priv, Attribute.ALWAYS_SENSITIVE),
+        extractable=_flag(priv, Attribute.EXTRACTABLE),
+        sensitive=_flag(priv, Attribute.SENSITIVE),
+    )

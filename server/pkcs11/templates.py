@@ -1,0 +1,119 @@
+"""The attribute templates of every object hsmsign creates in a token, written out in full.
+
+A template here lists every attribute that matters for the object's security, so a reader can
+check a key's properties in one place (no library defaults filled in behind it): private keys
+are sensitive, never extractable, and have exactly one purpose (docs/threat-model.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Final
+
+from pkcs11 import Attribute, KeyType, ObjectClass
+
+#: Label of the per-token secret that derives PKCS#1 v1.5 implicit-rejection keys.
+IMPLICIT_REJECTION_LABEL: Final = "hsmsign:implicit-rejection"
+
+Template = dict[Attribute, Any]
+
+
+def rsa_public_key_template(label: str, cka_id: bytes, *, sign: bool, decrypt: bool) -> Template:
+    """A key version's public object: on the token, readable, only its purpose's uses.
+
+    The caller adds the numbers (MODULUS_BITS and PUBLIC_EXPONENT to generate, MODULUS and
+    PUBLIC_EXPONENT to import).
+    """
+    return {
+        Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+        Attribute.KEY_TYPE: KeyType.RSA,
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: False,
+        Attribute.LABEL: label,
+        Attribute.ID: cka_id,
+        Attribute.VERIFY: sign,
+        Attribute.VERIFY_RECOVER: False,
+        Attribute.ENCRYPT: decrypt,
+        Attribute.WRAP: decrypt,
+        Attribute.DERIVE: False,
+    }
+
+
+def rsa_private_key_template(label: str, cka_id: bytes, *, sign: bool, decrypt: bool) -> Template:
+    """A key version's private object: sensitive, never extractable, one purpose only.
+
+    The caller adds the private numbers when it imports a key.
+    """
+    return {
+        Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+        Attribute.KEY_TYPE: KeyType.RSA,
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.LABEL: label,
+        Attribute.ID: cka_id,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.SIGN: sign,
+        Attribute.SIGN_RECOVER: False,
+        Attribute.DECRYPT: decrypt,
+        Attribute.UNWRAP: decrypt,
+        Attribute.DERIVE: False,
+    }
+
+
+#: The per-token implicit-rejection secret (256-bit generic secret): on the token, sensitive,
+#: never extractable, not modifiable, and good for one thing only (HMAC sign).
+IMPLICIT_REJECTION_SECRET_TEMPLATE: Final[Mapping[Attribute, Any]] = MappingProxyType(
+    {
+        Attribute.CLASS: ObjectClass.SECRET_KEY,
+        Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.LABEL: IMPLICIT_REJECTION_LABEL,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.MODIFIABLE: False,
+        Attribute.SIGN: True,
+        Attribute.VERIFY: False,
+        Attribute.ENCRYPT: False,
+        Attribute.DECRYPT: False,
+        Attribute.WRAP: False,
+        Attribute.UNWRAP: False,
+        Attribute.DERIVE: False,
+    }
+)
+
+#: C_UnwrapKey's result: a session-only (CKA_TOKEN=false), readable secret that is read once
+#: and destroyed at once; it can do nothing.
+SESSION_SECRET_TEMPLATE: Final[Mapping[Attribute, Any]] = MappingProxyType(
+    {
+        Attribute.CLASS: ObjectClass.SECRET_KEY,
+        Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+        Attribute.TOKEN: False,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: False,
+        Attribute.EXTRACTABLE: True,
+        Attribute.ENCRYPT: False,
+        Attribute.DECRYPT: False,
+        Attribute.SIGN: False,
+        Attribute.VERIFY: False,
+        Attribute.WRAP: False,
+        Attribute.UNWRAP: False,
+        Attribute.DERIVE: False,
+    }
+)
+
+
+def data_object_template(application: str, label: str, value: bytes) -> Template:
+    """A CKO_DATA object on the token, private (readable only after login). Its value cannot
+    be changed once created (docs/design-facts.md, fact 7): state is replaced, not edited."""
+    return {
+        Attribute.CLASS: ObjectClass.DATA,
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.MODIFIABLE: True,
+        Attribute.APPLICATION: application,
+        Attribute.LABEL: label,
+        Attribute.VALUE: value,
+    }

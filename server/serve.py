@@ -1,0 +1,268 @@
+"""Serving: the one start-up order, and one serving process (gRPC server, health, reflection,
+drain, ready file).
+
+``run_daemon`` starts hsmsignd the same way whatever ``server.processes`` says: it checks the
+config's TLS files, then the token (one login, the key ring, the ``[keys.NAME]`` tables, the
+implicit-rejection secret), then the port. With one serving process it then serves from this
+process; with several it closes its token session and hands over to ``server.supervisor``,
+which starts that many processes running ``run_serving_process``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from hsmsign import tlsfiles
+from hsmsign.v1 import hsmsign_pb2 as pb
+from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
+from server import ready, supervisor
+from server.api import pipeline
+from server.api.admin import AdminAccess, KeyAdminService
+from server.api.signer import SignerService
+from server.config import Config
+from server.errors import ConfigError, StartupError, TokenNotFound
+from server.keyring.ring import KeyRing
+from server.pkcs11.token import Token
+from server.supervisor import ServingProcessSpec, SharedCounter
+
+log = logging.getLogger("hsmsignd")
+
+#: Seconds a stopping process keeps its connections open after its last call returned.
+DRAIN_LINGER_SECONDS = 1.0
+
+
+def credentials(cfg: Config) -> grpc.ServerCredentials | None:
+    """The server's TLS credentials (None: plaintext). Raises ConfigError for a TLS file that
+    cannot be read or does not match the others."""
+    tls = cfg.server.tls
+    if tls is None:
+        return None
+    try:
+        cert, key = tls.cert.read_bytes(), tls.key.read_bytes()
+        ca = tls.client_ca.read_bytes() if tls.client_ca else None
+    except OSError as e:
+        raise ConfigError(
+            f"{cfg.path}: server.tls: cannot read {e.filename}: {e.strerror}"
+        ) from None
+    problem = tlsfiles.problem(
+        ca,
+        cert,
+        key,
+        ca_name=f"client_ca {tls.client_ca}",
+        cert_name=f"cert {tls.cert}",
+        key_name=f"key {tls.key}",
+    )
+    if problem:
+        raise ConfigError(f"{cfg.path}: server.tls: {problem}")
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+def check_token(token: Token, ring: KeyRing) -> None:
+    """What every serving process needs of the token, checked once at start-up: the
+    ``[keys.NAME]`` tables name keys that exist (StartupError if not), warnings about
+    extractable keys are logged, and the implicit-rejection secret exists (so no two serving
+    processes create one each)."""
+    for warning in ring.check_config():
+        log.warning("%s", warning)
+    with token.session("preparing the implicit-rejection secret") as s:
+        s.implicit_rejection_mac(b"hsmsignd start-up")
+
+
+def run_daemon(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
+    """Starts hsmsignd: TLS files, then the token, then the port; serves until SIGTERM or
+    SIGINT. Raises ConfigError or StartupError (one line) when it cannot start."""
+    creds = credentials(cfg)
+    address = listen or cfg.server.listen
+    exposure = AdminAccess(cfg.server).exposure(address)
+    if exposure:
+        log.warning("%s", exposure)
+    token = Token(cfg.token)
+    try:
+        ring = KeyRing(token, cfg)
+        try:
+            check_token(token, ring)
+            keys = ready.keys_summary(ring.list_keys())
+            if cfg.server.processes == 1:
+                server, bound = listen_on(cfg, address, creds, reuse_port=False)
+                role = _Standalone(ready.listening_line(cfg, bound, token.label, keys), ready_file)
+                return serve_process(cfg, token, ring, server, bound, role)
+        finally:
+            ring.stop()
+        label = token.label
+    finally:
+        token.close()
+    # Several serving processes: each logs in itself; this process only supervises them.
+    return supervisor.run(
+        cfg, address, ready_file, lambda bound: ready.listening_line(cfg, bound, label, keys)
+    )
+
+
+def run_serving_process(cfg: Config, listen: str, spec: ServingProcessSpec) -> int:
+    """One of several serving processes started by the supervisor, which has checked the
+    token and reserved the port already."""
+    siblings = SharedCounter(spec.counter_fd)
+    # One serving process at a time loads the module and logs in: SoftHSM2 processes that do
+    # so at the same moment can miss the token ("no token with label") or fail the login
+    # (GeneralError); this was the cause of start-ups failing now and then with several
+    # serving processes.
+    with siblings.objects_exclusive():
+        token = _open_token(cfg)
+    try:
+        ring = KeyRing(token, cfg, siblings)
+        try:
+            ring.check_config()  # the supervisor logged its warnings once
+            server, bound = listen_on(cfg, listen, credentials(cfg), reuse_port=True)
+            return serve_process(cfg, token, ring, server, bound, _ServingProcess(spec))
+        finally:
+            ring.stop()
+    finally:
+        token.close()
+
+
+def _open_token(cfg: Config) -> Token:
+    """Opens the token in a serving process. The supervisor has just found it, so a miss is
+    a SoftHSM2 token being rewritten by another process at that instant (seen when three
+    processes started at once): look again a few times before giving up."""
+    for attempt in range(5):
+        try:
+            return Token(cfg.token)
+        except TokenNotFound:
+            if attempt == 4:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def listen_on(
+    cfg: Config, address: str, creds: grpc.ServerCredentials | None, *, reuse_port: bool
+) -> tuple[grpc.Server, str]:
+    """A gRPC server bound to ``address`` (not started yet) and the address it is bound to.
+
+    ``reuse_port``: serving processes share the supervisor's port; a lone daemon must own its
+    port. Raises StartupError when the address cannot be bound.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=cfg.server.threads, thread_name_prefix="rpc"),
+        maximum_concurrent_rpcs=cfg.server.max_concurrent_calls,
+        options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
+    )
+    try:
+        port = (
+            server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        )
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise StartupError(f"cannot listen on {address} (in use, or not a local address?)")
+    return server, f"{address.rpartition(':')[0]}:{port}"
+
+
+class ServingRole(Protocol):
+    """What differs between a lone daemon and one of several serving processes."""
+
+    def serving(self, bound: str, stop: threading.Event) -> None:
+        """Called once the server has started: announce it."""
+
+    def stopping(self, signal_name: str, grace_seconds: float) -> None:
+        """Called when SIGTERM or SIGINT arrives."""
+
+    def stopped(self) -> None:
+        """Called when the server has stopped."""
+
+
+class _Standalone:
+    """The daemon serving from its own process: it logs for itself, writes the ready file."""
+
+    def __init__(self, line: str, ready_file: Path | None) -> None:
+        self.line, self.ready_file = line, ready_file
+
+    def serving(self, bound: str, stop: threading.Event) -> None:
+        log.info("%s", self.line)
+        if self.ready_file is not None:
+            ready.write_ready_file(self.ready_file, bound)
+
+    def stopping(self, signal_name: str, grace_seconds: float) -> None:
+        log.info("%s received: draining in-flight calls (up to %gs)", signal_name, grace_seconds)
+
+    def stopped(self) -> None:
+        log.info("stopped")
+
+
+class _ServingProcess:
+    """One of several: the supervisor logs for the daemon and writes the ready file."""
+
+    def __init__(self, spec: ServingProcessSpec) -> None:
+        self.spec = spec
+
+    def serving(self, bound: str, stop: threading.Event) -> None:
+        self.spec.watch_lifeline(stop)
+        log.info("%s ready on %s (pid %d)", self.spec.name, bound, os.getpid())
+        self.spec.announce_ready()
+
+    def stopping(self, signal_name: str, grace_seconds: float) -> None:
+        pass
+
+    def stopped(self) -> None:
+        pass
+
+
+def serve_process(
+    cfg: Config, token: Token, ring: KeyRing, server: grpc.Server, bound: str, role: ServingRole
+) -> int:
+    """Serves the Signer, KeyAdmin and health services (and reflection) on ``server`` until
+    SIGTERM or SIGINT, then drains the calls in flight. Returns the exit code (0)."""
+    ring.start_background_refresh()
+    pb_grpc.add_SignerServicer_to_server(SignerService(token, ring, cfg), server)
+    pb_grpc.add_KeyAdminServicer_to_server(KeyAdminService(token, ring, cfg), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if cfg.server.reflection:
+        from grpc_reflection.v1alpha import reflection
+
+        names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Signer", "KeyAdmin")]
+        reflection.enable_server_reflection(
+            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        role.stopping(signal.Signals(signum).name, cfg.server.grace_seconds)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    for name in ("", "hsmsign.v1.Signer"):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set(
+        "hsmsign.v1.KeyAdmin",
+        health_pb2.HealthCheckResponse.SERVING
+        if cfg.server.key_admin
+        else health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
+    role.serving(bound, stop)
+    stop.wait()
+    health_servicer.enter_graceful_shutdown()
+    # Drain before stopping gRPC: new calls get UNAVAILABLE ("retry"), calls in flight
+    # finish, and their responses get a moment to leave. gRPC's own stop() closes the
+    # connections once the last call has handed its response to the transport, and a large
+    # response still waiting for the client's HTTP/2 flow-control credit was then cut off.
+    t0 = time.monotonic()
+    pipeline.calls.drain(cfg.server.grace_seconds)
+    time.sleep(DRAIN_LINGER_SECONDS)
+    left = max(0.0, cfg.server.grace_seconds - (time.monotonic() - t0))
+    server.stop(left).wait()
+    role.stopped()
+    return 0
