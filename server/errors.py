@@ -17,7 +17,7 @@ class ServerError(HsmsignError):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     @property
-    def status_name(self) -> str:  # type: ignore[override]
+    def status_name(self) -> str:
         return str(self.code.name)
 
 

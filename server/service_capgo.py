@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import grpc
 
-import hsmsign.capgo as capgo
+import hsmsign.capgo.format as capgo
 from hsmsign.v1 import hsmsign_pb2 as pb
 from server import operations
 from server.config import Config

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from hsmsign import capgo
-from hsmsign.capgo import BundleVerificationError, ChecksumFormat, FileKeySealer
+from hsmsign.capgo import BundleVerificationError, ChecksumFormat
+from tests.harness.filekey import FileKeySealer
 from tests.capgo_cli import CapgoCli, capgo_cli, make_project
 
 __all__ = ["capgo_cli"]  # the fixture, re-exported for pytest
