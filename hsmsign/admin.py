@@ -1,6 +1,7 @@
-"""Key administration through hsmsignd's KeyAdmin service, and reading key files to import.
+"""Key administration through hsmsignd's KeyAdmin service.
 
-Used by ``hsmsign keys ...`` and by scripts. Every call raises
+Used by ``hsmsign keys ...`` and by scripts (key files to import are read by
+:func:`hsmsign.keycommands.load_private_key_file`). Every call raises
 :class:`hsmsign.errors.RemoteError` with the daemon's status and one-line message.
 """
 
@@ -9,12 +10,10 @@ from __future__ import annotations
 import getpass
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Final, TypeVar
 
 from hsmsign import keycommands, names
 from hsmsign.client import Client, choose
-from hsmsign.errors import UsageError
 from hsmsign.v1 import hsmsign_pb2 as pb
 
 T = TypeVar("T")
@@ -138,15 +137,3 @@ def ask_passphrase_on_terminal() -> keycommands.AskPassphrase | None:
     if not sys.stdin.isatty():
         return None
     return lambda path: getpass.getpass(f"passphrase for {path}: ").encode()
-
-
-def read_private_key_file(path: Path, passphrase_file: Path | None = None) -> bytes:
-    """An RSA private key file (PEM or DER, PKCS#1 or PKCS#8, encrypted or not) as
-    unencrypted DER PKCS#8, for ImportKey; see keycommands.load_private_key_file. Raises
-    UsageError."""
-    try:
-        return keycommands.load_private_key_file(
-            path, passphrase_file, Path.read_bytes, ask_passphrase_on_terminal()
-        )
-    except keycommands.BadArguments as e:
-        raise UsageError(str(e)) from None

@@ -21,10 +21,10 @@ from hsmsign import capgo
 from hsmsign.capgo.daemon import DaemonSealer
 from hsmsign.client import Client, seal_bundle, seal_session_key, sign_checksums
 from hsmsign.errors import RemoteError
-from tests.harness.filekey import FileKeySealer
 from hsmsign.v1 import hsmsign_pb2 as pb
 from tests.capgo_cli import CapgoCli, make_project
 from tests.conftest import Daemon, hsmsignd, make_token, start_daemon, write_config
+from tests.harness.filekey import FileKeySealer
 
 
 def _web_build(root: Path, files: int = 5) -> Path:

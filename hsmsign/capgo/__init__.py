@@ -71,7 +71,7 @@ _EXPORTS: Final = {
 
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # explicit re-exports for type checkers (``X as X``)
     from hsmsign.capgo.bundle import (
         BundleSeal as BundleSeal,
     )
@@ -111,7 +111,9 @@ if TYPE_CHECKING:
     from hsmsign.capgo.bundle import (
         verify_bundle as verify_bundle,
     )
-    from hsmsign.capgo.daemon import DaemonSealer as DaemonSealer
+    from hsmsign.capgo.daemon import (
+        DaemonSealer as DaemonSealer,
+    )
     from hsmsign.capgo.delta import (
         DeltaEntry as DeltaEntry,
     )
@@ -175,7 +177,9 @@ if TYPE_CHECKING:
     from hsmsign.capgo.format import (
         rsa_public_decrypt as rsa_public_decrypt,
     )
-    from hsmsign.capgo.legacy import decrypt_v1_bundle as decrypt_v1_bundle
+    from hsmsign.capgo.legacy import (
+        decrypt_v1_bundle as decrypt_v1_bundle,
+    )
     from hsmsign.capgo.project import (
         CapacitorConfigError as CapacitorConfigError,
     )
