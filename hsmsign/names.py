@@ -34,10 +34,6 @@ class SignatureAlgorithm(Named[pb.SignatureAlgorithm.ValueType]):
     hash_name: str  # hashlib name of the digest the algorithm signs
     pss: bool  # RSASSA-PSS (salt = hash length, MGF1 with the same hash); else PKCS#1 v1.5
 
-    @property
-    def digest_size(self) -> int:
-        return {"sha256": 32, "sha384": 48, "sha512": 64}[self.hash_name]
-
 
 @dataclass(frozen=True)
 class KeyAlgorithm(Named[pb.KeyAlgorithm.ValueType]):

@@ -120,3 +120,18 @@ def test_decrypt_failure_keeps_the_previous_output(tmp_path: Path, sealer: FileK
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["b.zip", "b.enc", "pub.pem", "plain.zip", "tampered.enc"]
     )
+
+
+def test_an_os_error_is_one_line(www: Path, tmp_path: Path) -> None:
+    """An OSError no check foresaw (here: the output is a folder) still gives one line."""
+    (tmp_path / "taken").mkdir()
+    r = hsmsign("bundle", "zip", str(www), "-o", str(tmp_path / "taken"))
+    assert_one_line_error(r, 1, "taken")
+    assert list((tmp_path / "taken").iterdir()) == []
+
+
+def test_keys_usage_errors_exit_2_before_any_call() -> None:
+    r = hsmsign("keys", "disable", "demo", "0")
+    assert_one_line_error(r, EXIT_USAGE, "version must be 1 or more")
+    r = hsmsign("keys", "schedule-destroy", "demo", "2", "--delay", "soon")
+    assert_one_line_error(r, EXIT_USAGE, "bad duration")
