@@ -9,31 +9,22 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
 
+from hsmsign import names
 from hsmsign.errors import RemoteError, UsageError
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
+R = TypeVar("R", bound=names.Named[int])
 
 DEFAULT_SERVER = "127.0.0.1:50051"
-
-#: Signature algorithms by the names the CLI and library accept.
-ALGORITHMS: dict[str, pb.SignatureAlgorithm.ValueType] = {
-    "rsa-pkcs1-sha256": pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256,
-    "rsa-pkcs1-sha384": pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA384,
-    "rsa-pkcs1-sha512": pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA512,
-    "rsa-pss-sha256": pb.SIGNATURE_ALGORITHM_RSA_PSS_SHA256,
-    "rsa-pss-sha384": pb.SIGNATURE_ALGORITHM_RSA_PSS_SHA384,
-    "rsa-pss-sha512": pb.SIGNATURE_ALGORITHM_RSA_PSS_SHA512,
-}
 
 
 def parse_key_ref(text: str) -> pb.KeyRef:
@@ -57,12 +48,13 @@ def key_ref(key: str | pb.KeyRef) -> pb.KeyRef:
     return parse_key_ref(key) if isinstance(key, str) else key
 
 
-def choose(table: dict[str, T], name: str, what: str) -> T:
-    """``table[name]``, or a UsageError listing what is allowed."""
+def choose(table: Sequence[R], name: str, what: str) -> R:
+    """The row of a :mod:`hsmsign.names` table called ``name``, or a UsageError listing what
+    is allowed."""
     try:
-        return table[name]
-    except KeyError:
-        raise UsageError(f"unknown {what} {name!r}; choose from {', '.join(table)}") from None
+        return names.by_name(table, name, what)
+    except names.UnknownName as e:
+        raise UsageError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -207,7 +199,10 @@ class Client:
         return PublicKey(KeyInfo.from_pb(r.key), r.spki_der, r.spki_pem, r.pkcs1_pem)
 
     def sign_digest(
-        self, key: str | pb.KeyRef, digest: bytes, algorithm: str = "rsa-pkcs1-sha256"
+        self,
+        key: str | pb.KeyRef,
+        digest: bytes,
+        algorithm: str = names.DEFAULT_SIGNATURE_ALGORITHM,
     ) -> Signature:
         ref = key_ref(key)
         req = pb.SignDigestRequest(key=ref, algorithm=_algorithm(algorithm), digest=digest)
@@ -215,7 +210,10 @@ class Client:
         return Signature(KeyInfo.from_pb(r.key), r.signature)
 
     def sign_digests(
-        self, key: str | pb.KeyRef, digests: Sequence[bytes], algorithm: str = "rsa-pkcs1-sha256"
+        self,
+        key: str | pb.KeyRef,
+        digests: Sequence[bytes],
+        algorithm: str = names.DEFAULT_SIGNATURE_ALGORITHM,
     ) -> tuple[KeyInfo, list[bytes]]:
         ref = key_ref(key)
         req = pb.SignDigestsRequest(key=ref, algorithm=_algorithm(algorithm), digests=digests)
@@ -224,25 +222,10 @@ class Client:
 
 
 def _algorithm(name: str) -> pb.SignatureAlgorithm.ValueType:
-    return choose(ALGORITHMS, name, "algorithm")
-
-
-@contextmanager
-def connect(target: str | None = None, tls: TlsOptions | None = None) -> Iterator[Client]:
-    c = Client(target, tls)
-    try:
-        yield c
-    finally:
-        c.close()
+    return choose(names.SIGNATURE_ALGORITHMS, name, "algorithm").pb
 
 
 # -- Capgo calls -------------------------------------------------------------------------------
-
-#: Checksum formats by the names the CLI and library accept.
-CHECKSUM_FORMATS: dict[str, pb.ChecksumFormat.ValueType] = {
-    "v3": pb.CHECKSUM_FORMAT_V3,
-    "v2": pb.CHECKSUM_FORMAT_V2,
-}
 
 
 @dataclass(frozen=True)
@@ -255,7 +238,7 @@ class SealedBundle:
 
 
 def _checksum_format(name: str) -> pb.ChecksumFormat.ValueType:
-    return choose(CHECKSUM_FORMATS, name, "checksum format")
+    return choose(names.CHECKSUM_FORMATS, name, "checksum format").pb
 
 
 def seal_bundle(
@@ -264,7 +247,7 @@ def seal_bundle(
     session_key: bytes,
     iv: bytes,
     checksum_sha256: bytes,
-    checksum_format: str = "v3",
+    checksum_format: str = names.DEFAULT_CHECKSUM_FORMAT,
 ) -> SealedBundle:
     """SealBundle: the sealed session key (as ivSessionKey) and the signed checksum."""
     ref = key_ref(key)
@@ -290,7 +273,7 @@ def sign_checksums(
     client: Client,
     key: str | pb.KeyRef,
     checksums_sha256: Sequence[bytes],
-    checksum_format: str = "v3",
+    checksum_format: str = names.DEFAULT_CHECKSUM_FORMAT,
     batch_size: int = 1000,
 ) -> tuple[KeyInfo, list[str]]:
     """SignChecksums in batches of ``batch_size``; all with the same key version.

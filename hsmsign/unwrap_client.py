@@ -1,8 +1,9 @@
 """Client calls for session-key unwrap and rewrap (functions over a :class:`Client`).
 
-Scheme names: ``rsa-oaep-sha256`` (Capgo's v1 scheme, most HSMs), ``rsa-oaep-sha1`` (what
-SoftHSM2 2.6.1 can do) and ``rsa-pkcs1v15`` (legacy; the daemon must enable it per key and
-then answers a bad padding with a pseudo-random key instead of an error).
+Scheme names (:data:`hsmsign.names.UNWRAP_SCHEMES`): ``rsa-oaep-sha256`` (Capgo's v1 scheme,
+most HSMs), ``rsa-oaep-sha1`` (what SoftHSM2 2.6.1 can do) and ``rsa-pkcs1v15`` (legacy; the
+daemon must enable it per key and then answers a bad padding with a pseudo-random key
+instead of an error).
 Every call raises :class:`hsmsign.errors.RemoteError` on a non-OK status.
 """
 
@@ -10,15 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hsmsign import names
 from hsmsign.client import Client, KeyInfo, choose, key_ref
 from hsmsign.v1 import hsmsign_pb2 as pb
-
-#: Unwrap schemes by the names the CLI and library accept.
-UNWRAP_SCHEMES: dict[str, pb.UnwrapScheme.ValueType] = {
-    "rsa-oaep-sha256": pb.UNWRAP_SCHEME_RSA_OAEP_SHA256,
-    "rsa-oaep-sha1": pb.UNWRAP_SCHEME_RSA_OAEP_SHA1,
-    "rsa-pkcs1v15": pb.UNWRAP_SCHEME_RSA_PKCS1_V15,
-}
 
 
 @dataclass(frozen=True)
@@ -36,11 +31,11 @@ class RewrappedKey:
 
 
 def unwrap_scheme(name: str) -> pb.UnwrapScheme.ValueType:
-    return choose(UNWRAP_SCHEMES, name, "unwrap scheme")
+    return choose(names.UNWRAP_SCHEMES, name, "unwrap scheme").pb
 
 
 def unwrap_session_key(
-    client: Client, key: str | pb.KeyRef, wrapped: bytes, scheme: str = "rsa-oaep-sha256"
+    client: Client, key: str | pb.KeyRef, wrapped: bytes, scheme: str = names.DEFAULT_UNWRAP_SCHEME
 ) -> UnwrappedKey:
     """The session key ``wrapped`` carries, unwrapped by the daemon with an unwrap key."""
     req = pb.UnwrapSessionKeyRequest(
@@ -56,8 +51,8 @@ def rewrap_session_key(
     wrapped: bytes,
     to_key: str | pb.KeyRef,
     *,
-    from_scheme: str = "rsa-oaep-sha256",
-    to_scheme: str = "rsa-oaep-sha256",
+    from_scheme: str = names.DEFAULT_UNWRAP_SCHEME,
+    to_scheme: str = names.DEFAULT_UNWRAP_SCHEME,
 ) -> RewrappedKey:
     """``wrapped`` re-encrypted to ``to_key``; the session key never reaches this process."""
     req = pb.RewrapSessionKeyRequest(

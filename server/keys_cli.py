@@ -1,111 +1,147 @@
 """`hsmsignd keys ...`: key administration straight on the token, with no daemon running.
 
-For the first key of a new HSM, offline HSMs, and the dev token's demo key. It offers the same
-actions as ``hsmsign keys`` and prints the same tables and JSON; both go through
-``server.admin`` and the ring state in the token, so a daemon running on the same token picks
-the change up within ``keyring.refresh_seconds``. The KeyAdmin gRPC service
-(``admin_service``) does the same work for a running daemon.
+For the first key of a new HSM, offline HSMs, and the dev token's demo key. The actions,
+the argument checks, the requests and the rendering are :mod:`hsmsign.keycommands`, the
+same as ``hsmsign keys``, so both print the same thing; here the KeyAdmin calls are
+answered by :class:`OfflineKeyAdmin` from :mod:`server.ops.keyadmin` and the ring state in
+the token, so a daemon running on the same token picks the change up within
+``keyring.refresh_seconds``.
+Arguments (and the key file of an import) are checked before the token is opened.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import getpass
+import os
 import sys
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
-from hsmsign import _cli_keys
-from hsmsign.admin_client import read_private_key_file
-from hsmsign.errors import HsmsignError
-from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
-from server.api.admin import KeyAdminService
+from hsmsign import keycommands, names
+from hsmsign.v1 import hsmsign_pb2 as pb
 from server.api.convert import key_to_pb
 from server.config import Config
 from server.errors import InvalidArgument
-from server.keyring.model import Key, Purpose
+from server.keyring.model import Purpose
 from server.keyring.ring import KeyRing
 from server.ops import keyadmin as admin
 from server.pkcs11.token import Token
 
-_ALGORITHMS = {"rsa-2048": 2048, "rsa-3072": 3072, "rsa-4096": 4096}
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
 
 
 def add_parser(sub: Any) -> None:
     what = "key lifecycle directly on the token (no daemon): create, rotate, import, ..."
     keys = sub.add_parser("keys", help=what, description=what[0].upper() + what[1:])
     ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
-    _cli_keys.add_actions(ksub, offline=True)
+    keycommands.add_actions(ksub, offline=True)
+
+
+def _ask_passphrase() -> keycommands.AskPassphrase | None:
+    if not sys.stdin.isatty():
+        return None
+    return lambda path: getpass.getpass(f"passphrase for {path}: ").encode()
+
+
+def _purpose(value: int) -> Purpose:
+    row = names.by_pb(names.PURPOSES, value)
+    if row is None:
+        raise InvalidArgument(f"purpose must be one of {', '.join(names.names(names.PURPOSES))}")
+    return Purpose(row.name)
+
+
+def _bits(value: int) -> int:
+    row = names.by_pb(names.KEY_ALGORITHMS, value)
+    if row is None:
+        raise InvalidArgument(
+            f"algorithm must be one of {', '.join(names.names(names.KEY_ALGORITHMS))}"
+        )
+    return row.bits
+
+
+class OfflineKeyAdmin:
+    """The KeyAdmin calls answered from the token itself (a keycommands.KeyBackend)."""
+
+    def __init__(self, token: Token, ring: KeyRing) -> None:
+        self._token, self._ring = token, ring
+
+    def _key(self, name: str) -> pb.Key:
+        return key_to_pb(self._ring.get(name))
+
+    def ListKeys(self, request: pb.ListKeysRequest) -> pb.ListKeysResponse:
+        return pb.ListKeysResponse(keys=[key_to_pb(k) for k in self._ring.list_keys()])
+
+    def GetKey(self, request: pb.GetKeyRequest) -> pb.Key:
+        return self._key(request.name)
+
+    def CreateKey(self, request: pb.CreateKeyRequest) -> pb.Key:
+        purpose, bits = _purpose(request.purpose), _bits(request.algorithm)
+        v = admin.create_key(self._token, self._ring, request.name, purpose, bits)
+        return self._key(v.name)
+
+    def RotateKey(self, request: pb.RotateKeyRequest) -> pb.Key:
+        return self._key(admin.rotate_key(self._ring, request.name, request.make_primary).name)
+
+    def ImportKey(self, request: pb.ImportKeyRequest) -> pb.Key:
+        v = admin.import_key(
+            self._ring,
+            request.name,
+            _purpose(request.purpose),
+            request.private_key_der,
+            request.make_primary,
+        )
+        return self._key(v.name)
+
+    def SetPrimaryVersion(self, request: pb.KeyVersionRequest) -> pb.Key:
+        return key_to_pb(admin.set_primary(self._ring, request.name, request.version))
+
+    def DisableKeyVersion(self, request: pb.KeyVersionRequest) -> pb.Key:
+        return key_to_pb(admin.disable_version(self._ring, request.name, request.version))
+
+    def EnableKeyVersion(self, request: pb.KeyVersionRequest) -> pb.Key:
+        return key_to_pb(admin.enable_version(self._ring, request.name, request.version))
+
+    def ScheduleKeyVersionDestruction(self, request: pb.ScheduleDestructionRequest) -> pb.Key:
+        delay: timedelta | None = request.delay.ToTimedelta() if request.HasField("delay") else None
+        changed = admin.schedule_destruction(self._ring, request.name, request.version, delay)
+        return key_to_pb(changed)
+
+    def CancelKeyVersionDestruction(self, request: pb.KeyVersionRequest) -> pb.Key:
+        return key_to_pb(admin.cancel_destruction(self._ring, request.name, request.version))
+
+
+def _write(out: keycommands.Output) -> int:
+    try:
+        sys.stdout.write(out.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (``hsmsignd keys list | head``): stop quietly, and point stdout
+        # at /dev/null so that the interpreter's last flush at exit does not fail again.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    sys.stderr.write(out.stderr)
+    return EXIT_OK
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
+    """Check the arguments, then open the token, run the action and print its output.
+
+    Usage errors exit 2 (as with ``hsmsign keys``) before the token is touched; errors of
+    the token or the ring raise ServerError for ``server.main`` to report.
+    """
+    try:
+        command = keycommands.prepare(args, Path.read_bytes, _ask_passphrase())
+    except (keycommands.BadArguments, names.UnknownName) as e:
+        print(f"hsmsignd: error: {e}", file=sys.stderr)
+        return keycommands.EXIT_USAGE
     token = Token(cfg.token)
     try:
-        ring = KeyRing(token, cfg)
-        return _run(args, token, ring)
+        out = command.run(OfflineKeyAdmin(token, KeyRing(token, cfg)))
     finally:
         token.close()
-
-
-def _run(args: argparse.Namespace, token: Token, ring: KeyRing) -> int:
-    cmd: str = args.keys_command
-    as_json: bool = args.json
-    if cmd == "list":
-        _cli_keys.print_keys([key_to_pb(k) for k in ring.list_keys()], as_json)
-    elif cmd == "get":
-        _cli_keys.print_key(key_to_pb(ring.get(args.name)), as_json)
-    elif cmd in ("create", "ensure"):
-        existing = next((k for k in ring.list_keys() if k.name == args.name), None)
-        if existing is not None and cmd == "ensure" and existing.primary:
-            v = existing.primary
-            if as_json:
-                key = key_to_pb(existing)
-                pv = next(x for x in key.versions if x.version == v.version)
-                print(json.dumps({**_cli_keys.version_json(key, pv), "created": False}))
-            else:
-                print(
-                    f"exists: {v.name} v{v.version} RSA-{v.bits} {v.purpose.value} "
-                    f"sha256:{v.fingerprint} capgo key_id {v.capgo_key_id}"
-                )
-            return 0
-        v = admin.create_key(
-            token, ring, args.name, Purpose(args.purpose), _ALGORITHMS[args.algorithm]
-        )
-        _cli_keys.print_new_version(key_to_pb(ring.get(v.name)), v.version, "created", as_json)
-    elif cmd == "rotate":
-        v = admin.rotate_key(ring, args.name, args.make_primary)
-        _cli_keys.print_new_version(key_to_pb(ring.get(v.name)), v.version, "rotated", as_json)
-    elif cmd == "import":
-        try:
-            der = read_private_key_file(args.file, args.passphrase_file)
-        except HsmsignError as e:
-            raise InvalidArgument(str(e)) from None
-        v = admin.import_key(ring, args.name, Purpose(args.purpose), der, args.make_primary)
-        del der
-        _cli_keys.print_new_version(key_to_pb(ring.get(v.name)), v.version, "imported as", as_json)
-        print(_cli_keys.import_advice(args.file), file=sys.stderr)
-    else:
-        version: int = args.version
-        changed: Key
-        if cmd == "set-primary":
-            changed = admin.set_primary(ring, args.name, version)
-        elif cmd == "disable":
-            changed = admin.disable_version(ring, args.name, version)
-        elif cmd == "enable":
-            changed = admin.enable_version(ring, args.name, version)
-        elif cmd == "schedule-destroy":
-            try:
-                seconds = _cli_keys.parse_duration(args.delay) if args.delay else None
-            except HsmsignError as e:
-                raise InvalidArgument(str(e)) from None
-            delay = timedelta(seconds=seconds) if seconds is not None else None
-            changed = admin.schedule_destruction(ring, args.name, version, delay)
-        else:
-            changed = admin.cancel_destruction(ring, args.name, version)
-        _cli_keys.print_key(key_to_pb(changed), as_json)
-    return 0
-
-
-def admin_service(token: Token, ring: KeyRing, cfg: Config) -> pb_grpc.KeyAdminServicer:
-    """The KeyAdmin servicer for a running daemon."""
-    return KeyAdminService(token, ring, cfg)
+    return _write(out)

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from hsmsign import capgo
-from hsmsign.capgo import BundleVerificationError, ChecksumFormat, FileKeySealer
+from hsmsign.capgo import BundleVerificationError, ChecksumFormat
 from tests.capgo_cli import CapgoCli, capgo_cli, make_project
+from tests.harness.filekey import FileKeySealer
 
 __all__ = ["capgo_cli"]  # the fixture, re-exported for pytest
 

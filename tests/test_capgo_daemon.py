@@ -18,12 +18,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hsmsign import capgo
-from hsmsign.capgo_daemon import DaemonSealer
+from hsmsign.capgo.daemon import DaemonSealer
 from hsmsign.client import Client, seal_bundle, seal_session_key, sign_checksums
 from hsmsign.errors import RemoteError
 from hsmsign.v1 import hsmsign_pb2 as pb
 from tests.capgo_cli import CapgoCli, make_project
 from tests.conftest import Daemon, hsmsignd, make_token, start_daemon, write_config
+from tests.harness.filekey import FileKeySealer
 
 
 def _web_build(root: Path, files: int = 5) -> Path:
@@ -239,9 +240,9 @@ def test_imported_capgo_key_gives_the_cli_bytes(
     d = start_daemon(cfg, tmp_path / "d")
     try:
         with Client(d.address) as c:
-            file_sealer = capgo.FileKeySealer.from_file(key_file)
+            file_sealer = FileKeySealer.from_file(key_file)
             hsm = DaemonSealer(c, "app")
-            assert hsm.public_pem.strip() == file_sealer.public_pem.strip()
+            assert hsm.fetch_public_pem().strip() == file_sealer.public_pem.strip()
             session_key = os.urandom(16)
             digest = hashlib.sha256(b"bundle bytes").digest()
             assert hsm.seal_session_key(session_key) == file_sealer.seal_session_key(session_key)

@@ -17,14 +17,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from hsmsign import capgo
+from hsmsign import capgo, keyformats
 from hsmsign.capgo import (
     BundleFormatError,
     BundleVerificationError,
     CapacitorConfigError,
     ChecksumFormat,
-    FileKeySealer,
 )
+from tests.harness.filekey import FileKeySealer
 
 VECTORS: dict[str, Any] = json.loads(
     (Path(__file__).parent / "data" / "capgo-crypto-rsa.json").read_text()
@@ -104,7 +104,7 @@ def test_spki_and_wrong_size_keys_are_refused(sealer: FileKeySealer) -> None:
         capgo.load_capgo_public_key(spki)
     big = rsa.generate_private_key(public_exponent=65537, key_size=3072)
     with pytest.raises(BundleFormatError, match="RSA-2048"):
-        capgo.load_capgo_public_key(capgo.pkcs1_public_pem(big.public_key()))
+        capgo.load_capgo_public_key(keyformats.pkcs1_pem(big.public_key()))
     with pytest.raises(BundleFormatError, match="RSA-2048"):
         FileKeySealer(big)
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.hashes import SHA256
 
 from hsmsign import keyformats
-from hsmsign.admin_client import KeyAdmin
+from hsmsign.admin import KeyAdmin
 from hsmsign.client import Client
 from hsmsign.errors import RemoteError
 from hsmsign.v1 import hsmsign_pb2 as pb

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hsmsign.admin_client import KeyAdmin
+from hsmsign.admin import KeyAdmin
 from hsmsign.client import Client
 from hsmsign.errors import RemoteError
 from hsmsign.v1 import hsmsign_pb2 as pb

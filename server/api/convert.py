@@ -11,7 +11,7 @@ from typing import Final
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-import hsmsign.capgo as capgo
+import hsmsign.capgo.format as capgo
 from hsmsign import keyformats
 from hsmsign.v1 import hsmsign_pb2 as pb
 from server.api.pipeline import note_key_used

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import hsmsign.capgo as capgo
+import hsmsign.capgo.format as capgo
 from server.errors import FailedPrecondition, InvalidArgument
 from server.keyring.model import KeyReference, KeyVersion, Purpose
 from server.keyring.ring import KeyRing

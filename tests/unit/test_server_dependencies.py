@@ -1,7 +1,9 @@
 """The daemon's dependency rules (docs/adr/0004-dependency-rules.md), read from the source.
 
 - server/pkcs11/ is the only code that imports python-pkcs11;
-- server/ imports from hsmsign/ only the shared, I/O-free layer.
+- the key ring's pure modules touch no token.
+
+That server/ imports only hsmsign's shared layer is tests/unit/test_layering.py's.
 """
 
 from __future__ import annotations
@@ -12,26 +14,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER = REPO / "server"
-
-#: What server/ may import from hsmsign/: the generated stubs, the vocabulary tables, the key
-#: encodings, the TLS file checks and the Capgo wire format.
-SHARED_LAYER = (
-    "hsmsign.v1",
-    "hsmsign.names",
-    "hsmsign.keyformats",
-    "hsmsign.tlsfiles",
-    "hsmsign.capgo.format",
-)
-#: Imports still being cut down to the shared layer (hsmsign/capgo.py is being split, and the
-#: offline keys command reuses the client CLI's printing): each entry goes once its import
-#: line names a shared module.
-NOT_YET_SHARED = {
-    ("server/ops/capgo.py", "hsmsign.capgo"),
-    ("server/api/convert.py", "hsmsign.capgo"),
-    ("server/keys_cli.py", "hsmsign._cli_keys"),
-    ("server/keys_cli.py", "hsmsign.admin_client"),
-    ("server/keys_cli.py", "hsmsign.errors"),
-}
 
 
 def _imports(path: Path) -> Iterator[str]:
@@ -68,16 +50,6 @@ def test_only_server_pkcs11_imports_python_pkcs11() -> None:
 def test_server_pkcs11_objects_is_a_plain_value() -> None:
     # The key ring's pure join builds on it; it must not pull python-pkcs11 in.
     assert not any(_is_under(m, "pkcs11") for m in _imports(SERVER / "pkcs11" / "objects.py"))
-
-
-def test_server_imports_only_the_shared_layer_of_hsmsign() -> None:
-    offenders = {
-        (str(p.relative_to(REPO)), m)
-        for p in _server_files()
-        for m in _imports(p)
-        if _is_under(m, "hsmsign") and not any(_is_under(m, s) for s in SHARED_LAYER)
-    }
-    assert offenders <= NOT_YET_SHARED, sorted(offenders - NOT_YET_SHARED)
 
 
 def test_the_pure_keyring_modules_touch_no_token() -> None:

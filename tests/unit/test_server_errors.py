@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from hsmsign.errors import HsmsignError
+from hsmsign.errors import Error as ClientError
 from server import errors, main
 from server.api import pipeline
 
@@ -28,7 +28,7 @@ STATUS_CLASSES = {
 
 
 def test_the_daemon_has_its_own_root() -> None:
-    assert not issubclass(errors.ServerError, HsmsignError)
+    assert not issubclass(errors.ServerError, ClientError)
     assert not hasattr(errors.ServerError, "status_name")
 
 

@@ -1,7 +1,7 @@
 """``hsmsign unwrap key|rewrap|bundle``: session keys unwrapped by an HSM-held key.
 
-``unwrap bundle`` decrypts a bundle made with Capgo's older OAEP ("v1") scheme; the Capgo
-command group may call :func:`hsmsign.legacy_bundle.decrypt_v1_bundle` the same way.
+``unwrap bundle`` decrypts a bundle made with Capgo's older OAEP ("v1") scheme; so does
+``bundle decrypt --scheme v1``, through the same :func:`decrypt_v1`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hsmsign._files import write_atomic
+from hsmsign import names
+from hsmsign._internal.files import write_atomic
+from hsmsign._internal.progress import progress_bar
+from hsmsign.capgo.format import parse_iv_session_key
+from hsmsign.capgo.legacy import V1_UNWRAP_SCHEME, decrypt_v1_bundle
 from hsmsign.client import Client
 from hsmsign.errors import UsageError
-from hsmsign.legacy_bundle import Progress, decrypt_v1_bundle, parse_iv_session_key
-from hsmsign.unwrap_client import UNWRAP_SCHEMES, rewrap_session_key, unwrap_session_key
+from hsmsign.unwrap_client import rewrap_session_key, unwrap_session_key
+
+_SCHEMES = names.names(names.UNWRAP_SCHEMES)
+_WRAP_TARGETS = [s.name for s in names.UNWRAP_SCHEMES if s.wrap_target]
 
 _KEY_HELP = "NAME, NAME@VERSION, sha256:FP or keyid:ID of an unwrap key"
 
@@ -49,8 +55,8 @@ def register(sub: Any) -> None:
     k.add_argument("--key", required=True, metavar="KEY", help=_KEY_HELP)
     k.add_argument(
         "--scheme",
-        choices=list(UNWRAP_SCHEMES),
-        default="rsa-oaep-sha256",
+        choices=_SCHEMES,
+        default=names.DEFAULT_UNWRAP_SCHEME,
         help="how the session key was wrapped (default: %(default)s; SoftHSM2 supports OAEP "
         "with SHA-1 only: rsa-oaep-sha1)",
     )
@@ -68,10 +74,8 @@ def register(sub: Any) -> None:
     )
     r.add_argument("--from-key", required=True, metavar="KEY", help=_KEY_HELP)
     r.add_argument("--to-key", required=True, metavar="KEY", help=_KEY_HELP)
-    r.add_argument("--from-scheme", choices=list(UNWRAP_SCHEMES), default="rsa-oaep-sha256")
-    r.add_argument(
-        "--to-scheme", choices=("rsa-oaep-sha256", "rsa-oaep-sha1"), default="rsa-oaep-sha256"
-    )
+    r.add_argument("--from-scheme", choices=_SCHEMES, default=names.DEFAULT_UNWRAP_SCHEME)
+    r.add_argument("--to-scheme", choices=_WRAP_TARGETS, default=names.DEFAULT_UNWRAP_SCHEME)
     _add_wrapped_input(r)
     r.add_argument("-o", "--output", type=Path, help="write the result here")
     r.set_defaults(func=cmd_rewrap)
@@ -87,9 +91,9 @@ def register(sub: Any) -> None:
     b.add_argument("--iv-session-key", required=True, metavar="IV:KEY")
     b.add_argument(
         "--scheme",
-        choices=("rsa-oaep-sha256", "rsa-oaep-sha1"),
-        default="rsa-oaep-sha256",
-        help="how the session key was wrapped (Capgo v1: rsa-oaep-sha256)",
+        choices=_WRAP_TARGETS,
+        default=V1_UNWRAP_SCHEME,
+        help="how the session key was wrapped (default: %(default)s, as Capgo v1 did)",
     )
     b.add_argument("--checksum", metavar="HEX", help="expected CRC32 (v1) or SHA-256 of the zip")
     b.add_argument("-o", "--output", type=Path, required=True, help="the decrypted zip")
@@ -164,35 +168,51 @@ def cmd_rewrap(args: argparse.Namespace, connect: Callable[[], Client]) -> int:
     return 0
 
 
-def _progress_bar() -> Progress:
-    def show(done: int, total: int) -> None:
-        width = 30
-        filled = width * done // total if total else width
-        sys.stderr.write(
-            f"\rdecrypting [{'#' * filled}{'.' * (width - filled)}] "
-            f"{done / (1 << 20):.1f}/{total / (1 << 20):.1f} MiB"
-        )
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
-
-
-def cmd_bundle(args: argparse.Namespace, connect: Callable[[], Client]) -> int:
-    iv, wrapped = parse_iv_session_key(args.iv_session_key)
-    if not args.encrypted.is_file():
-        raise UsageError(f"cannot read {args.encrypted}: no such file")
+def decrypt_v1(
+    encrypted: Path,
+    output: Path,
+    iv_session_key: str,
+    key: str,
+    scheme: str,
+    checksum: str | None,
+    connect: Callable[[], Client],
+    show_progress: bool = True,
+) -> int:
+    """The one v1 decryption of the CLI: the daemon unwraps, the payload is decrypted here
+    into ``output``, which appears only if every check passed. Raises UsageError,
+    VerificationError, RemoteError."""
     with connect() as c:
-        u = unwrap_session_key(c, args.key, wrapped, args.scheme)
-    progress = None if args.no_progress or not sys.stderr.isatty() else _progress_bar()
-    crc = decrypt_v1_bundle(
-        args.encrypted, args.output, u.session_key, iv, checksum=args.checksum, progress=progress
-    )
-    checked = " (checksum matches)" if args.checksum else ""
+        used: list[str] = []
+
+        def unwrap(wrapped: bytes) -> bytes:
+            u = unwrap_session_key(c, key, wrapped, scheme)
+            used.append(f"{u.key.name} v{u.key.version}")
+            return u.session_key
+
+        crc = decrypt_v1_bundle(
+            encrypted,
+            output,
+            iv_session_key,
+            unwrap,
+            checksum=checksum,
+            progress=progress_bar("decrypting", show_progress),
+        )
+    checked = " (checksum matches)" if checksum else ""
     print(
-        f"decrypted {args.encrypted} -> {args.output} with {u.key.name} v{u.key.version}; "
-        f"crc32 {crc}{checked}",
+        f"decrypted {encrypted} -> {output} with {used[0]}; crc32 {crc}{checked}",
         file=sys.stderr,
     )
     return 0
+
+
+def cmd_bundle(args: argparse.Namespace, connect: Callable[[], Client]) -> int:
+    return decrypt_v1(
+        args.encrypted,
+        args.output,
+        args.iv_session_key,
+        args.key,
+        args.scheme,
+        args.checksum,
+        connect,
+        show_progress=not args.no_progress,
+    )

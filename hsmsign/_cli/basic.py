@@ -14,22 +14,23 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from hsmsign._files import write_atomic
-from hsmsign.client import ALGORITHMS, Client
+from hsmsign import names
+from hsmsign._internal.files import write_atomic
+from hsmsign.capgo.project import set_capacitor_public_key
+from hsmsign.client import Client, choose
 from hsmsign.errors import UsageError, VerificationError
 
-_HASHES: dict[str, Callable[[], Any]] = {
-    "sha256": hashlib.sha256,
-    "sha384": hashlib.sha384,
-    "sha512": hashlib.sha512,
-}
-_CRYPTO_HASHES: dict[str, hashes.HashAlgorithm] = {
-    "sha256": hashes.SHA256(),
-    "sha384": hashes.SHA384(),
-    "sha512": hashes.SHA512(),
-}
 PUBKEY_FORMATS = ("spki", "pkcs1", "der", "capgo", "json")
+#: RSA signature sizes of the key algorithms: a base64 file of this many bytes is decoded.
+_SIGNATURE_BYTES = frozenset(a.bits // 8 for a in names.KEY_ALGORITHMS)
+_CHUNK_BYTES = 1 << 20
+_CRYPTO_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
 
 
 def register(sub: Any) -> None:
@@ -74,8 +75,8 @@ def register(sub: Any) -> None:
     src.add_argument("--digest", metavar="HEX", help="a digest computed elsewhere, in hex")
     s.add_argument(
         "--algorithm",
-        choices=list(ALGORITHMS),
-        default="rsa-pkcs1-sha256",
+        choices=names.names(names.SIGNATURE_ALGORITHMS),
+        default=names.DEFAULT_SIGNATURE_ALGORITHM,
         help="signature scheme (default: %(default)s)",
     )
     s.add_argument(
@@ -100,26 +101,27 @@ def register(sub: Any) -> None:
     v.add_argument("--signature", type=Path, required=True, help="raw or base64 signature file")
     v.add_argument(
         "--algorithm",
-        choices=list(ALGORITHMS),
-        default="rsa-pkcs1-sha256",
+        choices=names.names(names.SIGNATURE_ALGORITHMS),
+        default=names.DEFAULT_SIGNATURE_ALGORITHM,
         help="signature scheme (default: %(default)s)",
     )
     v.set_defaults(func=cmd_verify)
 
 
-def _hash_name(algorithm: str) -> str:
-    return algorithm.rsplit("-", 1)[1]
+def _signature_algorithm(name: str) -> names.SignatureAlgorithm:
+    return choose(names.SIGNATURE_ALGORITHMS, name, "algorithm")
 
 
 def hash_file(path: Path, hash_name: str) -> bytes:
-    h = _HASHES[hash_name]()
+    """The digest of a file ('-' for stdin). Raises UsageError if it cannot be read."""
+    h = hashlib.new(hash_name)
     try:
         if str(path) == "-":
-            for chunk in iter(lambda: sys.stdin.buffer.read(1 << 20), b""):
+            for chunk in iter(lambda: sys.stdin.buffer.read(_CHUNK_BYTES), b""):
                 h.update(chunk)
         else:
             with path.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
+                for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
                     h.update(chunk)
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror}") from None
@@ -141,14 +143,7 @@ def cmd_pubkey(args: argparse.Namespace, connect: Callable[[], Client]) -> int:
         pk = c.public_key(args.key)
     k = pk.key
     if args.capacitor_config is not None:
-        from hsmsign import capgo
-
-        if k.modulus_bits != capgo.CAPGO_RSA_BITS:
-            raise UsageError(
-                f"{k.name} v{k.version} is RSA-{k.modulus_bits}; "
-                "capacitor-updater requires RSA-2048"
-            )
-        capgo.set_capacitor_public_key(args.capacitor_config, pk.pkcs1_pem)
+        set_capacitor_public_key(args.capacitor_config, pk.pkcs1_pem)
         print(
             f"wrote the public key of {k.name} v{k.version} (key_id {k.capgo_key_id}) to "
             f"{args.capacitor_config}",
@@ -185,7 +180,7 @@ def cmd_pubkey(args: argparse.Namespace, connect: Callable[[], Client]) -> int:
 
 
 def cmd_sign(args: argparse.Namespace, connect: Callable[[], Client]) -> int:
-    hash_name = _hash_name(args.algorithm)
+    hash_name = _signature_algorithm(args.algorithm).hash_name
     if args.digest is not None:
         try:
             digest = bytes.fromhex(args.digest)
@@ -246,7 +241,7 @@ def _read_signature(path: Path) -> bytes:
     text = raw.strip()
     try:
         decoded = base64.b64decode(text, validate=True)
-        if len(decoded) in (256, 384, 512):
+        if len(decoded) in _SIGNATURE_BYTES:
             return decoded
     except ValueError:
         pass
@@ -265,17 +260,15 @@ def cmd_verify(args: argparse.Namespace, connect: Callable[[], Client]) -> int:
         if not isinstance(loaded, rsa.RSAPublicKey):
             raise UsageError(f"{args.key} is not an RSA key")
         public_key, who = loaded, f"{pk.key.name} v{pk.key.version}"
-    hash_name = _hash_name(args.algorithm)
-    digest = hash_file(args.file, hash_name)
+    algorithm = _signature_algorithm(args.algorithm)
+    digest = hash_file(args.file, algorithm.hash_name)
     signature = _read_signature(args.signature)
-    algo = _CRYPTO_HASHES[hash_name]
+    algo = _CRYPTO_HASHES[algorithm.hash_name]()
     pad: padding.AsymmetricPadding = (
         padding.PSS(mgf=padding.MGF1(algo), salt_length=algo.digest_size)
-        if "pss" in args.algorithm
+        if algorithm.pss
         else padding.PKCS1v15()
     )
-    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-
     try:
         public_key.verify(signature, digest, pad, Prehashed(algo))
     except InvalidSignature:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -18,21 +17,37 @@ from typing import Any
 
 import brotli
 
-from hsmsign import capgo, legacy_bundle
-from hsmsign._progress import progress_bar
-from hsmsign.capgo_daemon import DaemonSealer
+from hsmsign import names
+from hsmsign._cli.unwrap import decrypt_v1
+from hsmsign._internal.files import atomic_directory
+from hsmsign._internal.progress import progress_bar
+from hsmsign.capgo.bundle import check_bundle_zip, seal_bundle, verify_bundle
+from hsmsign.capgo.daemon import DaemonSealer
+from hsmsign.capgo.delta import encrypt_delta
+from hsmsign.capgo.format import (
+    BundleFormatError,
+    ChecksumFormat,
+    checksum_format_for_plugin,
+    plugin_supports_delta,
+)
+from hsmsign.capgo.project import default_zip_path, make_bundle_zip
 from hsmsign.client import Client
 from hsmsign.errors import UsageError, VerificationError
-from hsmsign.unwrap_client import unwrap_session_key
 
 Connect = Callable[[], Client]
+#: ``bundle decrypt --scheme v1 --oaep-hash H``: the unwrap scheme each hash names.
+_OAEP_SCHEMES = {"sha256": "rsa-oaep-sha256", "sha1": "rsa-oaep-sha1"}
+_DELTA_BUNDLE = "bundle_encrypted.zip"
+_DELTA_FILES = "files"
+_DELTA_MANIFEST = "manifest.json"
+_CHUNK_BYTES = 1 << 20
 
 
 def _format_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--checksum-format",
-        choices=["v3", "v2"],
+        choices=names.names(names.CHECKSUM_FORMATS),
         help="signed-checksum format: v3 (plugin 8.x and >= 5.30/6.30/7.30, the "
         "default) or v2 (older plugins)",
     )
@@ -43,10 +58,10 @@ def _format_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _fmt(args: argparse.Namespace) -> capgo.ChecksumFormat:
+def _fmt(args: argparse.Namespace) -> ChecksumFormat:
     if args.plugin_version:
-        return capgo.checksum_format_for_plugin(args.plugin_version)
-    return capgo.ChecksumFormat(args.checksum_format or "v3")
+        return checksum_format_for_plugin(args.plugin_version)
+    return ChecksumFormat.from_name(args.checksum_format or names.DEFAULT_CHECKSUM_FORMAT)
 
 
 def register(sub: Any) -> None:
@@ -137,7 +152,7 @@ def register(sub: Any) -> None:
     x.add_argument("--key", metavar="KEY", help="v1: the unwrap key holding the private key")
     x.add_argument(
         "--oaep-hash",
-        choices=["sha256", "sha1"],
+        choices=list(_OAEP_SCHEMES),
         default="sha256",
         help="v1: the OAEP hash (default: %(default)s, as Capgo used)",
     )
@@ -173,8 +188,8 @@ def _read_pem(path: Path | None) -> str:
 
 
 def cmd_zip(args: argparse.Namespace, connect: Connect) -> int:
-    out = args.output or args.dir.with_name(args.dir.name.rstrip("/") + ".zip")
-    checksum = capgo.make_bundle_zip(args.dir, out)
+    out = args.output or default_zip_path(args.dir)
+    checksum = make_bundle_zip(args.dir, out)
     if args.json:
         print(json.dumps({"bundle": str(out), "checksum": checksum}))
     else:
@@ -189,20 +204,20 @@ def _default_output(bundle: Path) -> Path:
 def cmd_encrypt(args: argparse.Namespace, connect: Connect) -> int:
     fmt = _fmt(args)
     out = args.output or _default_output(args.bundle)
-    capgo.check_bundle_zip(args.bundle)
     with connect() as client:
         sealer = DaemonSealer(client, args.key)
-        sealed = capgo.seal_bundle(args.bundle, out, sealer, fmt, progress_bar("encrypting"))
+        sealed = seal_bundle(args.bundle, out, sealer, fmt, progress_bar("encrypting"))
+    key = sealer.key
     result = {
         "encrypted_bundle": str(out),
         "iv_session_key": sealed.iv_session_key,
         "signed_checksum": sealed.signed_checksum,
         "checksum": sealed.checksum_hex,
         "checksum_format": fmt.value,
-        "key": sealer.key.name,
-        "key_version": sealer.key.version,
-        "fingerprint": sealer.key.fingerprint,
-        "key_id": sealed.key_id,
+        "key": key.name,
+        "key_version": key.version,
+        "fingerprint": key.fingerprint,
+        "key_id": key.capgo_key_id,
         "upload_command": sealed.upload_command(args.external_url),
     }
     if args.json:
@@ -210,8 +225,8 @@ def cmd_encrypt(args: argparse.Namespace, connect: Connect) -> int:
         return 0
     print(f"encrypted bundle: {out}")
     print(
-        f"key:              {sealer.key.name} v{sealer.key.version} "
-        f"(sha256:{sealer.key.fingerprint}, Capgo key_id {sealed.key_id})"
+        f"key:              {key.name} v{key.version} "
+        f"(sha256:{key.fingerprint}, Capgo key_id {key.capgo_key_id})"
     )
     print(f"checksum:         {sealed.checksum_hex} (signed, format {fmt.value})")
     print(f"ivSessionKey:     {sealed.iv_session_key}")
@@ -228,57 +243,52 @@ def _brotli(data: bytes) -> bytes:
 
 def cmd_encrypt_delta(args: argparse.Namespace, connect: Connect) -> int:
     fmt = _fmt(args)
-    if args.plugin_version and not capgo.plugin_supports_delta(args.plugin_version):
+    if args.plugin_version and not plugin_supports_delta(args.plugin_version):
         raise UsageError(
             f"capacitor-updater {args.plugin_version} does not apply delta updates; it needs "
             "5.10.0, 6.25.0, 7.0.30 or later: ship a full bundle with 'hsmsign bundle encrypt'"
         )
     out: Path = args.output
-    if out.exists():
-        raise UsageError(f"{out} already exists; give a new directory")
-    out.mkdir(parents=True)
-    try:
-        plain = out / "bundle.zip"
-        capgo.make_bundle_zip(args.dir, plain)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Everything is built in a staging folder beside OUT, renamed to OUT once all succeeded.
+    with atomic_directory(out) as staging:
+        plain = staging / "bundle.zip"
+        make_bundle_zip(args.dir, plain)
         with connect() as client:
             sealer = DaemonSealer(client, args.key)
-            sealed = capgo.seal_bundle(
-                plain, out / "bundle_encrypted.zip", sealer, fmt, progress_bar("encrypting")
+            sealed = seal_bundle(
+                plain, staging / _DELTA_BUNDLE, sealer, fmt, progress_bar("encrypting")
             )
-            delta = capgo.encrypt_delta(
+            delta = encrypt_delta(
                 args.dir,
-                out / "files",
+                staging / _DELTA_FILES,
                 sealer,
                 fmt,
                 sealed.session,
                 compress=None if args.disable_brotli else _brotli,
             )
         plain.unlink()
-        (out / "manifest.json").write_text(delta.manifest_json())
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(out, ignore_errors=True)
-        raise
+        (staging / _DELTA_MANIFEST).write_text(delta.manifest_json())
+    key = sealer.key
     result = {
-        "encrypted_bundle": str(out / "bundle_encrypted.zip"),
-        "files": str(out / "files"),
-        "manifest": str(out / "manifest.json"),
+        "encrypted_bundle": str(out / _DELTA_BUNDLE),
+        "files": str(out / _DELTA_FILES),
+        "manifest": str(out / _DELTA_MANIFEST),
         "file_count": len(delta.entries),
         "iv_session_key": sealed.iv_session_key,
         "signed_checksum": sealed.signed_checksum,
         "checksum_format": fmt.value,
-        "key": sealer.key.name,
-        "key_version": sealer.key.version,
-        "key_id": sealed.key_id,
+        "key": key.name,
+        "key_version": key.version,
+        "key_id": key.capgo_key_id,
         "brotli_files": sum(e.compressed for e in delta.entries),
     }
     if args.json:
         print(json.dumps(result))
     else:
         print(
-            f"{len(delta.entries)} files encrypted under {out / 'files'}; manifest "
-            f"{out / 'manifest.json'}; full bundle {out / 'bundle_encrypted.zip'}"
+            f"{len(delta.entries)} files encrypted under {out / _DELTA_FILES}; manifest "
+            f"{out / _DELTA_MANIFEST}; full bundle {out / _DELTA_BUNDLE}"
         )
         print(f"ivSessionKey:    {sealed.iv_session_key}")
         print(f"signed checksum: {sealed.signed_checksum}")
@@ -297,15 +307,15 @@ def _installable(plain: Path) -> None:
     if bad is not None:
         raise VerificationError(f"the decrypted bundle's zip is corrupt at {bad}")
     try:
-        capgo.check_bundle_zip(plain)
-    except capgo.BundleFormatError as e:
+        check_bundle_zip(plain)
+    except BundleFormatError as e:
         raise VerificationError(f"the decrypted bundle would not install: {e}") from None
 
 
 def cmd_verify(args: argparse.Namespace, connect: Connect) -> int:
     with tempfile.TemporaryDirectory(prefix="hsmsign-verify-") as tmp:
         plain = Path(tmp) / "bundle.zip"
-        r = capgo.verify_bundle(
+        r = verify_bundle(
             args.encrypted,
             _read_pem(args.public_key),
             args.iv_session_key,
@@ -317,7 +327,7 @@ def cmd_verify(args: argparse.Namespace, connect: Connect) -> int:
         h = hashlib.sha256()
         try:
             with args.plain.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
+                for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
                     h.update(chunk)
         except OSError as e:
             raise UsageError(f"cannot read {args.plain}: {e.strerror}") from None
@@ -331,34 +341,28 @@ def cmd_verify(args: argparse.Namespace, connect: Connect) -> int:
 
 
 def cmd_decrypt(args: argparse.Namespace, connect: Connect) -> int:
-    if args.scheme == "v2":
-        if args.checksum is None:
-            raise UsageError("--checksum is required for v2 bundles (the device requires it)")
-        r = capgo.verify_bundle(
+    if args.scheme == "v1":
+        if args.key is None:
+            raise UsageError("--scheme v1 needs --key: the unwrap key that holds the private key")
+        return decrypt_v1(
             args.encrypted,
-            _read_pem(args.public_key),
+            args.output,
             args.iv_session_key,
+            args.key,
+            _OAEP_SCHEMES[args.oaep_hash],
             args.checksum,
-            plain_out=args.output,
+            connect,
         )
-        print(
-            f"decrypted {args.encrypted} -> {args.output} (checksum verified, "
-            f"{r.plain_size:,} bytes)"
-        )
-        return 0
-    if args.key is None:
-        raise UsageError("--scheme v1 needs --key: the unwrap key that holds the private key")
-    iv, wrapped = legacy_bundle.parse_iv_session_key(args.iv_session_key)
-    scheme = "rsa-oaep-sha256" if args.oaep_hash == "sha256" else "rsa-oaep-sha1"
-    with connect() as client:
-        session_key = unwrap_session_key(client, args.key, wrapped, scheme).session_key
-    legacy_bundle.decrypt_v1_bundle(
+    if args.checksum is None:
+        raise UsageError("--checksum is required for v2 bundles (the device requires it)")
+    r = verify_bundle(
         args.encrypted,
-        args.output,
-        session_key,
-        iv,
-        checksum=args.checksum,
-        progress=progress_bar("decrypting"),
+        _read_pem(args.public_key),
+        args.iv_session_key,
+        args.checksum,
+        plain_out=args.output,
     )
-    print(f"decrypted {args.encrypted} -> {args.output}", file=sys.stderr)
+    print(
+        f"decrypted {args.encrypted} -> {args.output} (checksum verified, {r.plain_size:,} bytes)"
+    )
     return 0

@@ -1,4 +1,5 @@
-"""The ``hsmsign`` command: dispatch only. Each command group lives in its own module.
+"""The ``hsmsign`` command: dispatch, and the one error boundary. Each command group lives
+in its own module of this package.
 
 Exit codes: 0 success, 1 an error (one line on stderr, never a traceback), 2 bad usage,
 3 a signature or bundle that does not verify, 130 interrupted.
@@ -7,6 +8,7 @@ Exit codes: 0 success, 1 an error (one line on stderr, never a traceback), 2 bad
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -17,13 +19,21 @@ from pathlib import Path
 # (GRPC_VERBOSITY=ERROR). Set before grpc is imported.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from hsmsign import _cli_basic, _cli_bundle, _cli_keys, _cli_unwrap
+from hsmsign import keycommands, names
+from hsmsign._cli import basic, bundle, keys, unwrap
 from hsmsign.client import DEFAULT_SERVER, Client, TlsOptions
-from hsmsign.errors import HsmsignError, UsageError, VerificationError
+from hsmsign.errors import (
+    EXIT_ERROR,
+    EXIT_USAGE,
+    Error,
+    UsageError,
+    VerificationError,
+)
 
 #: Modules that add command groups: each has ``register(subparsers)``; the parser's
 #: ``func`` default is called with (args, connect).
-COMMAND_MODULES = [_cli_basic, _cli_bundle, _cli_keys, _cli_unwrap]
+COMMAND_MODULES = [basic, bundle, keys, unwrap]
+EXIT_INTERRUPTED = 130
 
 Connect = Callable[[], Client]
 
@@ -93,25 +103,44 @@ def _connector(args: argparse.Namespace) -> Connect:
     return connect
 
 
+def _fail(prefix: str, message: str, code: int) -> int:
+    print(f"hsmsign: {prefix}: {message}", file=sys.stderr)
+    return code
+
+
+def _os_error_message(e: OSError) -> str:
+    what = e.strerror or type(e).__name__
+    return f"{e.filename}: {what}" if e.filename else what
+
+
+def _stdout_gone() -> int:
+    # The reader went away (``hsmsign keys list | head``): stop quietly, and point stdout at
+    # /dev/null so that the interpreter's last flush at exit does not fail again.
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``hsmsign``; returns the exit code. The one place errors become messages."""
     args = _parser().parse_args(argv)
     try:
         result: int = args.func(args, _connector(args))
+        sys.stdout.flush()
         return result
     except VerificationError as e:
-        print(f"hsmsign: verification failed: {e}", file=sys.stderr)
-        return 3
-    except UsageError as e:
-        print(f"hsmsign: error: {e}", file=sys.stderr)
-        return 2
-    except HsmsignError as e:
-        print(f"hsmsign: error: {e}", file=sys.stderr)
-        return 1
+        return _fail("verification failed", str(e), e.exit_code)
+    except Error as e:
+        return _fail("error", str(e), e.exit_code)
+    except (keycommands.BadArguments, names.UnknownName) as e:
+        return _fail("error", str(e), EXIT_USAGE)
     except KeyboardInterrupt:
         print("hsmsign: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
-        return 1
+        return _stdout_gone()
+    except OSError as e:
+        return _fail("error", _os_error_message(e), EXIT_ERROR)
 
 
 if __name__ == "__main__":
