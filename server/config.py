@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import stat
 import sysconfig
 import tomllib
 import urllib.parse
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from server import pinsource
 from server.errors import ConfigError
 
 ThreadingMode = Literal["parallel", "serialized"]
@@ -49,43 +49,20 @@ class PinSource:
         return f"systemd credential {self.credential}"
 
     def read(self) -> str:
-        """Returns the PIN. Raises ConfigError when it is missing or its file is too open."""
+        """Returns the PIN. Raises ConfigError when it is missing or its file could have been
+        read or replaced by others (server/pinsource.py)."""
         if self.file is not None:
-            return _read_secret_file(self.file, "token.pin_file")
+            return pinsource.read_secret_file(self.file, "token.pin_file")
         if self.env is not None:
-            value = os.environ.get(self.env)
-            if not value:
-                raise ConfigError(f"the PIN environment variable {self.env} is not set or empty")
-            return value
+            return pinsource.take_from_environment(self.env)
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
             raise ConfigError(
                 f"token.pin_credential = {self.credential!r} needs CREDENTIALS_DIRECTORY "
                 "(run under systemd with LoadCredential=)"
             )
-        return _read_secret_file(Path(directory) / str(self.credential), "token.pin_credential")
-
-
-def _read_secret_file(path: Path, key: str) -> str:
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"{key}: {path} is readable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"run 'chmod 600 {path}'"
-        )
-    try:
-        value = path.read_text(encoding="utf-8").strip()
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        # Not the decoder's message: it quotes a byte of the secret.
-        raise ConfigError(f"{key}: {path} is not UTF-8 text") from None
-    if not value:
-        raise ConfigError(f"{key}: {path} is empty")
-    return value
+        path = Path(directory) / str(self.credential)
+        return pinsource.read_secret_file(path, "token.pin_credential", root_may_own=True)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from hsmsign import tlsfiles
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
-from server import accesslog, keys_cli, rpc, supervisor
+from server import accesslog, hardening, keys_cli, rpc, supervisor
 from server import config as config_mod
 from server.admin_service import AdminAccess
 from server.config import Config
@@ -265,6 +265,11 @@ def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        hardening.forbid_core_dumps()  # before any secret is read: server/hardening.py
+    except StartupError as e:
+        print(f"hsmsignd: error: {e}", file=sys.stderr)
+        return 1
     args = _parser().parse_args(argv)
     try:
         cfg = config_mod.load(_config_path(args.config))
