@@ -91,12 +91,13 @@ def read_secret_file(path: Path, key: str, *, root_may_own: bool = False) -> str
         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as e:
         raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
         if stat.S_ISDIR(st.st_mode):
             raise ConfigError(f"{key}: cannot read {path}: {os.strerror(errno.EISDIR)}")
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{key}: {shown} is {_kind(st.st_mode)}; give a regular file")
+        raise ConfigError(f"{key}: {shown} is {_kind(st.st_mode)}; give a regular file")
+    with os.fdopen(fd, "rb") as f:
         owners = {os.geteuid(), 0} if root_may_own else {os.geteuid()}
         if st.st_uid not in owners:
             raise ConfigError(
