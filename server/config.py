@@ -129,6 +129,19 @@ class KeyRingConfig:
     refresh_seconds: float
     #: Minimum delay for ScheduleKeyVersionDestruction.
     min_destruction_delay_seconds: float
+    #: Allows a minimum below DESTRUCTION_DELAY_FLOOR_HOURS: development and tests only.
+    dev_unsafe_allow_short_destruction_delay: bool = False
+
+    def floor_warning(self) -> str | None:
+        """The warning to log when the minimum destruction delay is below the floor."""
+        hours = self.min_destruction_delay_seconds / 3600
+        if hours >= DESTRUCTION_DELAY_FLOOR_HOURS:
+            return None
+        return (
+            f"keyring.{SHORT_DESTRUCTION_DELAY_KEY} = true: the minimum destruction delay is "
+            f"{hours:g} hours, below the floor of {DESTRUCTION_DELAY_FLOOR_HOURS} hours; a key "
+            "version can be destroyed before anyone notices. For development and tests only"
+        )
 
 
 @dataclass(frozen=True)
@@ -378,14 +391,32 @@ def _processes(s: _Table) -> int:
     return value
 
 
+#: keyring.min_destruction_delay_hours may not go below this (a mistaken or malicious
+#: schedule-destroy must leave a day to notice and cancel it) ...
+DESTRUCTION_DELAY_FLOOR_HOURS = 24
+#: ... unless this loudly named setting says so, for development and tests.
+SHORT_DESTRUCTION_DELAY_KEY = "dev_unsafe_allow_short_destruction_delay"
+
+
 def _keyring(root: _Table) -> KeyRingConfig:
     k = root.table("keyring")
     refresh = k.positive("refresh_seconds", float, 2.0, 3600)
-    min_delay = k.get("min_destruction_delay_hours", float, 24.0, "hours, a number >= 0")
+    min_delay = k.get("min_destruction_delay_hours", float, 24.0, "hours, a number >= 24")
+    short_ok = k.get(SHORT_DESTRUCTION_DELAY_KEY, bool, False, "true or false")
     if min_delay < 0:
         raise k.error("min_destruction_delay_hours", f"got {min_delay!r}; allowed: a number >= 0")
+    if min_delay < DESTRUCTION_DELAY_FLOOR_HOURS and not short_ok:
+        raise k.error(
+            "min_destruction_delay_hours",
+            f"got {min_delay:g}, below the floor of {DESTRUCTION_DELAY_FLOOR_HOURS} hours; only "
+            f"{SHORT_DESTRUCTION_DELAY_KEY} = true (development and tests) lowers it",
+        )
     k.finish()
-    return KeyRingConfig(refresh_seconds=refresh, min_destruction_delay_seconds=min_delay * 3600)
+    return KeyRingConfig(
+        refresh_seconds=refresh,
+        min_destruction_delay_seconds=min_delay * 3600,
+        dev_unsafe_allow_short_destruction_delay=short_ok,
+    )
 
 
 def _keys(root: _Table) -> dict[str, KeyOptions]:

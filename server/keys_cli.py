@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import timedelta
 from typing import Any
 
 from hsmsign import _cli_keys
@@ -96,7 +95,7 @@ def _run(args: argparse.Namespace, token: Token, ring: KeyRing) -> int:
                 seconds = _cli_keys.parse_duration(args.delay) if args.delay else None
             except HsmsignError as e:
                 raise InvalidArgument(str(e)) from None
-            delay = timedelta(seconds=seconds) if seconds is not None else None
+            delay = admin.destruction_delay(seconds) if seconds is not None else None
             changed = admin.schedule_destruction(ring, args.name, version, delay)
         else:
             changed = admin.cancel_destruction(ring, args.name, version)

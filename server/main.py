@@ -172,6 +172,8 @@ def serve(
         exposure = AdminAccess(cfg.server).exposure(listen or cfg.server.listen)
         if exposure:
             log.warning("%s", exposure)
+        if floor_warning := cfg.keyring.floor_warning():
+            log.warning("%s", floor_warning)
     if worker is None and cfg.server.processes > 1:
         return supervisor.run(cfg, listen, ready_file)
     token = _open_token(cfg) if worker is not None else Token(cfg.token)
