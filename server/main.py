@@ -32,6 +32,7 @@ from server.admin_service import AdminAccess
 from server.config import Config
 from server.errors import ConfigError, ServerError, StartupError, TokenNotFound
 from server.keyring import KeyRing
+from server.malformed import MalformedRequests
 from server.service import SignerService
 from server.supervisor import SharedCounter, WorkerSpec
 from server.token import Token
@@ -188,6 +189,7 @@ def serve(
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.server.workers, thread_name_prefix="rpc"),
             maximum_concurrent_rpcs=cfg.server.max_concurrent_calls,
+            interceptors=[MalformedRequests()],  # garbage bodies: INVALID_ARGUMENT
             # Serving processes share the supervisor's port; a lone daemon must own its port.
             options=[("grpc.so_reuseport", 1 if worker else 0)],
         )
