@@ -17,7 +17,7 @@ from pathlib import Path
 # (GRPC_VERBOSITY=ERROR). Set before grpc is imported.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from hsmsign import _cli_basic, _cli_bundle, _cli_keys, _cli_unwrap
+from hsmsign import _cli_basic, _cli_bundle, _cli_keys, _cli_unwrap, _plaintext
 from hsmsign.client import DEFAULT_SERVER, Client, TlsOptions
 from hsmsign.errors import HsmsignError, UsageError, VerificationError
 
@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
         help="client private key for mutual TLS",
     )
     p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext (no TLS) to an address off this machine",
+    )
+    p.add_argument(
         "--tls-server-name",
         default=env("HSMSIGN_TLS_SERVER_NAME"),
         metavar="NAME",
@@ -88,6 +93,8 @@ def _connector(args: argparse.Namespace) -> Connect:
             )
         elif args.tls_cert or args.tls_key:
             raise UsageError("--tls-cert/--tls-key need --tls-ca (the daemon's CA)")
+        else:
+            _plaintext.check_plaintext(args.server, args.insecure)
         return Client(args.server, tls)
 
     return connect

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hsmsign import _plaintext
 from hsmsign.admin_client import KEY_ALGORITHMS, PURPOSES, KeyAdmin, read_private_key_file
 from hsmsign.client import Client
 from hsmsign.errors import UsageError
@@ -283,6 +284,8 @@ def cmd_keys(args: argparse.Namespace, connect: Callable[[], Client]) -> int:
             print_new_version(key, newest_version(key), "rotated", as_json)
         elif cmd == "import":
             der = read_private_key_file(args.file, args.passphrase_file)
+            if c.plaintext:
+                print(_plaintext.IMPORT_WARNING, file=sys.stderr)
             key = admin.import_key(args.name, der, args.purpose, args.make_primary)
             del der
             print_new_version(key, newest_version(key), "imported as", as_json)
