@@ -36,12 +36,19 @@ _DURATION_RE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>[smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+#: google.protobuf.Duration's range; the daemon's own bound is lower and named in its answer.
+MAX_DURATION_SECONDS = 315_576_000_000
+
+
 def parse_duration(text: str) -> float:
     """``90``, ``90s``, ``30m``, ``24h``, ``7d`` in seconds."""
     m = _DURATION_RE.match(text.strip())
     if not m:
         raise UsageError(f"bad duration {text!r}: use e.g. 0s, 30m, 24h or 7d")
-    return float(m["n"]) * _UNITS[m["unit"]]
+    seconds = float(m["n"]) * _UNITS[m["unit"]]
+    if seconds > MAX_DURATION_SECONDS:
+        raise UsageError(f"duration {text!r} is too long (a protobuf Duration holds 10,000 years)")
+    return seconds
 
 
 # -- presentation (shared with hsmsignd keys) ------------------------------------------------
