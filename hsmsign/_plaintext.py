@@ -2,7 +2,8 @@
 
 Plaintext gRPC carries digests, session keys and (for ``keys import``) private keys in clear,
 and anyone on the path can answer in the daemon's place. Loopback addresses, ``localhost``
-and unix sockets never leave the machine; every other target needs TLS or ``--insecure``.
+the unspecified address (a connection to it reaches this machine) and unix sockets never
+leave the machine; every other target needs TLS or ``--insecure``.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ def is_local(target: str) -> bool:
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:  # a host name: it may resolve anywhere
         return False
+    # Connecting to the unspecified address (0.0.0.0, ::) reaches this machine.
+    return ip.is_loopback or ip.is_unspecified
 
 
 def check_plaintext(target: str, insecure: bool) -> None:
