@@ -164,6 +164,8 @@ class Client:
     ) -> None:
         self.target = target or os.environ.get("HSMSIGN_SERVER") or DEFAULT_SERVER
         self.timeout = timeout
+        #: No TLS: what the channel carries can be read on its way.
+        self.plaintext = tls is None
         self._tls_hint = _tls_hint(tls)
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),

@@ -139,12 +139,19 @@ def _purpose_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+#: google.protobuf.Duration's range; the daemon's own bound is lower and named in its answer.
+MAX_DURATION_SECONDS = 315_576_000_000
+
+
 def parse_duration(text: str) -> float:
     """``90``, ``90s``, ``30m``, ``24h``, ``7d`` in seconds. Raises BadArguments."""
     m = _DURATION_RE.match(text.strip())
     if not m:
         raise BadArguments(f"bad duration {text!r}: use e.g. 0s, 30m, 24h or 7d")
-    return float(m["n"]) * _UNIT_SECONDS[m["unit"]]
+    seconds = float(m["n"]) * _UNIT_SECONDS[m["unit"]]
+    if seconds > MAX_DURATION_SECONDS:
+        raise BadArguments(f"duration {text!r} is too long (a protobuf Duration holds 10,000 years)")
+    return seconds
 
 
 # -- key files to import (the I/O is passed in) --------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import stat
 import sysconfig
 import tomllib
 import urllib.parse
@@ -20,6 +19,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from server import pinsource
 from server.errors import ConfigError
 
 ThreadingMode = Literal["parallel", "serialized"]
@@ -49,43 +49,20 @@ class PinSource:
         return f"systemd credential {self.credential}"
 
     def read(self) -> str:
-        """Returns the PIN. Raises ConfigError when it is missing or its file is too open."""
+        """Returns the PIN. Raises ConfigError when it is missing or its file could have been
+        read or replaced by others (server/pinsource.py)."""
         if self.file is not None:
-            return _read_secret_file(self.file, "token.pin_file")
+            return pinsource.read_secret_file(self.file, "token.pin_file")
         if self.env is not None:
-            value = os.environ.get(self.env)
-            if not value:
-                raise ConfigError(f"the PIN environment variable {self.env} is not set or empty")
-            return value
+            return pinsource.take_from_environment(self.env)
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
             raise ConfigError(
                 f"token.pin_credential = {self.credential!r} needs CREDENTIALS_DIRECTORY "
                 "(run under systemd with LoadCredential=)"
             )
-        return _read_secret_file(Path(directory) / str(self.credential), "token.pin_credential")
-
-
-def _read_secret_file(path: Path, key: str) -> str:
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"{key}: {path} is readable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"run 'chmod 600 {path}'"
-        )
-    try:
-        value = path.read_text(encoding="utf-8").strip()
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        # Not the decoder's message: it quotes a byte of the secret.
-        raise ConfigError(f"{key}: {path} is not UTF-8 text") from None
-    if not value:
-        raise ConfigError(f"{key}: {path} is empty")
-    return value
+        path = Path(directory) / str(self.credential)
+        return pinsource.read_secret_file(path, "token.pin_credential", root_may_own=True)
 
 
 #: token.sessions when not set: per serving process. Two suit SoftHSM2, whose signing runs on
@@ -199,12 +176,26 @@ class KeyRingConfig:
     #: Seconds between re-reads of the key ring from the token (changes made by other
     #: processes are seen within this bound).
     refresh_seconds: float = 2.0
-    #: Minimum delay for ScheduleKeyVersionDestruction, in hours.
+    #: Minimum delay for ScheduleKeyVersionDestruction, in hours: at least
+    #: DESTRUCTION_DELAY_FLOOR_HOURS unless dev_unsafe_allow_short_destruction_delay.
     min_destruction_delay_hours: float = 24.0
+    #: Allows a minimum below DESTRUCTION_DELAY_FLOOR_HOURS: development and tests only.
+    dev_unsafe_allow_short_destruction_delay: bool = False
 
     @property
     def min_destruction_delay_seconds(self) -> float:
         return self.min_destruction_delay_hours * 3600
+
+    def floor_warning(self) -> str | None:
+        """The warning to log when the minimum destruction delay is below the floor."""
+        hours = self.min_destruction_delay_hours
+        if hours >= DESTRUCTION_DELAY_FLOOR_HOURS:
+            return None
+        return (
+            f"keyring.{SHORT_DESTRUCTION_DELAY_KEY} = true: the minimum destruction delay is "
+            f"{hours:g} hours, below the floor of {DESTRUCTION_DELAY_FLOOR_HOURS} hours; a key "
+            "version can be destroyed before anyone notices. For development and tests only"
+        )
 
 
 @dataclass(frozen=True)
@@ -472,6 +463,13 @@ def _processes(s: _Table) -> int:
     return value
 
 
+#: keyring.min_destruction_delay_hours may not go below this (a mistaken or malicious
+#: schedule-destroy must leave a day to notice and cancel it) ...
+DESTRUCTION_DELAY_FLOOR_HOURS = 24
+#: ... unless this loudly named setting says so, for development and tests.
+SHORT_DESTRUCTION_DELAY_KEY = "dev_unsafe_allow_short_destruction_delay"
+
+
 def _keyring(root: _Table) -> KeyRingConfig:
     k = root.table("keyring")
     refresh = k.positive(
@@ -481,12 +479,28 @@ def _keyring(root: _Table) -> KeyRingConfig:
         "min_destruction_delay_hours",
         float,
         default_of(KeyRingConfig, "min_destruction_delay_hours"),
-        "hours, a number >= 0",
+        "hours, a number >= 24",
+    )
+    short_ok = k.get(
+        SHORT_DESTRUCTION_DELAY_KEY,
+        bool,
+        default_of(KeyRingConfig, SHORT_DESTRUCTION_DELAY_KEY),
+        "true or false",
     )
     if min_delay < 0:
         raise k.error("min_destruction_delay_hours", f"got {min_delay!r}; allowed: a number >= 0")
+    if min_delay < DESTRUCTION_DELAY_FLOOR_HOURS and not short_ok:
+        raise k.error(
+            "min_destruction_delay_hours",
+            f"got {min_delay:g}, below the floor of {DESTRUCTION_DELAY_FLOOR_HOURS} hours; only "
+            f"{SHORT_DESTRUCTION_DELAY_KEY} = true (development and tests) lowers it",
+        )
     k.finish()
-    return KeyRingConfig(refresh_seconds=refresh, min_destruction_delay_hours=min_delay)
+    return KeyRingConfig(
+        refresh_seconds=refresh,
+        min_destruction_delay_hours=min_delay,
+        dev_unsafe_allow_short_destruction_delay=short_ok,
+    )
 
 
 def _keys(root: _Table) -> dict[str, KeyOptions]:

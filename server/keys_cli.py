@@ -16,7 +16,6 @@ import contextlib
 import getpass
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -106,7 +105,11 @@ class OfflineKeyAdmin:
         return key_to_pb(admin.enable_version(self._ring, request.name, request.version))
 
     def ScheduleKeyVersionDestruction(self, request: pb.ScheduleDestructionRequest) -> pb.Key:
-        delay: timedelta | None = request.delay.ToTimedelta() if request.HasField("delay") else None
+        delay = (
+            admin.destruction_delay(request.delay.seconds + request.delay.nanos / 1e9)
+            if request.HasField("delay")
+            else None
+        )
         changed = admin.schedule_destruction(self._ring, request.name, request.version, delay)
         return key_to_pb(changed)
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from server import config as config_mod
-from server import keys_cli, serve
+from server import hardening, keys_cli, serve
 from server.api import accesslog
 from server.errors import ConfigError, ServerError
 from server.supervisor import ServingProcessSpec
@@ -104,6 +104,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs hsmsignd; returns its exit code. Every error is one line on stderr."""
+    try:
+        hardening.forbid_core_dumps()  # before any secret is read
+    except ServerError as e:
+        print(f"hsmsignd: error: {e}", file=sys.stderr)
+        return e.exit_code
     args = _parser().parse_args(argv)
     try:
         return _run(args)

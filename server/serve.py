@@ -33,6 +33,7 @@ from server.config import Config
 from server.errors import ConfigError, StartupError, TokenNotFound
 from server.keyring.ring import KeyRing
 from server.pkcs11.token import Token
+from server.api.malformed import MalformedRequests
 from server.supervisor import ServingProcessSpec, SharedCounter
 
 log = logging.getLogger("hsmsignd")
@@ -88,6 +89,8 @@ def run_daemon(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
     exposure = AdminAccess(cfg.server).exposure(address)
     if exposure:
         log.warning("%s", exposure)
+    if floor_warning := cfg.keyring.floor_warning():
+        log.warning("%s", floor_warning)
     token = Token(cfg.token)
     try:
         ring = KeyRing(token, cfg)
@@ -156,6 +159,7 @@ def listen_on(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.server.threads, thread_name_prefix="rpc"),
         maximum_concurrent_rpcs=cfg.server.max_concurrent_calls,
+        interceptors=[MalformedRequests()],  # garbage bodies: INVALID_ARGUMENT
         options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
     )
     try:

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from server import pinsource
 from server.config import Config
 from server.errors import ConfigError, StartupError
 from server.ready import write_ready_file
@@ -225,11 +226,14 @@ class Supervisor:
             spec.encode(),
         ]
         w.pid_ready = None
-        w.proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            pass_fds=(self.counter.fd, self.ready_w, self.lifeline_r),
-        )
+        # A PIN from the environment reaches the process through a pipe (server/pinsource.py).
+        with pinsource.handed_to_child(self.cfg.token.pin.env) as (pin_env, pin_fds):
+            w.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                pass_fds=(self.counter.fd, self.ready_w, self.lifeline_r, *pin_fds),
+                env={**os.environ, **pin_env},
+            )
 
     def _read_ready(self, timeout: float) -> None:
         """Reads 'ready INDEX PID' lines until every serving process is ready or ``timeout``."""

@@ -67,7 +67,8 @@ def test_check_reads_key_objects_only_when_needed(tmp_path: Path) -> None:
     config = write_config(
         tmp_path / "hsmsignd.toml",
         token,
-        extra="[keyring]\nmin_destruction_delay_hours = 0\nrefresh_seconds = 3600\n",
+        extra="[keyring]\nmin_destruction_delay_hours = 0\nrefresh_seconds = 3600\n"
+        "dev_unsafe_allow_short_destruction_delay = true\n",
     )
     hsmsignd(config, "keys", "create", "demo")
     script = tmp_path / "check.py"

@@ -32,7 +32,10 @@ from tests.conftest import (
     write_config,
 )
 
-KEYRING = "[keyring]\nmin_destruction_delay_hours = 0\nrefresh_seconds = 0.5\n"
+KEYRING = (
+    "[keyring]\nmin_destruction_delay_hours = 0\ndev_unsafe_allow_short_destruction_delay = true\n"
+    "refresh_seconds = 0.5\n"
+)
 DIGEST = hashlib.sha256(b"bundle").digest()
 
 

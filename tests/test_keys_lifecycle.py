@@ -21,7 +21,10 @@ from hsmsign.errors import RemoteError
 from hsmsign.v1 import hsmsign_pb2 as pb
 from tests.conftest import Daemon, TokenDir, hsmsignd, make_token, start_daemon, write_config
 
-KEYRING = "[keyring]\nmin_destruction_delay_hours = 0\nrefresh_seconds = 0.5\n"
+KEYRING = (
+    "[keyring]\nmin_destruction_delay_hours = 0\ndev_unsafe_allow_short_destruction_delay = true\n"
+    "refresh_seconds = 0.5\n"
+)
 DIGEST = hashlib.sha256(b"bundle").digest()
 
 

@@ -282,7 +282,7 @@ def test_a_version_destroyed_behind_a_daemons_back_reads_as_destroyed(
         tmp_path / "c.toml",
         ring_token,
         extra="[server]\nprocesses = 1\n[keyring]\nrefresh_seconds = 3600\n"
-        "min_destruction_delay_hours = 0\n",
+        "min_destruction_delay_hours = 0\ndev_unsafe_allow_short_destruction_delay = true\n",
     )
     hsmsignd(cfg, "keys", "create", "behind")
     hsmsignd(cfg, "keys", "rotate", "behind")

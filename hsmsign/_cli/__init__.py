@@ -21,6 +21,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 from hsmsign import keycommands, names
 from hsmsign._cli import basic, bundle, keys, unwrap
+from hsmsign._internal import plaintext
 from hsmsign.client import DEFAULT_SERVER, Client, TlsOptions
 from hsmsign.errors import (
     EXIT_ERROR,
@@ -75,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
         help="client private key for mutual TLS",
     )
     p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext (no TLS) to an address off this machine",
+    )
+    p.add_argument(
         "--tls-server-name",
         default=env("HSMSIGN_TLS_SERVER_NAME"),
         metavar="NAME",
@@ -98,6 +104,8 @@ def _connector(args: argparse.Namespace) -> Connect:
             )
         elif args.tls_cert or args.tls_key:
             raise UsageError("--tls-cert/--tls-key need --tls-ca (the daemon's CA)")
+        else:
+            plaintext.check_plaintext(args.server, args.insecure)
         return Client(args.server, tls)
 
     return connect

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hsmsign import keycommands
+from hsmsign._internal import plaintext
 from hsmsign.admin import KeyAdmin, ask_passphrase_on_terminal
 from hsmsign.client import Client
 
@@ -32,6 +33,8 @@ def register(sub: Any) -> None:
 def cmd_keys(args: argparse.Namespace, connect: Callable[[], Client]) -> int:
     command = keycommands.prepare(args, Path.read_bytes, ask_passphrase_on_terminal())
     with connect() as c:
+        if args.keys_command == "import" and c.plaintext:
+            print(plaintext.IMPORT_WARNING, file=sys.stderr)
         out = command.run(KeyAdmin(c))
     sys.stdout.write(out.stdout)
     sys.stderr.write(out.stderr)

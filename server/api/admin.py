@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from datetime import timedelta
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -168,7 +167,7 @@ class KeyAdminService(pb_grpc.KeyAdminServicer):
         self, request: pb.ScheduleDestructionRequest, context: grpc.ServicerContext
     ) -> pb.Key:
         delay = (
-            timedelta(seconds=request.delay.seconds, microseconds=request.delay.nanos // 1000)
+            keyadmin.destruction_delay(request.delay.seconds + request.delay.nanos / 1e9)
             if request.HasField("delay")
             else None
         )

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 #: Default delay before a scheduled destruction when the caller names none.
 DEFAULT_DESTRUCTION_DELAY = timedelta(hours=24)
+#: Longest delay accepted: beyond any retention period, and far inside what a timestamp holds
+#: (a larger one overflowed into INTERNAL).
+MAX_DESTRUCTION_DELAY = timedelta(days=3650)
 
 MakeObjects = Callable[[Session, str, bytes], KeyObjectInfo]
 
@@ -328,6 +331,16 @@ def _hours(d: timedelta) -> str:
     return f"{hours:g} hour" + ("" if hours == 1 else "s")
 
 
+def destruction_delay(seconds: float) -> timedelta:
+    """The delay of ``seconds``. Raises InvalidArgument when negative or above
+    MAX_DESTRUCTION_DELAY (before anything could overflow)."""
+    if not seconds >= 0:  # also NaN
+        raise InvalidArgument("delay must not be negative")
+    if seconds > MAX_DESTRUCTION_DELAY.total_seconds():
+        raise InvalidArgument(f"delay must be at most {MAX_DESTRUCTION_DELAY.days} days (10 years)")
+    return timedelta(seconds=seconds)
+
+
 def schedule_destruction(ring: KeyRing, name: str, version: int, delay: timedelta | None) -> Key:
     """Schedules the version's objects for destruction after ``delay`` (default 24 h, never
     less than the configured minimum). Whoever refreshes the ring after that time destroys
@@ -335,8 +348,7 @@ def schedule_destruction(ring: KeyRing, name: str, version: int, delay: timedelt
     minimum = timedelta(seconds=ring.config.keyring.min_destruction_delay_seconds)
     if delay is None:
         delay = max(DEFAULT_DESTRUCTION_DELAY, minimum)
-    if delay < timedelta(0):
-        raise InvalidArgument("delay must not be negative")
+    destruction_delay(delay.total_seconds())  # the bounds
     if delay < minimum:
         raise InvalidArgument(
             f"delay {_hours(delay)} is below this daemon's minimum of {_hours(minimum)} "
