@@ -16,9 +16,7 @@ import pytest
 
 from hsmsign import capgo
 from hsmsign.capgo import BundleVerificationError, ChecksumFormat, FileKeySealer
-from tests.capgo_cli import CapgoCli, capgo_cli, make_project
-
-__all__ = ["capgo_cli"]  # the fixture, re-exported for pytest
+from tests.harness.capgo_cli import CapgoCli, make_project
 
 UPDATER_FOR = {ChecksumFormat.V3: "8.51.23", ChecksumFormat.V2: "7.27.8"}
 

@@ -22,8 +22,8 @@ from hsmsign.capgo_daemon import DaemonSealer
 from hsmsign.client import Client, seal_bundle, seal_session_key, sign_checksums
 from hsmsign.errors import RemoteError
 from hsmsign.v1 import hsmsign_pb2 as pb
-from tests.capgo_cli import CapgoCli, make_project
 from tests.conftest import Daemon, hsmsignd, make_token, start_daemon, write_config
+from tests.harness.capgo_cli import CapgoCli, make_project
 
 
 def _web_build(root: Path, files: int = 5) -> Path:

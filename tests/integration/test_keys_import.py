@@ -31,6 +31,7 @@ from tests.conftest import (
     start_daemon,
     write_config,
 )
+from tests.harness import script
 
 KEYRING = "[keyring]\nmin_destruction_delay_hours = 0\nrefresh_seconds = 0.5\n"
 DIGEST = hashlib.sha256(b"bundle").digest()
@@ -226,27 +227,12 @@ def test_config_for_an_unknown_key_stops_start_up(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
-_MAKE_EXTRACTABLE = """
-import sys, pkcs11
-from pkcs11 import Attribute as A, KeyType, Mechanism
-lib = pkcs11.lib("/usr/lib/softhsm/libsofthsm2.so")
-with lib.get_token(token_label=sys.argv[1]).open(user_pin=sys.argv[2], rw=True) as s:
-    common = {A.TOKEN: True, A.LABEL: "hsmsign:ext:v1", A.ID: b"\\x0a\\x0b"}
-    s.generate_keypair(
-        KeyType.RSA, 2048, store=True, mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
-        public_template={**common, A.VERIFY: True, A.ENCRYPT: False, A.WRAP: False},
-        private_template={**common, A.PRIVATE: True, A.SENSITIVE: True, A.EXTRACTABLE: True,
-                          A.SIGN: True, A.DECRYPT: False, A.UNWRAP: False},
-    )
-"""
-
-
 def test_extractable_key_is_refused_unless_allowed(tmp_path: Path) -> None:
     t = make_token(tmp_path / "token")
     # pkcs11-tool cannot make a sign-only key on SoftHSM (decrypt is on by default), so make
     # it with python-pkcs11 in a child process, as a careless tool would: extractable.
     subprocess.run(
-        [sys.executable, "-c", _MAKE_EXTRACTABLE, t.label, t.pin],
+        [sys.executable, script("make_extractable_key.py"), t.label, t.pin],
         env=t.env(),
         check=True,
         timeout=60,
