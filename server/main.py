@@ -174,10 +174,19 @@ def serve(
             log.warning("%s", exposure)
     if worker is None and cfg.server.processes > 1:
         return supervisor.run(cfg, listen, ready_file)
-    token = _open_token(cfg) if worker is not None else Token(cfg.token)
+    siblings = SharedCounter(worker.counter_fd) if worker else None
+    if siblings is not None:
+        # Every SoftHSM2 login rewrites the token's token.object; a sibling that initialises
+        # the module while another logs in can read it half-written, and then never sees the
+        # token in that process ("no token with label", DESIGN.md fact 9). So the serving
+        # processes initialise and log in one at a time, under the token-objects lock.
+        with siblings.objects_exclusive():
+            token = _open_token(cfg)
+    else:
+        token = Token(cfg.token)
     ring: KeyRing | None = None
     try:
-        ring = KeyRing(token, cfg, SharedCounter(worker.counter_fd) if worker else None)
+        ring = KeyRing(token, cfg, siblings)
         warnings = ring.check_config()  # raises StartupError for an unknown [keys.NAME]
         if worker is None:  # the supervisor logged them once
             for warning in warnings:
