@@ -27,7 +27,7 @@ from server import config as config_mod
 from server import unwrap
 from server.keyring import KeyReference, KeyRing, Purpose
 from server.token import Token
-from tests.conftest import hsmsignd, make_token, write_config
+from tests.harness import hsmsignd, make_token, write_config
 
 
 def _flip(data: bytes, rng: random.Random) -> bytes:

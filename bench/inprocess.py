@@ -80,7 +80,7 @@ def token(conf: str, label: str, pin_file: str, key: str, threads: int, duration
     import pkcs11
     from pkcs11 import Attribute, Mechanism, ObjectClass
 
-    from tests.conftest import PROXY_MODULE
+    from tests.harness.paths import PROXY_MODULE
 
     lib = pkcs11.lib(PROXY_MODULE)
     tok = lib.get_token(token_label=label)
@@ -119,7 +119,7 @@ def token_paced(
     import pkcs11
     from pkcs11 import Attribute, Mechanism, ObjectClass
 
-    from tests.conftest import PROXY_MODULE
+    from tests.harness.paths import PROXY_MODULE
 
     tok = pkcs11.lib(PROXY_MODULE).get_token(token_label=label)
     login = tok.open(user_pin=Path(pin_file).read_text(), rw=True)

@@ -10,18 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import HSMSIGND, REPO, hsmsignd, make_token, write_config
+from tests.conftest import HSMSIGND, REPO
 from tests.harness import script
+from tests.harness.tokens import token_with_keys
 
 
 def test_check_reads_key_objects_only_when_needed(tmp_path: Path) -> None:
-    token = make_token(tmp_path / "token")
-    config = write_config(
-        tmp_path / "hsmsignd.toml",
-        token,
+    token, config = token_with_keys(
+        tmp_path,
+        ["demo"],
         extra="[keyring]\nmin_destruction_delay_hours = 0\nrefresh_seconds = 3600\n",
     )
-    hsmsignd(config, "keys", "create", "demo")
     r = subprocess.run(
         [sys.executable, script("keyring_check_scans.py"), str(config), HSMSIGND],
         cwd=REPO,

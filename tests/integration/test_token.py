@@ -13,18 +13,11 @@ from tests.conftest import PROXY_MODULE, SOFTHSM_MODULE, TokenDir, write_config
 from tests.harness import script
 
 
-def _private_key_block(listing: str, label: str) -> str:
-    blocks = listing.split("Private Key Object")
-    return next(b for b in blocks[1:] if f"label:      {label}" in b)
-
-
 def test_private_key_is_sensitive_and_never_extractable(token: TokenDir) -> None:
-    out = token.pkcs11_tool("--list-objects", "--type", "privkey")
-    block = _private_key_block(out, "hsmsign:demo:v1")
-    assert "RSA" in block
-    assert "Access:     sensitive, always sensitive, never extractable, local" in block
-    assert "Usage:      sign" in block
-    assert "decrypt" not in block and "unwrap" not in block
+    key = token.object("Private Key", "hsmsign:demo:v1")
+    assert key.detail.split()[0] == "RSA"
+    assert key.access == {"sensitive", "always sensitive", "never extractable", "local"}
+    assert key.usage == {"sign"}
 
 
 def test_private_exponent_cannot_be_read(token: TokenDir, tmp_path: Path) -> None:

@@ -12,16 +12,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO, hsmsignd, make_token, write_config
+from tests.conftest import REPO
 from tests.harness import script
+from tests.harness.tokens import KeySpec, token_with_keys
 
 
 def test_pkcs1v15_falls_back_to_ckm_rsa_pkcs_with_implicit_rejection(tmp_path: Path) -> None:
-    token = make_token(tmp_path / "tok", "hsmsign-fallback")
-    cfg = write_config(
-        tmp_path / "c.toml", token, extra="[keys.legacy]\nallow_pkcs1v15_unwrap = true\n"
+    _token, cfg = token_with_keys(
+        tmp_path,
+        [KeySpec("legacy", "unwrap")],
+        label="hsmsign-fallback",
+        extra="[keys.legacy]\nallow_pkcs1v15_unwrap = true\n",
     )
-    hsmsignd(cfg, "keys", "create", "legacy", "--purpose", "unwrap")
     r = subprocess.run(
         [sys.executable, script("unwrap_without_raw_rsa.py"), str(cfg)],
         capture_output=True,
