@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -301,21 +302,16 @@ def daemon_rows(
             for call, method, conns, sigs, name in H2_ROWS:
                 rows.append(
                     br.around(
-                        lambda c=call, m=method, n=conns, g=sigs, nm=name: h2_row(
-                            d, c, m, n, g, f"{tag}{nm}", duration
+                        functools.partial(
+                            h2_row, d, call, method, conns, sigs, f"{tag}{name}", duration
                         )
                     )
                 )
                 if bare is not None and call == "unary" and conns == 64:
                     rows.append(bare_row(bare, br, duration))
         for c in (1, 16, 64):
-            rows.append(
-                br.around(
-                    lambda c=c: daemon_row(
-                        f"{tag}unary SignDigest, {c} callers (Python)", spec("unary", c), pid
-                    )
-                )
-            )
+            name = f"{tag}unary SignDigest, {c} callers (Python)"
+            rows.append(br.around(functools.partial(daemon_row, name, spec("unary", c), pid)))
         max_unary = max(
             r.calls_per_s
             for r in rows
@@ -329,7 +325,8 @@ def daemon_rows(
         # Like the unary and paced rows, the batch target is judged on the median of
         # ``rounds`` rows: one 4 s row moves by 5-10% with the shared machine (0.91-1.04).
         for k in range(2, rounds + 1):
-            r = br.around(lambda k=k: daemon_row(f"round {k}, hsmsignd: {batch_name}", batch, pid))
+            name = f"round {k}, hsmsignd: {batch_name}"
+            r = br.around(functools.partial(daemon_row, name, batch, pid))
             r.round = k
             rows.append(r)
         rows.append(
@@ -377,9 +374,9 @@ def daemon_rows(
         rows.append(token_paced_row(token, half, duration))
     finally:
         d.stop()
-    for r in rows:
-        if isinstance(r, CallRow) and not r.settings:
-            r.settings = s.describe()
+    for row in rows:
+        if isinstance(row, CallRow) and not row.settings:
+            row.settings = s.describe()
     return rows
 
 
@@ -545,7 +542,7 @@ def p99_floor_rows(
     try:
         for k in range(1, rounds + 1):
             name = f"round {k}, {FLOOR}: paced at half max ({rate:.0f}/s)"
-            r = br.around(lambda name=name: _beside_token(noop, token, key, rate, duration, name))
+            r = br.around(functools.partial(_beside_token, noop, token, key, rate, duration, name))
             r.round = k
             rows.append(r)
             print(
@@ -652,6 +649,7 @@ def bundle_rows(quick: bool) -> list[BundleRow]:
     """Part 4, with bench/bench_bundle_encrypt.py's contenders: the same random file through
     hsmsign's encrypt_bundle, openssl enc and the Capgo CLI."""
     from bench import bench_bundle_encrypt as bbe
+    from hsmsign import capgo
 
     rows: list[BundleRow] = []
     repeat = 1 if quick else 3
@@ -660,7 +658,7 @@ def bundle_rows(quick: bool) -> list[BundleRow]:
             work = Path(tmp)
             src = work / "bundle.zip"
             bbe.make_file(src, size_mb << 20)
-            key, iv = bbe.capgo.new_session_material()
+            key, iv = capgo.new_session_material()
             runs: dict[str, Any] = {
                 "hsmsign": bbe.bench_hsmsign(src, work / "ours.enc", key, iv, repeat),
                 "openssl": bbe.bench_openssl(src, work / "openssl.enc", key, iv, repeat),

@@ -10,7 +10,9 @@ import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import brotli
 import pytest
@@ -114,12 +116,13 @@ def test_one_call_seal_bundle_matches_the_separate_calls(client: Client) -> None
     ],
 )
 def test_capgo_inputs_are_checked_strictly(client: Client, request_: object, words: str) -> None:
-    method = {
+    methods: dict[type, Callable[[Any], object]] = {
         pb.SealSessionKeyRequest: client.signer.SealSessionKey,
         pb.SignChecksumRequest: client.signer.SignChecksum,
         pb.SealBundleRequest: client.signer.SealBundle,
         pb.SignChecksumsRequest: client.signer.SignChecksums,
-    }[type(request_)]
+    }
+    method = methods[type(request_)]
     with pytest.raises(RemoteError) as e:
         client.call(lambda: method(request_))
     assert e.value.status_name == "INVALID_ARGUMENT"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,12 +203,13 @@ def test_purposes_are_exclusive(env: Env) -> None:
 
 
 def test_bad_arguments(env: Env) -> None:
-    for call, status in (
+    cases: tuple[tuple[Callable[[], object], str], ...] = (
         (lambda: env.admin.create_key("bad name!"), "INVALID_ARGUMENT"),
         (lambda: env.admin.get_key("no-such-key"), "NOT_FOUND"),
         (lambda: env.admin.rotate_key("no-such-key"), "NOT_FOUND"),
         (lambda: env.admin.disable("no-such-key", 1), "NOT_FOUND"),
-    ):
+    )
+    for call, status in cases:
         with pytest.raises(RemoteError) as e:
             call()
         assert e.value.status_name == status
