@@ -4,6 +4,7 @@ lanes that each hold tests (pytest exits 5 on an empty lane)."""
 
 from __future__ import annotations
 
+import ast
 import re
 import socket
 import time
@@ -106,3 +107,19 @@ def test_every_lane_has_tests_and_a_make_target(lane: str) -> None:
     assert sorted((REPO / "tests" / lane).glob("test_*.py")), f"tests/{lane} has no tests"
     makefile = (REPO / "Makefile").read_text()
     assert re.search(rf"^test-{lane}:.*\n\t\$\(BIN\)/pytest -q tests/{lane}$", makefile, re.M)
+
+
+def test_bench_uses_the_harness_not_a_conftest() -> None:
+    """bench/ shares tests/harness/ with the tests and never imports a pytest conftest."""
+    found: list[str] = []
+    for path in sorted((REPO / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[-1] == "conftest"]
+    assert not found
