@@ -6,17 +6,29 @@ BIN := $(VENV)/bin
 DEB_PACKAGES := softhsm2 p11-kit-modules opensc openssl nghttp2-client
 CONFIG ?= hsm_config/dev.toml
 
-.PHONY: run test lint bench bench-long bench-unwrap protos check-protos deps deb venv dev-token clean-dev-token
+.PHONY: run test test-unit test-integration test-compat lint bench bench-long bench-unwrap protos check-protos deps deb venv dev-token clean-dev-token
 
 ## run: install, create the SoftHSM2 dev token and its demo key, start hsmsignd in the foreground
 run: deps dev-token
 	$(BIN)/hsmsignd --config $(CONFIG)
 
-## test: install, then run the whole test suite against real SoftHSM2 tokens
+## test: install, then run the whole suite (unit, integration on real SoftHSM2 tokens, compat)
 test: deps
 	$(BIN)/pytest -q
 
-## lint: ruff, mypy --strict and the generated-stubs drift check
+## test-unit: the fast lane (in-process, seconds): tests/unit only
+test-unit: venv
+	$(BIN)/pytest -q tests/unit
+
+## test-integration: real SoftHSM2 tokens and real daemons
+test-integration: deps
+	$(BIN)/pytest -q tests/integration
+
+## test-compat: the pinned Capgo CLI as a peer (needs node/npm; `make deps` installs them)
+test-compat: deps
+	$(BIN)/pytest -q tests/compat
+
+## lint: ruff and mypy --strict on server/, hsmsign/, tests/ and bench/; the stubs drift check
 lint: deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -90,7 +90,7 @@ def _serve_one(args: argparse.Namespace) -> int:
     from pkcs11 import Attribute, Mechanism, ObjectClass
 
     from hsmsign.v1 import hsmsign_pb2 as pb
-    from tests.conftest import PROXY_MODULE
+    from tests.harness.paths import PROXY_MODULE
 
     lib = pkcs11.lib(PROXY_MODULE)
     tok = lib.get_token(token_label=args.label)

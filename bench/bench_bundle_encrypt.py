@@ -118,7 +118,7 @@ def bench_capgo_cli(src: Path, work: Path, repeat: int) -> tuple[Run, float] | N
     node = shutil.which("node")
     if node is None:
         return None
-    from tests.capgo_cli import cli_entry, make_project
+    from tests.harness.capgo_cli import cli_entry, make_project
 
     try:
         entry = cli_entry()

@@ -28,7 +28,7 @@ from server.keyring.model import KeyReference, Purpose
 from server.keyring.ring import KeyRing
 from server.ops import unwrap
 from server.pkcs11.token import Token
-from tests.conftest import hsmsignd, make_token, write_config
+from tests.harness import hsmsignd, make_token, write_config
 
 
 def _flip(data: bytes, rng: random.Random) -> bytes:

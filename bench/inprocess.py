@@ -8,6 +8,7 @@ loads it), one session per thread. Prints one JSON object: ops/s, per-op latenci
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ PREFIX_SHA256 = bytes.fromhex("3031300d060960864801650304020105000420")
 
 
 def _run_threads(
-    ops: list[Callable[[], None]], duration: float, warmup: float = 0.3
+    ops: Sequence[Callable[[], None]], duration: float, warmup: float = 0.3
 ) -> dict[str, Any]:
     """Runs each op in a loop on its own thread; counts completions inside the window."""
     start = time.perf_counter() + warmup
@@ -80,7 +81,7 @@ def token(conf: str, label: str, pin_file: str, key: str, threads: int, duration
     import pkcs11
     from pkcs11 import Attribute, Mechanism, ObjectClass
 
-    from tests.conftest import PROXY_MODULE
+    from tests.harness.paths import PROXY_MODULE
 
     lib = pkcs11.lib(PROXY_MODULE)
     tok = lib.get_token(token_label=label)
@@ -98,7 +99,7 @@ def token(conf: str, label: str, pin_file: str, key: str, threads: int, duration
         def op(k: Any = k) -> None:
             k.sign(block, mechanism=Mechanism.RSA_PKCS)
 
-        ops.append(op)
+        ops.append(functools.partial(op, k))
     try:
         return _run_threads(ops, duration)
     finally:
@@ -119,7 +120,7 @@ def token_paced(
     import pkcs11
     from pkcs11 import Attribute, Mechanism, ObjectClass
 
-    from tests.conftest import PROXY_MODULE
+    from tests.harness.paths import PROXY_MODULE
 
     tok = pkcs11.lib(PROXY_MODULE).get_token(token_label=label)
     login = tok.open(user_pin=Path(pin_file).read_text(), rw=True)

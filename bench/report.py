@@ -1,4 +1,7 @@
-"""Targets, the printed table and the PNG chart for bench.run's results."""
+"""Targets, the printed table and the PNG chart for bench.run's results.
+
+Rows are found by their fields (bench/rows.py), never by their display names or positions.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +11,40 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.rows import (
+    AnyRow,
+    BundleRow,
+    Call,
+    CallRow,
+    Load,
+    PhysicalRow,
+    RateRow,
+    Server,
+    TokenPacedRow,
+    TokenRow,
+)
+
 LONG_RUN = Path(__file__).resolve().parent / "results" / "long_run.json"
 
 
-def _find(
-    rows: list[dict[str, Any]], group: str, prefix: str = "", bits: int | None = None, **match: Any
-) -> dict[str, Any] | None:
-    for r in rows:
-        if r.get("group") != group or not r["name"].startswith(prefix):
-            continue
-        if bits is not None and r.get("bits") != bits:
-            continue
-        if all(r.get(k) == v for k, v in match.items()):
-            return r
-    return None
+def _calls(rows: list[AnyRow], **match: Any) -> list[CallRow]:
+    """The CallRows whose fields equal ``match``, in run order."""
+    return [
+        r
+        for r in rows
+        if isinstance(r, CallRow) and all(getattr(r, k) == v for k, v in match.items())
+    ]
+
+
+def _find(rows: list[AnyRow], **match: Any) -> CallRow | None:
+    """The first main-round CallRow whose fields equal ``match``."""
+    found = _calls(rows, round=1, **match)
+    return found[0] if found else None
+
+
+def _ok(r: CallRow | None) -> CallRow | None:
+    """A row that measured something, else None (a failed row counts as not measured)."""
+    return r if r is not None and r.measured else None
 
 
 def _target(
@@ -46,26 +69,40 @@ def _target(
     }
 
 
-def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+#: The rows each target reads (with settings=the default daemon, bits=2048).
+BATCH: dict[str, Any] = {"server": Server.HSMSIGND, "call": Call.BATCH, "callers": 4}
+UNARY_64: dict[str, Any] = {
+    "server": Server.HSMSIGND,
+    "call": Call.UNARY,
+    "callers": 64,
+    "paced": False,
+}
+PACED: dict[str, Any] = {"server": Server.HSMSIGND, "call": Call.UNARY, "paced": True}
+BARE_UNARY: dict[str, Any] = {"server": Server.BARE, "call": Call.UNARY, "paced": False}
+BARE_PACED: dict[str, Any] = {"server": Server.BARE, "call": Call.UNARY, "paced": True}
+
+
+def targets(rows: list[AnyRow]) -> list[dict[str, Any]]:
     """The issue's targets, each as a ratio of two rows from the same run."""
     out = []
     tok = token_reference(rows)
     tok_rate = tok["ops_per_s"] if tok else None
-    batch = _find(rows, "daemon", "batch SignDigests x64, 4 callers", daemon=_default())
+    default = {"settings": _default(), "bits": 2048}
+    batch = _find(rows, **BATCH, **default)
     # The unary target reads the h2load row when h2load ran: a C load generator takes
     # about a tenth of the CPU per call the Python client takes from the same 2 cores.
-    u64_py = _find(rows, "daemon", "unary SignDigest, 64 callers (Python)", daemon=_default())
-    u64 = _find(rows, "daemon", "unary SignDigest, 64 callers (h2load)", daemon=_default())
-    u64 = u64 if u64 and not u64.get("not_available") else u64_py
-    paced_py = _find(rows, "daemon", "unary paced", daemon=_default(), load="python")
-    paced = _find(rows, "daemon", "unary paced", daemon=_default(), load="h2load")
-    paced = paced if paced and not paced.get("not_available") else paced_py
+    u64_py = _find(rows, **UNARY_64, **default, load=Load.PYTHON)
+    u64 = _find(rows, **UNARY_64, **default, load=Load.H2LOAD)
+    u64 = u64 if u64 and u64.measured else u64_py
+    paced_py = _find(rows, **PACED, **default, load=Load.PYTHON)
+    paced = _find(rows, **PACED, **default, load=Load.H2LOAD)
+    paced = paced if paced and paced.measured else paced_py
 
-    def ratio(r: dict[str, Any] | None) -> float | None:
+    def ratio(r: CallRow | None) -> float | None:
         ref = _reference(r, tok_rate)
-        return r["ops_per_s"] / ref if r and ref else None
+        return r.ops_per_s / ref if r and ref else None
 
-    batch_rounds = [h for h, _b in _rounds(rows, "batch", batch, None, ratio)]
+    batch_rounds = [h for h, _b in _rounds(rows, {**BATCH, **default}, None, ratio)]
     out.append(
         _target(
             "batched signing / token limit",
@@ -81,8 +118,11 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ),
         )
     )
-    bare_u64 = _find(rows, "bare", "bare stack", paced=None)
-    unary_rounds = _rounds(rows, "unary", u64, bare_u64, ratio) if u64 is not u64_py else []
+    unary_rounds = (
+        _rounds(rows, {**UNARY_64, **default, "load": Load.H2LOAD}, BARE_UNARY, ratio)
+        if u64 is not u64_py
+        else []
+    )
     out.append(
         _target(
             "unary at 64 callers / token limit",
@@ -90,7 +130,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             0.80,
             "x",
             True,
-            f"SignDigest, RSA-2048, load from {u64['load'] if u64 else '-'}"
+            f"SignDigest, RSA-2048, load from {u64.load if u64 else '-'}"
             + (
                 f" (Python clients: {ratio(u64_py):.2f}x)"
                 if u64 is not u64_py and ratio(u64_py) is not None
@@ -104,38 +144,42 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ),
         )
     )
-    p99 = paced["p99_ms"] if paced else None
+    p99 = paced.p99_ms if paced else None
     tok_p50 = (
-        paced["token_bracket"]["p50_ms"]
-        if paced and paced.get("token_bracket")
+        paced.token_bracket.p50_ms
+        if paced and paced.token_bracket
         else tok["p50_ms"]
         if tok
         else None
     )
     py = (
-        f" (Python clients: p99 {paced_py['p99_ms']:.2f} ms)"
-        if paced is not paced_py and paced_py and paced_py.get("p99_ms")
+        f" (Python clients: p99 {paced_py.p99_ms:.2f} ms)"
+        if paced is not paced_py and paced_py and paced_py.p99_ms
         else ""
     )
-    alone = next((r for r in rows if r.get("group") == "token-paced"), None)
-    if alone and alone.get("p99_ms"):
-        py += f"; the token alone at that rate: p99 {alone['p99_ms']:.2f} ms"
-    bare = _find(rows, "bare", "bare stack", paced=True)
+    alone = next((r for r in rows if isinstance(r, TokenPacedRow)), None)
+    if alone and alone.p99_ms:
+        py += f"; the token alone at that rate: p99 {alone.p99_ms:.2f} ms"
+    bare = _find(rows, **BARE_PACED)
 
-    def p99_ratio(r: dict[str, Any] | None) -> float | None:
+    def p99_ratio(r: CallRow | None) -> float | None:
         """A paced row's p99 over the token p50 measured around it."""
-        if not r or not r.get("p99_ms") or r.get("not_available"):
+        if not r or not r.p99_ms or not r.measured:
             return None
-        p50 = r["token_bracket"]["p50_ms"] if r.get("token_bracket") else tok_p50
-        return float(r["p99_ms"]) / p50 if p50 else None
+        p50 = r.token_bracket.p50_ms if r.token_bracket else tok_p50
+        return r.p99_ms / p50 if p50 else None
 
-    p99_rounds = _rounds(rows, "paced", paced, bare, p99_ratio) if paced is not paced_py else []
+    p99_rounds = (
+        _rounds(rows, {**PACED, **default, "load": Load.H2LOAD}, BARE_PACED, p99_ratio)
+        if paced is not paced_py
+        else []
+    )
     if len(p99_rounds) > 1:
         py += _rounds_text(p99_rounds, "{:.2f}x", "at that rate")
-    elif bare and bare.get("p99_ms") and not bare.get("not_available"):
-        bare_p50 = bare["token_bracket"]["p50_ms"] if bare.get("token_bracket") else tok_p50
-        py += f"; the bare stack (no hsmsign code) at that rate: p99 {bare['p99_ms']:.2f} ms" + (
-            f" = {bare['p99_ms'] / bare_p50:.2f}x" if bare_p50 else ""
+    elif bare and bare.p99_ms and bare.measured:
+        bare_p50 = bare.token_bracket.p50_ms if bare.token_bracket else tok_p50
+        py += f"; the bare stack (no hsmsign code) at that rate: p99 {bare.p99_ms:.2f} ms" + (
+            f" = {bare.p99_ms / bare_p50:.2f}x" if bare_p50 else ""
         )
     out.append(
         _target(
@@ -149,7 +193,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "x",
             False,
             f"p99 {p99 or 0:.2f} ms vs token p50 {tok_p50 or 0:.3f} ms per op, load from "
-            f"{paced['load'] if paced else '-'}{py}" + _floor_text(rows, 3.0),
+            f"{paced.load if paced else '-'}{py}" + _floor_text(rows, 3.0),
         )
     )
     out += _bundle_targets(rows)
@@ -157,17 +201,15 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _reference(r: dict[str, Any] | None, tok_rate: float | None) -> float | None:
+def _reference(r: RateRow | None, tok_rate: float | None) -> float | None:
     """The token limit a row is compared with: measured right around it when the run did
     (bench.run.Bracket), else the run's token reference."""
-    if r and r.get("token_bracket"):
-        return float(r["token_bracket"]["ops_per_s"])
+    if isinstance(r, CallRow) and r.token_bracket:
+        return r.token_bracket.ops_per_s
     return tok_rate
 
 
-def _unary_ceiling(
-    rows: list[dict[str, Any]], tok: dict[str, Any] | None, unary: dict[str, Any] | None
-) -> str:
+def _unary_ceiling(rows: list[AnyRow], tok: dict[str, Any] | None, unary: CallRow | None) -> str:
     """The best unary share this machine allows, from the run's own per-call costs.
 
     Token, daemon and load generator share the same cores. Per signature the token needs
@@ -176,24 +218,27 @@ def _unary_ceiling(
     unary rate is at most token_cpu / (token_cpu + daemon_call_cpu + client_call_cpu) of the
     token limit.
     """
-    load = unary["load"] if unary else "python"
-    floor = _find(rows, "daemon", "gRPC floor", daemon=_default(), load=load)
-    if not tok or not floor or not floor.get("calls_per_s") or not tok.get("cores"):
+    load = unary.load if unary else Load.PYTHON
+    hsmsignd = {"server": Server.HSMSIGND, "settings": _default(), "load": load}
+    floor = _find(rows, call=Call.FLOOR, **hsmsignd)
+    if not tok or not floor or not floor.calls_per_s or not tok.get("cores"):
+        return ""
+    if floor.cores is None or floor.client_cores is None:
         return ""
     # CPU per signature of the token alone, at the speed the machine had around the row.
     token_cpu = tok["cores"] / (_reference(unary, tok["ops_per_s"]) or tok["ops_per_s"])
-    daemon_cpu = floor["cores"] / floor["calls_per_s"]
-    client_cpu = floor["client_cores"] / floor["calls_per_s"]
+    daemon_cpu = floor.cores / floor.calls_per_s
+    client_cpu = floor.client_cores / floor.calls_per_s
     ceiling = token_cpu / (token_cpu + daemon_cpu + client_cpu)
     text = (
         f"; ceiling here {ceiling:.2f}x: per call token {token_cpu * 1000:.2f} ms CPU + "
         f"gRPC/daemon {daemon_cpu * 1000:.2f} ms + client {client_cpu * 1000:.2f} ms"
     )
     # The same bound with none of hsmsign's code: grpcio serving the health check.
-    alone = _find(rows, "daemon", "gRPC alone", daemon=_default(), load=load)
-    if alone and alone.get("calls_per_s") and alone.get("cores"):
-        grpc_cpu = alone["cores"] / alone["calls_per_s"]
-        grpc_client = alone["client_cores"] / alone["calls_per_s"]
+    alone = _find(rows, call=Call.HEALTH, **hsmsignd)
+    if alone and alone.calls_per_s and alone.cores and alone.client_cores is not None:
+        grpc_cpu = alone.cores / alone.calls_per_s
+        grpc_client = alone.client_cores / alone.calls_per_s
         bound = token_cpu / (token_cpu + grpc_cpu + grpc_client)
         text += (
             f"; with grpcio alone ({grpc_cpu * 1000:.2f} ms per call, no hsmsign code) "
@@ -203,14 +248,14 @@ def _unary_ceiling(
 
 
 def _bare_unary(
-    rows: list[dict[str, Any]],
-    unary: dict[str, Any] | None,
-    ratio: Callable[[dict[str, Any] | None], float | None],
+    rows: list[AnyRow],
+    unary: CallRow | None,
+    ratio: Callable[[CallRow | None], float | None],
 ) -> str:
     """The bare stack's share under the same load (bench/bare_server.py), and hsmsign's share
     of it: the first is what grpcio and python-pkcs11 allow here, the second hsmsign's part."""
-    bare = _find(rows, "bare", "bare stack", paced=None)
-    if not bare or bare.get("not_available") or not unary or unary.get("load") != "h2load":
+    bare = _find(rows, **BARE_UNARY)
+    if not bare or not bare.measured or not unary or unary.load != Load.H2LOAD:
         return ""
     b, u = ratio(bare), ratio(unary)
     if not b or not u:
@@ -219,42 +264,37 @@ def _bare_unary(
 
 
 def _rounds(
-    rows: list[dict[str, Any]],
-    kind: str,
-    daemon: dict[str, Any] | None,
+    rows: list[AnyRow],
+    hsmsignd: dict[str, Any],
     bare: dict[str, Any] | None,
-    value: Callable[[dict[str, Any] | None], float | None],
+    value: Callable[[CallRow | None], float | None],
 ) -> list[tuple[float | None, float | None]]:
-    """(hsmsignd, bare stack) per round for ``kind`` ("unary", "paced" or "batch", which has
-    no bare stack row): round 1 from the run's main rows, the others from bench.run's round
-    rows. A failed row counts as not measured."""
+    """(hsmsignd, bare stack) per round: the rows matching ``hsmsignd`` and ``bare`` (None
+    for the batch target, which has no bare stack row), round 1 being the run's main rows
+    and 2.. bench.run's round rows. A failed row counts as not measured."""
 
-    def ok(r: dict[str, Any] | None) -> dict[str, Any] | None:
-        return None if r is None or r.get("not_available") else r
+    def of(match: dict[str, Any] | None, k: int) -> CallRow | None:
+        found = _calls(rows, round=k, **match) if match is not None else []
+        return _ok(found[0]) if found else None
 
-    out = [(value(ok(daemon)), value(ok(bare)))]
-    extra = [r for r in rows if r.get("group") == "round" and r.get("kind") == kind]
-    for k in sorted({r["round"] for r in extra}):
-        pair = {r["server"]: r for r in extra if r["round"] == k}
-        out.append((value(ok(pair.get("hsmsignd"))), value(ok(pair.get("bare")))))
-    return out
+    numbers = sorted({r.round for r in _calls(rows, **hsmsignd)} | {1})
+    return [(value(of(hsmsignd, k)), value(of(bare, k))) for k in numbers]
 
 
-def p99_floor(rows: list[dict[str, Any]]) -> list[float]:
+def p99_floor(rows: list[AnyRow]) -> list[float]:
     """Per round of bench.run.p99_floor_rows: the p99 of a gRPC call that signs nothing,
     made while the token signs as often beside it, over the token p50 measured around it.
     A signing call goes through the same and waits for its signature on top."""
     out = []
-    for r in rows:
-        if r.get("group") != "p99-floor" or r.get("not_available") or not r.get("p99_ms"):
+    for r in _calls(rows, server=Server.NOOP):
+        if not r.measured or not r.p99_ms or r.token_bracket is None:
             continue
-        p50 = r["token_bracket"]["p50_ms"]
-        if p50:
-            out.append(float(r["p99_ms"]) / p50)
+        if r.token_bracket.p50_ms:
+            out.append(r.p99_ms / r.token_bracket.p50_ms)
     return out
 
 
-def _floor_text(rows: list[dict[str, Any]], goal: float) -> str:
+def _floor_text(rows: list[AnyRow], goal: float) -> str:
     values = p99_floor(rows)
     m = _median(list(values))
     if m is None:
@@ -295,16 +335,16 @@ def _rounds_text(rounds: list[tuple[float | None, float | None]], fmt: str, verb
     return text
 
 
-def token_reference(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def token_reference(rows: list[AnyRow]) -> dict[str, Any] | None:
     """The token limit the targets use: the mean of the RSA-2048 token measurements (taken
     before and after the daemon rows, since the shared machine's load drifts)."""
-    toks = [r for r in rows if r.get("group") == "token" and r.get("bits") == 2048]
+    toks = [r for r in rows if isinstance(r, TokenRow) and r.bits == 2048]
     if not toks:
         return None
     return {
-        "ops_per_s": sum(r["ops_per_s"] for r in toks) / len(toks),
-        "p50_ms": sum(r["p50_ms"] for r in toks) / len(toks),
-        "cores": sum(r.get("cores", 0.0) for r in toks) / len(toks),
+        "ops_per_s": sum(r.ops_per_s for r in toks) / len(toks),
+        "p50_ms": sum(r.p50_ms or 0.0 for r in toks) / len(toks),
+        "cores": sum(r.cores or 0.0 for r in toks) / len(toks),
     }
 
 
@@ -314,10 +354,11 @@ def _default() -> str:
     return DaemonSettings().describe()
 
 
-def _bundle_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _bundle_targets(rows: list[AnyRow]) -> list[dict[str, Any]]:
     """Rows from bench_bundle_encrypt: tool in hsmsign/openssl/capgo, size_mb, mb_per_s."""
     out = []
-    sizes = sorted({r["size_mb"] for r in rows if r.get("group") == "bundle" and "size_mb" in r})
+    bundles = [r for r in rows if isinstance(r, BundleRow)]
+    sizes = sorted({r.size_mb for r in bundles if r.measured})
     if not sizes:
         return [
             _target(
@@ -330,16 +371,12 @@ def _bundle_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             )
         ]
     for size in sizes:
-        by = {
-            r.get("tool"): r
-            for r in rows
-            if r.get("group") == "bundle" and r.get("size_mb") == size and r.get("mb_per_s")
-        }
+        by = {r.tool: r.mb_per_s for r in bundles if r.size_mb == size and r.mb_per_s}
         h, o, c = by.get("hsmsign"), by.get("openssl"), by.get("capgo")
         out.append(
             _target(
                 f"bundle encrypt {size:g} MB / openssl",
-                h["mb_per_s"] / o["mb_per_s"] if h and o else None,
+                h / o if h and o else None,
                 0.9,
                 "x",
                 True,
@@ -349,7 +386,7 @@ def _bundle_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(
             _target(
                 f"bundle encrypt {size:g} MB / Capgo CLI",
-                h["mb_per_s"] / c["mb_per_s"] if h and c else None,
+                h / c if h and c else None,
                 1.0,
                 "x",
                 True,
@@ -379,8 +416,34 @@ def _f(v: Any, fmt: str = "{:.0f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def table(result: dict[str, Any]) -> str:
-    rows = result["rows"]
+def _line(r: AnyRow, tok_rate: float | None) -> str:
+    """One row of the printed table."""
+    if not r.measured:
+        return f"{r.name:<66} not available: {r.not_available}"
+    if isinstance(r, BundleRow):
+        return f"{r.name:<66} {_f(r.mb_per_s, '{:.0f} MB/s'):>15}"
+    if isinstance(r, CallRow) and r.signs_nothing:
+        beside = f" (the token beside it: p99 {r.token_p99_ms:.2f} ms)" if r.token_p99_ms else ""
+        return (
+            f"{r.name:<66} {r.calls_per_s:>7.0f} {'calls/s':>7} "
+            f"{_f(r.p50_ms, '{:.2f}'):>7} {_f(r.p99_ms, '{:.2f}'):>7} "
+            f"{_f(r.cores, '{:.2f}'):>7} "
+            f"{_f(r.client_cores, '{:.2f}'):>7}{beside}"
+        )
+    ref = _reference(r, tok_rate)
+    share = r.ops_per_s / ref if ref and r.bits == 2048 else None
+    client = r.client_cores if isinstance(r, CallRow) else None
+    return (
+        f"{r.name:<66} {r.ops_per_s:>7.0f} {_f(share, '{:.2f}'):>7} "
+        f"{_f(r.p50_ms, '{:.2f}'):>7} {_f(r.p99_ms, '{:.2f}'):>7} "
+        f"{_f(r.cores, '{:.2f}'):>7} "
+        f"{_f(client, '{:.2f}'):>7} "
+        f"{_f(r.ops_per_s / r.cores if r.cores else None):>9}"
+    )
+
+
+def table(result: dict[str, Any], rows: list[AnyRow]) -> str:
+    """The printed report: every row, the token reference, then the targets."""
     tok = token_reference(rows)
     tok_rate = tok["ops_per_s"] if tok else None
     lines = [
@@ -390,36 +453,7 @@ def table(result: dict[str, Any]) -> str:
         f"{'configuration':<66} {'sig/s':>7} {'/token':>7} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'srv cpu':>7} {'cli cpu':>7} {'sig/cpu-s':>9}",
     ]
-    for r in rows:
-        if r.get("not_available"):
-            lines.append(f"{r['name']:<66} not available: {r['not_available']}")
-            continue
-        if r.get("group") == "bundle":
-            lines.append(f"{r['name']:<66} {_f(r.get('mb_per_s'), '{:.0f} MB/s'):>15}")
-            continue
-        if r.get("floor"):
-            beside = (
-                f" (the token beside it: p99 {r['token_p99_ms']:.2f} ms)"
-                if r.get("token_p99_ms")
-                else ""
-            )
-            lines.append(
-                f"{r['name']:<66} {r['calls_per_s']:>7.0f} {'calls/s':>7} "
-                f"{_f(r.get('p50_ms'), '{:.2f}'):>7} {_f(r.get('p99_ms'), '{:.2f}'):>7} "
-                f"{_f(r.get('cores'), '{:.2f}'):>7} "
-                f"{_f(r.get('client_cores'), '{:.2f}'):>7}{beside}"
-            )
-            continue
-        ref = _reference(r, tok_rate)
-        share = r["ops_per_s"] / ref if ref and r.get("bits", 2048) == 2048 else None
-        cores = r.get("cores")
-        lines.append(
-            f"{r['name']:<66} {r['ops_per_s']:>7.0f} {_f(share, '{:.2f}'):>7} "
-            f"{_f(r.get('p50_ms'), '{:.2f}'):>7} {_f(r.get('p99_ms'), '{:.2f}'):>7} "
-            f"{_f(cores, '{:.2f}'):>7} "
-            f"{_f(r.get('client_cores'), '{:.2f}'):>7} "
-            f"{_f(r['ops_per_s'] / cores if cores else None):>9}"
-        )
+    lines += [_line(r, tok_rate) for r in rows]
     if tok:
         lines.append(
             f"{'token reference for the ratios (mean of the RSA-2048 token rows)':<66} "
@@ -445,34 +479,32 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def chart(result: dict[str, Any], path: Path) -> None:
+def _colour(r: RateRow) -> str:
+    if isinstance(r, PhysicalRow):
+        return "tab:gray"
+    if isinstance(r, TokenRow | TokenPacedRow):
+        return "tab:orange"
+    if isinstance(r, CallRow) and r.server is Server.BARE:
+        return "tab:purple"
+    return "tab:blue"
+
+
+def chart(result: dict[str, Any], all_rows: list[AnyRow], path: Path) -> None:
+    """Signatures/s and latencies per row as a PNG. Raises ImportError without matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r.get("ops_per_s") and not r.get("not_available")]
-    names = [r["name"] for r in rows]
+    rows = [r for r in all_rows if isinstance(r, RateRow) and r.ops_per_s and r.measured]
+    names = [r.name for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 0.45 * len(rows) + 2), sharey=True)
-    ax1.barh(
-        names,
-        [r["ops_per_s"] for r in rows],
-        color=[
-            "tab:gray"
-            if r["group"] == "physical"
-            else "tab:orange"
-            if r["group"] == "token"
-            else "tab:purple"
-            if r["group"] == "bare" or r.get("server") == "bare"
-            else "tab:blue"
-            for r in rows
-        ],
-    )
+    ax1.barh(names, [r.ops_per_s for r in rows], color=[_colour(r) for r in rows])
     ax1.set_xlabel("signatures/s")
     ax1.invert_yaxis()
     y = range(len(rows))
-    ax2.scatter([r.get("p50_ms") or 0 for r in rows], y, label="p50", marker="o")
-    ax2.scatter([r.get("p99_ms") or 0 for r in rows], y, label="p99", marker="x")
+    ax2.scatter([r.p50_ms or 0 for r in rows], y, label="p50", marker="o")
+    ax2.scatter([r.p99_ms or 0 for r in rows], y, label="p99", marker="x")
     ax2.set_xscale("log")
     ax2.set_xlabel("latency per call, ms (log)")
     ax2.legend()

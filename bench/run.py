@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -25,8 +26,20 @@ from bench.bare_server import BareServer
 from bench.h2load import H2Spec, failed_calls, grpc_frame, run_h2load, run_h2load_paced
 from bench.h2load import available as h2load_available
 from bench.load import LoadSpec, _request, run_load
+from bench.rows import (
+    AnyRow,
+    BundleRow,
+    Call,
+    CallRow,
+    Load,
+    PhysicalRow,
+    Server,
+    TokenBracket,
+    TokenPacedRow,
+    TokenRow,
+)
 from bench.setup import KEY_2048, KEY_3072, DaemonSettings, launch, make_bench_token
-from tests.conftest import TokenDir
+from tests.harness import TokenDir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -67,20 +80,29 @@ def _token_args(token: TokenDir, key: str) -> list[str]:
     ]
 
 
-def physical_limit(bits: int, duration: float) -> dict[str, Any]:
+def _rates(r: dict[str, Any]) -> dict[str, Any]:
+    """The RateRow fields of a bench.inprocess result, and the rest as details."""
+    fields = ("ops_per_s", "p50_ms", "p99_ms", "cores")
+    return {
+        **{k: r.get(k) for k in fields},
+        "details": {k: v for k, v in r.items() if k not in (*fields, "threads")},
+    }
+
+
+def physical_limit(bits: int, duration: float) -> PhysicalRow:
     threads = os.cpu_count() or 1
     r = _inprocess(
         ["physical", "--bits", str(bits), "--threads", str(threads), "--duration", str(duration)]
     )
-    return {
-        "name": f"physical: OpenSSL RSA-{bits}, {threads} threads",
-        "group": "physical",
-        "bits": bits,
-        **r,
-    }
+    return PhysicalRow(
+        name=f"physical: OpenSSL RSA-{bits}, {threads} threads",
+        bits=bits,
+        threads=int(r.get("threads", threads)),
+        **_rates(r),
+    )
 
 
-def token_limit(token: TokenDir, bits: int, threads: list[int], duration: float) -> dict[str, Any]:
+def token_limit(token: TokenDir, bits: int, threads: list[int], duration: float) -> TokenRow:
     key = KEY_2048 if bits == 2048 else KEY_3072
     runs = []
     for n in threads:
@@ -97,13 +119,13 @@ def token_limit(token: TokenDir, bits: int, threads: list[int], duration: float)
         runs.append(r)
         print(f"  token RSA-{bits} {n} threads: {r['ops_per_s']:.0f}/s", flush=True)
     best = max(runs, key=lambda r: r["ops_per_s"])
-    return {
-        "name": f"token: python-pkcs11 RSA-{bits}, best of {threads} threads ({best['threads']})",
-        "group": "token",
-        "bits": bits,
-        **best,
-        "sweep": {str(r["threads"]): r["ops_per_s"] for r in runs},
-    }
+    return TokenRow(
+        name=f"token: python-pkcs11 RSA-{bits}, best of {threads} threads ({best['threads']})",
+        bits=bits,
+        threads=int(best["threads"]),
+        sweep={str(r["threads"]): r["ops_per_s"] for r in runs},
+        **_rates(best),
+    )
 
 
 class Bracket:
@@ -129,40 +151,58 @@ class Bracket:
         )
         return {"ops_per_s": r["ops_per_s"], "p50_ms": r["p50_ms"]}
 
-    def around(self, make_row: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def around(self, make_row: Callable[[], CallRow]) -> CallRow:
         before = self.last or self.probe()
         row = make_row()
         after = self.probe()
         self.last = after
-        row["token_bracket"] = {
-            "ops_per_s": (before["ops_per_s"] + after["ops_per_s"]) / 2,
-            "p50_ms": (before["p50_ms"] + after["p50_ms"]) / 2,
-            "before": before["ops_per_s"],
-            "after": after["ops_per_s"],
-            "threads": self.threads,
-        }
+        row.token_bracket = TokenBracket(
+            ops_per_s=(before["ops_per_s"] + after["ops_per_s"]) / 2,
+            p50_ms=(before["p50_ms"] + after["p50_ms"]) / 2,
+            before=before["ops_per_s"],
+            after=after["ops_per_s"],
+            threads=self.threads,
+        )
         return row
 
 
-def daemon_row(name: str, spec: LoadSpec, pid: int) -> dict[str, Any]:
+def _bits(key: str) -> int:
+    return 3072 if key == KEY_3072 else 2048
+
+
+def daemon_row(name: str, spec: LoadSpec, pid: int) -> CallRow:
     r = run_load(spec, pid)
     r.pop("latencies_ms")
-    r["cores"] = r["daemon_cpu_seconds"] / spec.duration
-    r["client_cores"] = r["client_cpu_seconds"] / spec.duration
-    r["name"], r["group"], r["load"] = name, "daemon", "python"
+    row = CallRow(
+        name=name,
+        server=Server.HSMSIGND,
+        call=Call(spec.call),
+        callers=spec.callers,
+        load=Load.PYTHON,
+        bits=_bits(spec.key),
+        paced=spec.rate is not None,
+        rate=spec.rate,
+        ops_per_s=r["ops_per_s"],
+        calls_per_s=r["calls_per_s"],
+        p50_ms=r["p50_ms"],
+        p99_ms=r["p99_ms"],
+        cores=r["daemon_cpu_seconds"] / spec.duration,
+        client_cores=r["client_cpu_seconds"] / spec.duration,
+        details={k: r[k] for k in ("spec", "calls", "errors")},
+    )
     if r["errors"]:
         # A row whose calls failed measures nothing: say so instead of printing its rate.
-        r["not_available"] = f"{spec.call}: calls failed {r['errors']}"
-    _print_row(r)
-    return r
+        row.not_available = f"{spec.call}: calls failed {r['errors']}"
+    _print_row(row)
+    return row
 
 
-def _print_row(r: dict[str, Any]) -> None:
-    failed = f" {r['not_available']}" if "not_available" in r else ""
+def _print_row(r: CallRow) -> None:
+    failed = f" {r.not_available}" if r.not_available else ""
     print(
-        f"  {r['name']}: {r['ops_per_s']:.0f} sig/s, {r['calls_per_s']:.0f} calls/s, "
-        f"p50 {r['p50_ms'] or 0:.2f} ms p99 {r['p99_ms'] or 0:.2f} ms, "
-        f"daemon {r.get('cores') or 0:.2f} cores{failed}",
+        f"  {r.name}: {r.ops_per_s:.0f} sig/s, {r.calls_per_s:.0f} calls/s, "
+        f"p50 {r.p50_ms or 0:.2f} ms p99 {r.p99_ms or 0:.2f} ms, "
+        f"daemon {r.cores or 0:.2f} cores{failed}",
         flush=True,
     )
 
@@ -178,7 +218,7 @@ H2_ROWS = [
 
 
 class Served(Protocol):
-    """What the h2load rows need of a server: hsmsignd (tests.conftest.Daemon) or the bare
+    """What the h2load rows need of a server: hsmsignd (tests.harness.Daemon) or the bare
     stack (bench.bare_server.BareServer)."""
 
     @property
@@ -190,9 +230,21 @@ class Served(Protocol):
     def log(self) -> str: ...
 
 
+def _h2_details(r: dict[str, Any]) -> dict[str, Any]:
+    keep = ("spec", "calls", "http_failed", "daemon_cpu_seconds", "wall_seconds")
+    return {k: r[k] for k in keep if k in r}
+
+
 def h2_row(
-    d: Served, call: str, method: str, connections: int, sigs: int, name: str, duration: float
-) -> dict[str, Any]:
+    d: Served,
+    call: str,
+    method: str,
+    connections: int,
+    sigs: int,
+    name: str,
+    duration: float,
+    server: Server = Server.HSMSIGND,
+) -> CallRow:
     """One row with nghttp2's h2load as the load generator (bench/h2load.py)."""
     spec = LoadSpec(d.address, call, KEY_2048, connections)
     _method, message = _request(spec)
@@ -204,20 +256,24 @@ def h2_row(
     )
     after = failed_calls(d.log(), method.rsplit("/", 1)[1])
     failed = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
-    r.update(
+    row = CallRow(
         name=f"{name} (h2load)",
-        group="daemon",
-        load="h2load",
+        server=server,
+        call=Call(call),
+        callers=connections,
+        load=Load.H2LOAD,
         ops_per_s=r["calls_per_s"] * sigs,
+        calls_per_s=r["calls_per_s"],
+        p50_ms=r["p50_ms"],
+        p99_ms=r["p99_ms"],
         cores=r["daemon_cores"],
         client_cores=r["client_cpu_seconds"] / r["spec"]["duration"],
+        details=_h2_details(r),
     )
-    if sigs == 0:
-        r["floor"] = True
     if failed or r["http_failed"]:
-        r["not_available"] = f"{call}: calls failed {failed or r['http_failed']}"
-    _print_row(r)
-    return r
+        row.not_available = f"{call}: calls failed {failed or r['http_failed']}"
+    _print_row(row)
+    return row
 
 
 def daemon_rows(
@@ -228,13 +284,13 @@ def daemon_rows(
     tag: str = "",
     bare: BareServer | None = None,
     rounds: int = 1,
-) -> list[dict[str, Any]]:
+) -> list[CallRow | TokenPacedRow]:
     """The daemon's rows; with ``bare``, the bare stack's unary and paced rows right after
     the daemon's, so that both meet the same moment of the shared machine, and then
     ``rounds - 1`` more rounds of those four rows (``interleaved_rounds``) and of the batch
     row."""
     d = launch(root, token, s, f"daemon-{s.processes}-{s.sessions}-{s.workers}-{s.log_level}")
-    rows: list[dict[str, Any]] = []
+    rows: list[CallRow | TokenPacedRow] = []
     br = Bracket(token, duration)
     try:
         pid, addr = d.proc.pid, d.address
@@ -246,22 +302,21 @@ def daemon_rows(
             for call, method, conns, sigs, name in H2_ROWS:
                 rows.append(
                     br.around(
-                        lambda c=call, m=method, n=conns, g=sigs, nm=name: h2_row(
-                            d, c, m, n, g, f"{tag}{nm}", duration
+                        functools.partial(
+                            h2_row, d, call, method, conns, sigs, f"{tag}{name}", duration
                         )
                     )
                 )
                 if bare is not None and call == "unary" and conns == 64:
                     rows.append(bare_row(bare, br, duration))
         for c in (1, 16, 64):
-            rows.append(
-                br.around(
-                    lambda c=c: daemon_row(
-                        f"{tag}unary SignDigest, {c} callers (Python)", spec("unary", c), pid
-                    )
-                )
-            )
-        max_unary = max(r["calls_per_s"] for r in rows if r["name"].startswith(f"{tag}unary"))
+            name = f"{tag}unary SignDigest, {c} callers (Python)"
+            rows.append(br.around(functools.partial(daemon_row, name, spec("unary", c), pid)))
+        max_unary = max(
+            r.calls_per_s
+            for r in rows
+            if isinstance(r, CallRow) and r.server is Server.HSMSIGND and r.call is Call.UNARY
+        )
         # Each batch caller on its own connection, as 4 build agents would be: with 2
         # connections, both land on one serving process half the time.
         batch = spec("batch", 4, batch=64, callers_per_connection=1)
@@ -270,8 +325,9 @@ def daemon_rows(
         # Like the unary and paced rows, the batch target is judged on the median of
         # ``rounds`` rows: one 4 s row moves by 5-10% with the shared machine (0.91-1.04).
         for k in range(2, rounds + 1):
-            r = br.around(lambda k=k: daemon_row(f"round {k}, hsmsignd: {batch_name}", batch, pid))
-            r.update(group="round", round=k, server="hsmsignd", kind="batch")
+            name = f"round {k}, hsmsignd: {batch_name}"
+            r = br.around(functools.partial(daemon_row, name, batch, pid))
+            r.round = k
             rows.append(r)
         rows.append(
             daemon_row(
@@ -294,22 +350,20 @@ def daemon_rows(
             ("health", "gRPC alone: health Check (no hsmsign code)"),
             ("floor", "gRPC floor: GetPublicKey (no token work)"),
         ):
-            r = daemon_row(f"{tag}{what}, 64 callers (Python)", spec(call, 64), pid)
-            r["floor"] = True
-            rows.append(r)
+            rows.append(daemon_row(f"{tag}{what}, 64 callers (Python)", spec(call, 64), pid))
         br.last = None
         half = max_unary / 2
         # Paced load needs an even schedule: the Python generator sends each call at its
         # time and counts latency from then (h2load's --rps sends in bursts).
-        r = br.around(
-            lambda: daemon_row(
-                f"{tag}unary paced at half max ({half:.0f} calls/s), 16 callers (Python)",
-                spec("unary", 16, rate=half),
-                pid,
+        rows.append(
+            br.around(
+                lambda: daemon_row(
+                    f"{tag}unary paced at half max ({half:.0f} calls/s), 16 callers (Python)",
+                    spec("unary", 16, rate=half),
+                    pid,
+                )
             )
         )
-        r["paced"] = True
-        rows.append(r)
         if h2load_available():
             rows.append(
                 br.around(lambda: h2_paced_row(d, half, f"{tag}unary paced at half max", duration))
@@ -320,12 +374,13 @@ def daemon_rows(
         rows.append(token_paced_row(token, half, duration))
     finally:
         d.stop()
-    for r in rows:
-        r.setdefault("daemon", s.describe())
+    for row in rows:
+        if isinstance(row, CallRow) and not row.settings:
+            row.settings = s.describe()
     return rows
 
 
-def token_paced_row(token: TokenDir, rate: float, duration: float) -> dict[str, Any]:
+def token_paced_row(token: TokenDir, rate: float, duration: float) -> TokenPacedRow:
     """The token alone at the paced rows' rate: the latency that queueing on the token's
     own cores costs before any gRPC, the reference for the daemon's paced p99."""
     threads = os.cpu_count() or 1
@@ -341,19 +396,22 @@ def token_paced_row(token: TokenDir, rate: float, duration: float) -> dict[str, 
             str(duration),
         ]
     )
-    row = {
-        "name": f"token alone paced at the same rate ({rate:.0f}/s), {threads} threads",
-        "group": "token-paced",
-        "bits": 2048,
-        "ops_per_s": r["ops"] / duration,
-        "p50_ms": r["p50_ms"],
-        "p99_ms": r["p99_ms"],
-    }
-    print(f"  {row['name']}: p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms", flush=True)
+    row = TokenPacedRow(
+        name=f"token alone paced at the same rate ({rate:.0f}/s), {threads} threads",
+        bits=2048,
+        threads=threads,
+        rate=rate,
+        ops_per_s=r["ops"] / duration,
+        p50_ms=r["p50_ms"],
+        p99_ms=r["p99_ms"],
+    )
+    print(f"  {row.name}: p50 {row.p50_ms or 0:.2f} ms p99 {row.p99_ms or 0:.2f} ms", flush=True)
     return row
 
 
-def h2_paced_row(d: Served, rate: float, name: str, duration: float) -> dict[str, Any]:
+def h2_paced_row(
+    d: Served, rate: float, name: str, duration: float, server: Server = Server.HSMSIGND
+) -> CallRow:
     _method, message = _request(LoadSpec(d.address, "unary", KEY_2048, 1))
     before = failed_calls(d.log(), "SignDigest")
     r = run_h2load_paced(
@@ -366,43 +424,61 @@ def h2_paced_row(d: Served, rate: float, name: str, duration: float) -> dict[str
     )
     after = failed_calls(d.log(), "SignDigest")
     failed = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
-    r.update(
-        name=f"{name} ({rate:.0f} calls/s), 8 callers (h2load)",
-        group="daemon",
-        load="h2load",
-        paced=True,
-        ops_per_s=r["calls_per_s"],
-        cores=r["daemon_cores"],
-        client_cores=r["client_cpu_seconds"] / duration,
-    )
+    row = _paced_call_row(r, f"{name} ({rate:.0f} calls/s), 8 callers (h2load)", server)
+    row.client_cores = r["client_cpu_seconds"] / duration
     if failed or r["http_failed"]:
-        r["not_available"] = f"paced: calls failed {failed or r['http_failed']}"
-    _print_row(r)
-    return r
+        row.not_available = f"paced: calls failed {failed or r['http_failed']}"
+    _print_row(row)
+    return row
 
 
-def bare_row(
-    bare: BareServer, br: Bracket, duration: float, rate: float | None = None
-) -> dict[str, Any]:
+def _paced_call_row(r: dict[str, Any], name: str, server: Server) -> CallRow:
+    """A CallRow from bench.h2load.run_h2load_paced's result (8 connections)."""
+    return CallRow(
+        name=name,
+        server=server,
+        call=Call.UNARY,
+        callers=8,
+        load=Load.H2LOAD,
+        paced=True,
+        rate=r["rate"],
+        ops_per_s=r["calls_per_s"],
+        calls_per_s=r["calls_per_s"],
+        p50_ms=r["p50_ms"],
+        p99_ms=r["p99_ms"],
+        cores=r["daemon_cores"],
+        details=_h2_details(r),
+    )
+
+
+def bare_row(bare: BareServer, br: Bracket, duration: float, rate: float | None = None) -> CallRow:
     """The daemon's unary-64 row (or, with ``rate``, its paced row) against
     bench/bare_server.py, right after the daemon's own: grpcio + protobuf + python-pkcs11 on
     the same token with the daemon's process layout and none of hsmsign's code. What
     separates the token limit from this row is the stack's cost per call on these cores;
     what separates this row from the daemon's is hsmsign's."""
-    r = _target_row(bare, br, duration, rate, BARE)
-    r["group"], r["daemon"] = "bare", "bare stack"
-    return r
+    return _target_row(bare, br, duration, rate, BARE, Server.BARE)
 
 
 def _target_row(
-    s: Served, br: Bracket, duration: float, rate: float | None, label: str
-) -> dict[str, Any]:
+    s: Served,
+    br: Bracket,
+    duration: float,
+    rate: float | None,
+    label: str,
+    server: Server = Server.HSMSIGND,
+) -> CallRow:
     """Unary SignDigest at 64 callers, or paced at ``rate``: a row of the unary or the p99
     target, bracketed by the token."""
     if rate is None:
         name = f"{label}: unary SignDigest, 64 callers"
-        return br.around(lambda: h2_row(s, "unary", SIGN_DIGEST, 64, 1, name, duration))
-    return br.around(lambda: h2_paced_row(s, rate, f"{label}: unary paced at half max", duration))
+        row = br.around(lambda: h2_row(s, "unary", SIGN_DIGEST, 64, 1, name, duration, server))
+    else:
+        paced = f"{label}: unary paced at half max"
+        row = br.around(lambda: h2_paced_row(s, rate, paced, duration, server))
+    if server is Server.BARE:
+        row.settings = "bare stack"
+    return row
 
 
 #: The method the unary and paced rows call.
@@ -412,8 +488,13 @@ BARE = "bare stack (grpcio + python-pkcs11, no hsmsign code)"
 
 
 def interleaved_rounds(
-    d: Served, bare: BareServer, br: Bracket, duration: float, rate: float, rounds: int
-) -> list[dict[str, Any]]:
+    d: Served,
+    bare: BareServer,
+    br: Bracket,
+    duration: float,
+    rate: float,
+    rounds: int,
+) -> list[CallRow]:
     """Rounds 2..``rounds`` of the rows the unary and p99 targets read: unary at 64 callers
     and paced at ``rate``, for hsmsignd and for the bare stack, each row bracketed by the
     token. Which server goes first alternates from round to round.
@@ -422,19 +503,17 @@ def interleaved_rounds(
     rounds of the bare stack ranged 0.62-0.81 of the token limit), which is the size of the
     differences these targets decide; bench.report judges them on the median of the rounds.
     """
-    servers: list[tuple[str, str, Served]] = [
-        ("hsmsignd", "hsmsignd", d),
-        ("bare", "bare stack", bare),
+    servers: list[tuple[Server, str, Served]] = [
+        (Server.HSMSIGND, "hsmsignd", d),
+        (Server.BARE, "bare stack", bare),
     ]
-    rows: list[dict[str, Any]] = []
+    rows: list[CallRow] = []
     for k in range(2, rounds + 1):
         order = servers[::-1] if k % 2 == 0 else servers
-        for kind, kind_rate in (("unary", None), ("paced", rate)):
+        for kind_rate in (None, rate):
             for who, label, s in order:
-                r = _target_row(s, br, duration, kind_rate, f"round {k}, {label}")
-                r.update(group="round", round=k, server=who, kind=kind)
-                if who == "bare":
-                    r["daemon"] = "bare stack"
+                r = _target_row(s, br, duration, kind_rate, f"round {k}, {label}", who)
+                r.round = k
                 rows.append(r)
     return rows
 
@@ -445,7 +524,7 @@ FLOOR = "gRPC alone (no signing), the token signing as often in another process"
 
 def p99_floor_rows(
     token: TokenDir, duration: float, rate: float, rounds: int, key: str = KEY_2048
-) -> list[dict[str, Any]]:
+) -> list[CallRow]:
     """Part 3b: the p99 the stack allows on these cores before any server design.
 
     A signing call goes through what a gRPC call that signs nothing goes through, and waits
@@ -459,25 +538,20 @@ def p99_floor_rows(
     """
     noop = BareServer(_token_args(token, key), "--no-sign")
     br = Bracket(token, duration, key)
-    rows: list[dict[str, Any]] = []
+    rows: list[CallRow] = []
     try:
         for k in range(1, rounds + 1):
-            r = br.around(lambda: _beside_token(noop, token, key, rate, duration))
-            r.update(
-                name=f"round {k}, {FLOOR}: paced at half max ({rate:.0f}/s)",
-                group="p99-floor",
-                round=k,
-                daemon="p99 floor",
-                floor=True,
-            )
+            name = f"round {k}, {FLOOR}: paced at half max ({rate:.0f}/s)"
+            r = br.around(functools.partial(_beside_token, noop, token, key, rate, duration, name))
+            r.round = k
             rows.append(r)
             print(
-                f"  {r['name']}: "
+                f"  {r.name}: "
                 + (
-                    r["not_available"]
-                    if "not_available" in r
-                    else f"gRPC p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms; "
-                    f"the token's own p99 {r['token_p99_ms']:.2f} ms"
+                    r.not_available
+                    if r.not_available
+                    else f"gRPC p50 {r.p50_ms or 0:.2f} ms p99 {r.p99_ms or 0:.2f} ms; "
+                    f"the token's own p99 {r.token_p99_ms or 0:.2f} ms"
                 ),
                 flush=True,
             )
@@ -487,8 +561,8 @@ def p99_floor_rows(
 
 
 def _beside_token(
-    noop: BareServer, token: TokenDir, key: str, rate: float, duration: float
-) -> dict[str, Any]:
+    noop: BareServer, token: TokenDir, key: str, rate: float, duration: float, name: str
+) -> CallRow:
     """The no-op gRPC server paced at ``rate`` while the token signs ``rate``/s in another
     process. The token's measured window (it starts later and stops earlier) lies inside
     h2load's."""
@@ -520,21 +594,17 @@ def _beside_token(
         )
     finally:
         t.join()
-    r.update(
-        load="h2load",
-        paced=True,
-        cores=r["daemon_cores"],
-        # h2load's CPU cannot be told apart from the token process's here: both are this
-        # process's children, and the token's is reaped inside h2load's measuring window.
-        client_cores=None,
-        token_p50_ms=signed.get("p50_ms"),
-        token_p99_ms=signed.get("p99_ms"),
-    )
+    row = _paced_call_row(r, name, Server.NOOP)
+    row.settings = "p99 floor"
+    # h2load's CPU cannot be told apart from the token process's here: both are this
+    # process's children, and the token's is reaped inside h2load's measuring window.
+    row.client_cores = None
+    row.token_p50_ms, row.token_p99_ms = signed.get("p50_ms"), signed.get("p99_ms")
     if r["http_failed"]:
-        r["not_available"] = f"no-op calls failed: {r['http_failed']}"
+        row.not_available = f"no-op calls failed: {r['http_failed']}"
     elif not signed:
-        r["not_available"] = "the token beside it did not finish (its error is above)"
-    return r
+        row.not_available = "the token beside it did not finish (its error is above)"
+    return row
 
 
 def _check_bare(address: str) -> None:
@@ -551,7 +621,7 @@ def _check_bare(address: str) -> None:
         raise RuntimeError(f"the bare server answered a {len(reply.signature)}-byte signature")
 
 
-def single_process_row(root: Path, token: TokenDir, duration: float) -> list[dict[str, Any]]:
+def single_process_row(root: Path, token: TokenDir, duration: float) -> list[CallRow]:
     """The previous design beside the shipped one: every call served by one process."""
     if not h2load_available():
         return []
@@ -571,23 +641,24 @@ def single_process_row(root: Path, token: TokenDir, duration: float) -> list[dic
         )
     finally:
         d.stop()
-    r["daemon"] = s.describe()
+    r.settings = s.describe()
     return [r]
 
 
-def bundle_rows(quick: bool) -> list[dict[str, Any]]:
+def bundle_rows(quick: bool) -> list[BundleRow]:
     """Part 4, with bench/bench_bundle_encrypt.py's contenders: the same random file through
     hsmsign's encrypt_bundle, openssl enc and the Capgo CLI."""
     from bench import bench_bundle_encrypt as bbe
+    from hsmsign import capgo
 
-    rows: list[dict[str, Any]] = []
+    rows: list[BundleRow] = []
     repeat = 1 if quick else 3
     for size_mb in (1, 100):
         with tempfile.TemporaryDirectory(prefix="hsmsign-bench-bundle-") as tmp:
             work = Path(tmp)
             src = work / "bundle.zip"
             bbe.make_file(src, size_mb << 20)
-            key, iv = bbe.capgo.new_session_material()
+            key, iv = capgo.new_session_material()
             runs: dict[str, Any] = {
                 "hsmsign": bbe.bench_hsmsign(src, work / "ours.enc", key, iv, repeat),
                 "openssl": bbe.bench_openssl(src, work / "openssl.enc", key, iv, repeat),
@@ -603,27 +674,28 @@ def bundle_rows(quick: bool) -> list[dict[str, Any]]:
                 name = f"{names[tool]}, {size_mb} MB"
                 if run is None:
                     rows.append(
-                        {
-                            "name": name,
-                            "group": "bundle",
-                            "tool": tool,
-                            "not_available": f"{tool} not installed or not runnable",
-                        }
+                        BundleRow(
+                            name=name,
+                            tool=tool,
+                            size_mb=size_mb,
+                            not_available=f"{tool} not installed or not runnable",
+                        )
                     )
                     continue
-                row = {
-                    "name": name,
-                    "group": "bundle",
-                    "tool": tool,
-                    "size_mb": size_mb,
-                    "seconds": run.seconds,
-                    "mb_per_s": size_mb / run.seconds,
-                    "peak_rss_mb": run.rss_mib,
-                }
-                if tool == "capgo" and cli:
-                    row["startup_seconds"] = cli[1]
-                rows.append(row)
-                print(f"  {name}: {row['mb_per_s']:.0f} MB/s ({run.seconds:.3f} s)", flush=True)
+                rows.append(
+                    BundleRow(
+                        name=name,
+                        tool=tool,
+                        size_mb=size_mb,
+                        seconds=run.seconds,
+                        mb_per_s=size_mb / run.seconds,
+                        peak_rss_mb=run.rss_mib,
+                        startup_seconds=cli[1] if tool == "capgo" and cli else None,
+                    )
+                )
+                print(
+                    f"  {name}: {size_mb / run.seconds:.0f} MB/s ({run.seconds:.3f} s)", flush=True
+                )
     return rows
 
 
@@ -655,7 +727,7 @@ def main() -> int:
         p.error("--rounds must be at least 1")
     duration = a.duration or (1.5 if a.quick else 4.0)
     t0 = time.time()
-    rows: list[dict[str, Any]] = []
+    rows: list[AnyRow] = []
     with tempfile.TemporaryDirectory(prefix="hsmsign-bench-") as tmp:
         root = Path(tmp)
         print("making the bench token and keys...", flush=True)
@@ -664,7 +736,8 @@ def main() -> int:
         for bits in (2048, 3072):
             rows.append(physical_limit(bits, duration))
         print("2. token limit (python-pkcs11 in-process, through p11-kit-proxy)", flush=True)
-        rows.append(token_limit(token, 2048, [1, 2] if a.quick else [1, 2, 4], duration))
+        reference = token_limit(token, 2048, [1, 2] if a.quick else [1, 2, 4], duration)
+        rows.append(reference)
         rows.append(token_limit(token, 3072, [2] if a.quick else [1, 2], duration))
         print("3. the daemon (h2load, then 2 Python gRPC client processes)", flush=True)
         if not h2load_available():
@@ -680,18 +753,26 @@ def main() -> int:
             if bare is not None:
                 bare.stop()
         paced = next(
-            (r for r in rows if r.get("group") == "daemon" and r.get("paced") and "rate" in r),
+            (
+                r
+                for r in rows
+                if isinstance(r, CallRow)
+                and r.server is Server.HSMSIGND
+                and r.paced
+                and r.load is Load.H2LOAD
+            ),
             None,
         )
-        if paced is not None and not paced.get("not_available"):
+        if paced is not None and paced.measured and paced.rate is not None:
             print("3b. the p99 floor: gRPC with no signing, the token beside it", flush=True)
-            rows += p99_floor_rows(token, duration, paced["rate"], rounds)
+            rows += p99_floor_rows(token, duration, paced.rate, rounds)
         rows += single_process_row(root, token, duration)
         # Again after the daemon rows: the machine is shared, so the reference drifts; the
         # targets use the mean of both token measurements.
-        best = str(rows[2]["threads"])
-        again = token_limit(token, 2048, [int(best)], duration)
-        again["name"] = f"token: python-pkcs11 RSA-2048, {best} threads, again after the daemon"
+        best = reference.threads
+        again = token_limit(token, 2048, [best], duration)
+        again.name = f"token: python-pkcs11 RSA-2048, {best} threads, again after the daemon"
+        again.after_daemon = True
         rows.append(again)
         if a.sweep:
             for s in (
@@ -714,15 +795,15 @@ def main() -> int:
         },
         "duration_per_config_s": duration,
         "wall_seconds": round(time.time() - t0, 1),
-        "rows": rows,
+        "rows": [r.to_json() for r in rows],
     }
     result["targets"] = report.targets(rows)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
     print()
-    print(report.table(result))
+    print(report.table(result, rows))
     try:
-        report.chart(result, a.out / "results.png")
+        report.chart(result, rows, a.out / "results.png")
         print(f"\nwrote {a.out / 'results.json'} and {a.out / 'results.png'}")
     except ImportError:
         print(f"\nwrote {a.out / 'results.json'} (matplotlib missing: no chart)")

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import (
+from tests.harness import (
     PROXY_MODULE,
     Daemon,
     TokenDir,

@@ -25,7 +25,6 @@ class Error(Exception):
         return str(self)
 
 
-
 class UsageError(Error):
     """The user asked for something impossible: a bad flag value, a missing file."""
 

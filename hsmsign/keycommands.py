@@ -150,7 +150,9 @@ def parse_duration(text: str) -> float:
         raise BadArguments(f"bad duration {text!r}: use e.g. 0s, 30m, 24h or 7d")
     seconds = float(m["n"]) * _UNIT_SECONDS[m["unit"]]
     if seconds > MAX_DURATION_SECONDS:
-        raise BadArguments(f"duration {text!r} is too long (a protobuf Duration holds 10,000 years)")
+        raise BadArguments(
+            f"duration {text!r} is too long (a protobuf Duration holds 10,000 years)"
+        )
     return seconds
 
 

@@ -28,12 +28,12 @@ from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from server import ready, supervisor
 from server.api import pipeline
 from server.api.admin import AdminAccess, KeyAdminService
+from server.api.malformed import MalformedRequests
 from server.api.signer import SignerService
 from server.config import Config
 from server.errors import ConfigError, StartupError, TokenNotFound
 from server.keyring.ring import KeyRing
 from server.pkcs11.token import Token
-from server.api.malformed import MalformedRequests
 from server.supervisor import ServingProcessSpec, SharedCounter
 
 log = logging.getLogger("hsmsignd")

@@ -3,8 +3,9 @@
 grpcio answers a request its deserializer cannot parse with INTERNAL ("Exception
 deserializing request!") and logs a traceback, so a caller's garbage looked like a daemon
 fault (found by tests/integration/test_malformed_requests.py). This interceptor gives each
-unary method a deserializer that reports the failure to the handler, which answers
-INVALID_ARGUMENT with one line and writes the usual access-log line.
+unary method a deserializer that hands the pipeline :data:`MALFORMED` instead, and the
+pipeline's ``well_formed`` stage answers INVALID_ARGUMENT with one line (and the usual
+access-log line).
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from server.api.accesslog import access
 
-#: What the lenient deserializer hands over instead of a message it could not parse.
-_MALFORMED = object()
+class _Malformed:
+    """What the lenient deserializer hands over instead of a message it could not parse."""
+
+    def __repr__(self) -> str:
+        return "MALFORMED"
+
+
+MALFORMED = _Malformed()
 
 
 class MalformedRequests(grpc.ServerInterceptor):
@@ -37,39 +43,30 @@ class MalformedRequests(grpc.ServerInterceptor):
         if wrapped is not None:
             return wrapped
         handler = continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.response_streaming:
+        # Only hsmsign's own methods run in the pipeline that turns MALFORMED into a status.
+        if not method.startswith("/hsmsign.") or handler is None:
+            return handler
+        if handler.request_streaming or handler.response_streaming:
             return handler
         parse, behaviour = handler.request_deserializer, handler.unary_unary
         if parse is None or behaviour is None:
             return handler
-        wrapped = _wrap(method, parse, behaviour, handler.response_serializer)
+        wrapped = _wrap(parse, behaviour, handler.response_serializer)
         self._wrapped[method] = wrapped
         return wrapped
 
 
 def _wrap(
-    method: str,
     parse: Callable[[bytes], Any],
     behaviour: Callable[[Any, grpc.ServicerContext], Any],
     serialize: Callable[[Any], bytes] | None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    name = method.rpartition("/")[2]
-
     def lenient(data: bytes) -> Any:
         try:
             return parse(data)
         except (DecodeError, ValueError):
-            return _MALFORMED
-
-    def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-        if request is _MALFORMED:
-            access.line(name, context.peer(), "INVALID_ARGUMENT", "-", 0.0)
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the request is not a valid {method} request message",
-            )
-        return behaviour(request, context)
+            return MALFORMED
 
     return grpc.unary_unary_rpc_method_handler(
-        guarded, request_deserializer=lenient, response_serializer=serialize
+        behaviour, request_deserializer=lenient, response_serializer=serialize
     )

@@ -10,6 +10,9 @@ out through them in reverse. Today's stages:
     the one place where errors become gRPC status codes: a ``ServerError`` ends the call with
     its ``code`` and its one-line message; anything else with INTERNAL and an incident id
     (the traceback stays in the daemon's log).
+``well_formed``
+    refuses a request body that is not the method's message (``server.api.malformed``)
+    with INVALID_ARGUMENT.
 ``admission``
     refuses calls once the process is draining (SIGTERM) and counts the calls in flight, so
     that draining can wait for them.
@@ -42,7 +45,8 @@ from typing import Any, Final, TypeVar
 import grpc
 
 from server.api.accesslog import access
-from server.errors import KeyObjectGone, ServerError, Unavailable
+from server.api.malformed import MALFORMED
+from server.errors import InvalidArgument, KeyObjectGone, ServerError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +135,12 @@ def status_stage(call: Call, proceed: Proceed) -> Any:
         call.context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
 
 
+def well_formed_stage(call: Call, proceed: Proceed) -> Any:
+    if call.request is MALFORMED:
+        raise InvalidArgument(f"the request is not a valid {call.method} request message")
+    return proceed(call)
+
+
 def admission_stage(call: Call, proceed: Proceed) -> Any:
     with calls.cond:
         refused = calls.draining
@@ -151,6 +161,7 @@ def admission_stage(call: Call, proceed: Proceed) -> Any:
 STAGES: Final[tuple[tuple[str, Stage], ...]] = (
     ("access_log", access_log_stage),
     ("status", status_stage),
+    ("well_formed", well_formed_stage),
     # identity, policy: here
     ("admission", admission_stage),
     # audit: here

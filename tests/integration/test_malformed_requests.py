@@ -114,6 +114,7 @@ def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
         return st.booleans()
     if t == FieldDescriptor.TYPE_ENUM:
         lo, hi = _INT_RANGES[FieldDescriptor.TYPE_INT32]
+        assert field.enum_type is not None
         known = [v.number for v in field.enum_type.values]
         return st.one_of(st.sampled_from(known), st.integers(lo, hi))
     if t in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
@@ -125,7 +126,7 @@ def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
 def _field(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
     one = (
         messages(field.message_type, depth + 1)
-        if field.type == FieldDescriptor.TYPE_MESSAGE
+        if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None
         else _scalar(field)
     )
     if field.is_repeated:
@@ -197,7 +198,7 @@ def test_random_messages_get_expected_statuses(target: Target, method: MethodDes
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
 def test_random_bytes_get_expected_statuses(target: Target, method: MethodDescriptor) -> None:
-    call = target.channel.unary_unary(
+    call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = target.channel.unary_unary(
         _path(method), request_serializer=None, response_deserializer=None
     )
 
@@ -218,7 +219,7 @@ def test_truncated_and_mangled_valid_messages(target: Target) -> None:
         algorithm=pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256,
         digest=bytes(32),
     ).SerializeToString()
-    call = target.channel.unary_unary(
+    call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = target.channel.unary_unary(
         _path(pb.DESCRIPTOR.services_by_name["Signer"].methods_by_name["SignDigest"])
     )
     codes = {_status(call, body[:n]) for n in range(1, len(body))}

@@ -106,5 +106,5 @@ def test_a_draining_process_refuses_new_calls(channel: grpc.Channel) -> None:
 
 def test_the_stages_are_named_in_order() -> None:
     names = [name for name, _stage in pipeline.STAGES]
-    assert names == ["access_log", "status", "admission"]
+    assert names == ["access_log", "status", "well_formed", "admission"]
     assert issubclass(InvalidArgument, ServerError)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,9 @@ from hsmsign.admin import KeyAdmin
 from hsmsign.client import Client
 from hsmsign.errors import RemoteError
 from hsmsign.v1 import hsmsign_pb2 as pb
-from tests.conftest import Daemon, TokenDir, hsmsignd, make_token, start_daemon, write_config
+from tests.conftest import Daemon, TokenDir, hsmsignd
+from tests.harness.daemons import running_daemon
+from tests.harness.tokens import token_with_keys
 
 KEYRING = (
     "[keyring]\nmin_destruction_delay_hours = 0\ndev_unsafe_allow_short_destruction_delay = true\n"
@@ -43,13 +45,9 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("lifecycle")
-    t = make_token(tmp / "token")
-    config = write_config(tmp / "hsmsignd.toml", t, extra=KEYRING)
-    d = start_daemon(config, tmp / "daemon")
-    c = Client(d.address)
-    yield Env(t, config, d, c)
-    c.close()
-    d.stop()
+    t, config = token_with_keys(tmp, extra=KEYRING)
+    with running_daemon(config, tmp / "daemon") as d, Client(d.address) as c:
+        yield Env(t, config, d, c)
 
 
 def _signed_version(client: Client, ref: str) -> int | str:
@@ -192,37 +190,29 @@ def test_provenance_of_generated_key(env: Env) -> None:
     assert not p.extractable and not p.imported
     assert v.HasField("created_at") and v.primary and key.primary_version == 1
     assert v.pkcs1_pem.startswith("-----BEGIN RSA PUBLIC KEY-----")
-    listing = env.token.pkcs11_tool("-O")
-    block = _private_block(listing, "hsmsign:prov:v1")
-    assert "never extractable" in block and "always sensitive" in block and "local" in block
-
-
-def _private_block(listing: str, label: str) -> str:
-    """The pkcs11-tool -O lines of the private key object with this label (any order)."""
-    blocks = [b.split("Object;", 1)[0] for b in listing.split("Private Key Object;")[1:]]
-    return next(b for b in blocks if f"label:      {label}\n" in b)
+    access = env.token.object("Private Key", "hsmsign:prov:v1").access
+    assert {"never extractable", "always sensitive", "local"} <= access
 
 
 def test_purposes_are_exclusive(env: Env) -> None:
     env.admin.create_key("wrapper", "unwrap")
-    listing = env.token.pkcs11_tool("-O")
-    block = listing.split("Private Key Object; RSA \n  label:      hsmsign:wrapper:v1", 1)[1]
-    usage = block.split("Usage:", 1)[1].split("\n", 1)[0]
+    private = {o.label: o for o in env.token.objects("Private Key")}
+    usage = private["hsmsign:wrapper:v1"].usage
     assert "sign" not in usage and "decrypt" in usage
     with pytest.raises(RemoteError) as e:
         env.client.sign_digest("wrapper", DIGEST)
     assert e.value.status_name == "FAILED_PRECONDITION" and "unwrap key" in e.value.message
-    sign_usage = _private_block(listing, "hsmsign:prov:v1").split("Usage:", 1)[1]
-    assert "decrypt" not in sign_usage.split("\n", 1)[0]
+    assert "decrypt" not in private["hsmsign:prov:v1"].usage
 
 
 def test_bad_arguments(env: Env) -> None:
-    for call, status in (
+    cases: tuple[tuple[Callable[[], object], str], ...] = (
         (lambda: env.admin.create_key("bad name!"), "INVALID_ARGUMENT"),
         (lambda: env.admin.get_key("no-such-key"), "NOT_FOUND"),
         (lambda: env.admin.rotate_key("no-such-key"), "NOT_FOUND"),
         (lambda: env.admin.disable("no-such-key", 1), "NOT_FOUND"),
-    ):
+    )
+    for call, status in cases:
         with pytest.raises(RemoteError) as e:
             call()
         assert e.value.status_name == status
@@ -236,8 +226,8 @@ def test_bad_arguments(env: Env) -> None:
     assert e.value.status_name == "INVALID_ARGUMENT"
 
 
-def _labels(token: TokenDir) -> str:
-    return token.pkcs11_tool("-O")
+def _labels(token: TokenDir) -> set[str]:
+    return token.labels()
 
 
 def test_destruction_removes_the_objects(env: Env) -> None:

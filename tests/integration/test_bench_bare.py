@@ -5,15 +5,18 @@ OpenSSL against the daemon's public key, in each of its server forms."""
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from bench.bare_server import BareServer
 from bench.h2load import H2Spec, grpc_frame, run_h2load
-from bench.report import p99_floor, targets
+from bench.report import p99_floor, table, targets
+from bench.rows import AnyRow, Call, CallRow, Load, Server, TokenBracket, TokenRow
 from bench.run import _token_args, p99_floor_rows
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
@@ -64,44 +67,43 @@ def test_bare_server_start_failure_is_an_error(token: TokenDir) -> None:
         BareServer(args, "--processes", "1")
 
 
+DEFAULT = "processes=default sessions=default workers=default log=INFO"
+TOKEN = TokenRow(name="token", bits=2048, threads=2, ops_per_s=1000.0, p50_ms=1.0)
+
+
+def _call(
+    name: str,
+    ops: float,
+    bracket: float = 1.0,
+    *,
+    server: Server = Server.HSMSIGND,
+    paced: bool = False,
+    **kw: Any,
+) -> CallRow:
+    """A unary row at 64 callers (or paced at 8) under h2load, the token measured around it
+    at ``bracket`` times the reference."""
+    fields: dict[str, Any] = {
+        "settings": DEFAULT if server is Server.HSMSIGND else "bare stack",
+        "call": Call.UNARY,
+        "callers": 8 if paced else 64,
+        "load": Load.H2LOAD,
+        "token_bracket": TokenBracket(ops_per_s=1000.0 * bracket, p50_ms=1.0 * bracket),
+    }
+    return CallRow(name=name, server=server, paced=paced, ops_per_s=ops, **{**fields, **kw})
+
+
 def test_report_puts_the_bare_stack_beside_the_targets() -> None:
-    bracket = {"ops_per_s": 1000.0, "p50_ms": 1.0}
-    rows = [
-        {"group": "token", "bits": 2048, "name": "token", "ops_per_s": 1000.0, "p50_ms": 1.0},
-        {
-            "group": "daemon",
-            "name": "unary SignDigest, 64 callers (h2load)",
-            "daemon": "processes=default sessions=default workers=default log=INFO",
-            "load": "h2load",
-            "ops_per_s": 700.0,
-            "token_bracket": bracket,
-        },
-        {
-            "group": "daemon",
-            "name": "unary paced at half max (350 calls/s), 8 callers (h2load)",
-            "daemon": "processes=default sessions=default workers=default log=INFO",
-            "load": "h2load",
-            "paced": True,
-            "ops_per_s": 350.0,
-            "p99_ms": 6.0,
-            "token_bracket": bracket,
-        },
-        {
-            "group": "bare",
-            "name": "bare stack (grpcio + python-pkcs11, no hsmsign code): unary",
-            "load": "h2load",
-            "ops_per_s": 750.0,
-            "token_bracket": bracket,
-        },
-        {
-            "group": "bare",
-            "name": "bare stack (grpcio + python-pkcs11, no hsmsign code): paced",
-            "load": "h2load",
-            "paced": True,
-            "ops_per_s": 350.0,
-            "p99_ms": 5.0,
-            "token_bracket": bracket,
-        },
+    rows: list[AnyRow] = [
+        TOKEN,
+        _call("unary SignDigest, 64 callers (h2load)", 700.0),
+        _call(
+            "unary paced at half max (350 calls/s), 8 callers (h2load)",
+            350.0,
+            paced=True,
+            p99_ms=6.0,
+        ),
+        _call("bare stack: unary", 750.0, server=Server.BARE),
+        _call("bare stack: paced", 350.0, server=Server.BARE, paced=True, p99_ms=5.0),
     ]
     by_name = {t["target"]: t for t in targets(rows)}
     unary = by_name["unary at 64 callers / token limit"]
@@ -116,48 +118,35 @@ def test_report_judges_unary_and_p99_on_the_median_of_interleaved_rounds() -> No
     """With bench.run.interleaved_rounds' rows, the unary and p99 targets are the medians of
     hsmsignd's rounds, each against the token measured around it; a failed round is left
     out, not counted as zero."""
-    default = "processes=default sessions=default workers=default log=INFO"
-
-    def row(name: str, ops: float, p50: float, **kw: object) -> dict[str, object]:
-        return {
-            "name": name,
-            "load": "h2load",
-            "ops_per_s": ops,
-            "token_bracket": {"ops_per_s": 1000.0, "p50_ms": p50},
-            **kw,
-        }
-
-    rows = [
-        {"group": "token", "bits": 2048, "name": "token", "ops_per_s": 1000.0, "p50_ms": 1.0},
-        row("unary SignDigest, 64 callers (h2load)", 700, 1.0, group="daemon", daemon=default),
-        row("bare stack: unary", 750, 1.0, group="bare"),
-        row("unary paced at half max", 350, 1.0, group="daemon", daemon=default, paced=True)
-        | {"p99_ms": 6.0},
-        row("bare stack: paced", 350, 1.0, group="bare", paced=True) | {"p99_ms": 5.0},
+    rows: list[AnyRow] = [
+        TOKEN,
+        _call("unary SignDigest, 64 callers (h2load)", 700),
+        _call("bare stack: unary", 750, server=Server.BARE),
+        _call("unary paced at half max", 350, paced=True, p99_ms=6.0),
+        _call("bare stack: paced", 350, server=Server.BARE, paced=True, p99_ms=5.0),
     ]
     # Round 2 on a slower moment (the bracket says so), round 3 with a failed bare row.
-    rounds = [
-        (2, "hsmsignd", "unary", 600, 0.8, {}),
-        (2, "bare", "unary", 640, 0.8, {}),
-        (2, "hsmsignd", "paced", 350, 2.0, {"p99_ms": 8.0}),
-        (2, "bare", "paced", 350, 2.0, {"p99_ms": 6.0}),
-        (3, "hsmsignd", "unary", 760, 1.0, {}),
-        (3, "bare", "unary", 0, 1.0, {"not_available": "unary: calls failed {'2': 5}"}),
-        (3, "hsmsignd", "paced", 350, 1.0, {"p99_ms": 3.5}),
-        (3, "bare", "paced", 350, 1.0, {"p99_ms": 4.0}),
+    hsm, bare = Server.HSMSIGND, Server.BARE
+    rounds: list[tuple[int, Server, bool, float, float, dict[str, Any]]] = [
+        (2, hsm, False, 600, 0.8, {}),
+        (2, bare, False, 640, 0.8, {}),
+        (2, hsm, True, 350, 2.0, {"p99_ms": 8.0}),
+        (2, bare, True, 350, 2.0, {"p99_ms": 6.0}),
+        (3, hsm, False, 760, 1.0, {}),
+        (3, bare, False, 0, 1.0, {"not_available": "unary: calls failed {'2': 5}"}),
+        (3, hsm, True, 350, 1.0, {"p99_ms": 3.5}),
+        (3, bare, True, 350, 1.0, {"p99_ms": 4.0}),
     ]
-    for k, who, kind, ops, scale, extra in rounds:
-        r = row(f"round {k}, {who}: {kind}", ops, 1.0, group="round", round=k)
-        r.update(server=who, kind=kind, **extra)
-        r["token_bracket"] = {"ops_per_s": 1000.0 * scale, "p50_ms": 1.0 * scale}
-        rows.append(r)
+    for k, who, paced, ops, scale, extra in rounds:
+        name = f"round {k}, {who}: {'paced' if paced else 'unary'}"
+        rows.append(_call(name, ops, scale, server=who, paced=paced, round=k, **extra))
     by_name = {t["target"]: t for t in targets(rows)}
     unary = by_name["unary at 64 callers / token limit"]
     # hsmsignd 0.70 / 0.75 / 0.76 -> 0.75; bare 0.75 / 0.80 / - -> 0.775.
     assert unary["value"] == 0.75
     assert "median of 3 interleaved rounds: hsmsignd 0.70x / 0.75x / 0.76x" in unary["detail"]
-    bare = "the bare stack (no hsmsign code) reaches 0.75x / 0.80x / -, median 0.78x"
-    assert bare in unary["detail"]
+    bare_text = "the bare stack (no hsmsign code) reaches 0.75x / 0.80x / -, median 0.78x"
+    assert bare_text in unary["detail"]
     # Per round 0.70 / 0.75 and 0.75 / 0.80; round 3 has no bare value.
     assert "hsmsignd / bare stack 0.94 (median of the rounds)" in unary["detail"]
     p99 = by_name["p99 at half max unary / token p50"]
@@ -193,45 +182,30 @@ def test_p99_floor_rows_measure_grpc_beside_the_token(token: TokenDir, daemon: D
     even schedule while bench.inprocess signs as often; every round's row carries both p99s
     and the token measured around it, and the report reads them."""
     rows = p99_floor_rows(token, 2.0, 100.0, 2, key="demo")
-    assert [r["round"] for r in rows] == [1, 2]
+    assert [r.round for r in rows] == [1, 2]
     for r in rows:
-        assert "not_available" not in r
-        assert r["group"] == "p99-floor" and r["floor"]
-        assert 80 <= r["calls_per_s"] <= 120  # the schedule was kept at this low rate
-        assert r["p99_ms"] > 0 and r["token_p99_ms"] > 0
-        assert r["token_bracket"]["p50_ms"] > 0
-    assert len(p99_floor(rows)) == 2
+        assert r.measured, r.not_available
+        assert r.server is Server.NOOP and r.signs_nothing and r.paced
+        assert 80 <= r.calls_per_s <= 120  # the schedule was kept at this low rate
+        assert (r.p99_ms or 0) > 0 and (r.token_p99_ms or 0) > 0
+        assert r.token_bracket is not None and r.token_bracket.p50_ms > 0
+    assert len(p99_floor(list(rows))) == 2
 
 
 def test_report_reads_the_p99_target_against_the_floor() -> None:
     """The p99 target prints the floor's rounds and median, and says when the floor alone is
     above the goal; a failed floor row is left out."""
-    default = "processes=default sessions=default workers=default log=INFO"
-    paced = {
-        "group": "daemon",
-        "name": "unary paced at half max (350 calls/s), 8 callers (h2load)",
-        "daemon": default,
-        "load": "h2load",
-        "paced": True,
-        "ops_per_s": 350.0,
-        "p99_ms": 9.0,
-        "token_bracket": {"ops_per_s": 1000.0, "p50_ms": 1.0},
-    }
+    paced = _call(
+        "unary paced at half max (350 calls/s), 8 callers (h2load)", 350.0, paced=True, p99_ms=9.0
+    )
 
-    def floor(k: int, p99: float, p50: float, **kw: object) -> dict[str, object]:
-        return {
-            "group": "p99-floor",
-            "name": f"round {k}, floor",
-            "round": k,
-            "floor": True,
-            "p99_ms": p99,
-            "token_bracket": {"ops_per_s": 1000.0, "p50_ms": p50},
-            **kw,
-        }
+    def floor(k: int, p99: float, p50: float, **kw: Any) -> CallRow:
+        return _call(
+            f"round {k}, floor", 0.0, p50, server=Server.NOOP, paced=True, round=k, p99_ms=p99, **kw
+        )
 
-    token = {"group": "token", "bits": 2048, "name": "token", "ops_per_s": 1000.0, "p50_ms": 1.0}
-    rows = [
-        token,
+    rows: list[AnyRow] = [
+        TOKEN,
         paced,
         floor(1, 5.0, 1.0),
         floor(2, 8.0, 2.0),
@@ -241,7 +215,7 @@ def test_report_reads_the_p99_target_against_the_floor() -> None:
     p99 = {t["target"]: t for t in targets(rows)}["p99 at half max unary / token p50"]
     assert p99["value"] == 9.0 and p99["result"] == "FAIL"
     assert "5.00x / 4.00x / 4.50x, median 4.50x: above the goal" in p99["detail"]
-    low = [token, paced, floor(1, 2.0, 1.0), floor(2, 2.5, 1.0)]
+    low: list[AnyRow] = [TOKEN, paced, floor(1, 2.0, 1.0), floor(2, 2.5, 1.0)]
     detail = {t["target"]: t for t in targets(low)}["p99 at half max unary / token p50"]["detail"]
     assert "2.00x / 2.50x, median 2.25x" in detail and "above the goal" not in detail
 
@@ -249,30 +223,54 @@ def test_report_reads_the_p99_target_against_the_floor() -> None:
 def test_report_judges_batch_on_the_median_of_its_rounds() -> None:
     """The batch target reads the main batch row and its round rows (bench.run.daemon_rows),
     each against the token measured around it; a failed round is left out."""
-    default = "processes=default sessions=default workers=default log=INFO"
 
-    def batch(name: str, ops: float, tok: float, **kw: object) -> dict[str, object]:
-        return {
-            "name": name,
-            "daemon": default,
-            "load": "python",
-            "ops_per_s": ops,
-            "token_bracket": {"ops_per_s": tok, "p50_ms": 1.0},
+    def batch(name: str, ops: float, tok: float, **kw: Any) -> CallRow:
+        return CallRow(
+            name=name,
+            server=Server.HSMSIGND,
+            settings=DEFAULT,
+            call=Call.BATCH,
+            callers=4,
+            load=Load.PYTHON,
+            ops_per_s=ops,
+            token_bracket=TokenBracket(ops_per_s=tok, p50_ms=1.0),
             **kw,
-        }
+        )
 
-    rows = [
-        {"group": "token", "bits": 2048, "name": "token", "ops_per_s": 1000.0, "p50_ms": 1.0},
-        batch("batch SignDigests x64, 4 callers", 910, 1000, group="daemon"),
-        batch("batch SignDigests x64, 4 callers, RSA-3072", 300, 1000, group="daemon"),
-        batch("round 2, hsmsignd: batch", 780, 800, group="round", round=2, kind="batch"),
-        batch("round 3, hsmsignd: batch", 0, 1000, group="round", round=3, kind="batch")
-        | {"not_available": "batch: calls failed {'UNAVAILABLE': 4}"},
-        batch("round 4, hsmsignd: batch", 990, 1000, group="round", round=4, kind="batch"),
+    failed = "batch: calls failed {'UNAVAILABLE': 4}"
+    rows: list[AnyRow] = [
+        TOKEN,
+        batch("batch SignDigests x64, 4 callers", 910, 1000),
+        batch("batch SignDigests x64, 4 callers, RSA-3072", 300, 1000, bits=3072),
+        batch("round 2, hsmsignd: batch", 780, 800, round=2),
+        batch("round 3, hsmsignd: batch", 0, 1000, round=3, not_available=failed),
+        batch("round 4, hsmsignd: batch", 990, 1000, round=4),
     ]
-    for r in rows[3:]:
-        r["server"] = "hsmsignd"
     t = {t["target"]: t for t in targets(rows)}["batched signing / token limit"]
     # 0.91 / 0.975 / - / 0.99 -> 0.975: a PASS that the first row alone would have failed.
     assert t["value"] == 0.975 and t["result"] == "PASS"
     assert "median of 4 rounds: 0.91x / 0.97x / - / 0.99x" in t["detail"]
+
+
+def test_report_table_and_json_read_rows_by_field() -> None:
+    """The printed table shows every row by kind (a floor row in calls/s, a failed row as not
+    available), and results.json keeps each row's kind and fields."""
+    rows: list[AnyRow] = [
+        TOKEN,
+        _call("unary SignDigest, 64 callers (h2load)", 700.0),
+        _call("gRPC floor: GetPublicKey, 64 callers", 0.0, call=Call.FLOOR, calls_per_s=900.0),
+        _call("round 2, bare stack: unary", 0.0, server=Server.BARE, round=2, not_available="x"),
+    ]
+    result = {
+        "date": "today",
+        "machine": {"cpus": 2, "note": "test"},
+        "duration_per_config_s": 1.0,
+        "targets": targets(rows),
+    }
+    text = table(result, rows)
+    assert "gRPC floor: GetPublicKey, 64 callers" in text and "calls/s" in text
+    assert "round 2, bare stack: unary" in text and "not available: x" in text
+    assert "0.70" in text.split("unary SignDigest, 64 callers (h2load)")[1].split("\n")[0]
+    dumped = json.loads(json.dumps([r.to_json() for r in rows], default=str))
+    assert [d["kind"] for d in dumped] == ["TokenRow", "CallRow", "CallRow", "CallRow"]
+    assert dumped[2]["call"] == "floor" and dumped[3]["server"] == "bare"

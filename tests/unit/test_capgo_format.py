@@ -27,7 +27,7 @@ from hsmsign.capgo import (
 from tests.harness.filekey import FileKeySealer
 
 VECTORS: dict[str, Any] = json.loads(
-    (Path(__file__).parent / "data" / "capgo-crypto-rsa.json").read_text()
+    (Path(__file__).parent.parent / "data" / "capgo-crypto-rsa.json").read_text()
 )
 
 

@@ -18,7 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hsmsign.client import Client
 from hsmsign.errors import RemoteError
 from hsmsign.unwrap_client import rewrap_session_key, unwrap_session_key
-from tests.conftest import Daemon, hsmsignd, make_token, start_daemon, write_config
+from tests.conftest import Daemon
+from tests.harness.daemons import running_daemon
+from tests.harness.tokens import KeySpec, token_with_keys
 
 # OAEP with SHA-1 is what SoftHSM2 2.6.1 can do (no collision resistance is needed in OAEP).
 OAEP_SHA1 = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)  # noqa: S303
@@ -27,16 +29,14 @@ OAEP_SHA256 = padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None)
 
 @pytest.fixture(scope="module")
 def unwrap_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    t = make_token(tmp_path_factory.mktemp("unwrap-token"), "hsmsign-unwrap")
-    config = write_config(
-        t.path / "hsmsignd.toml", t, extra="[keys.legacy]\nallow_pkcs1v15_unwrap = true\n"
+    _token, config = token_with_keys(
+        tmp_path_factory.mktemp("unwrap-token"),
+        [*(KeySpec(name, "unwrap") for name in ("vault", "vault2", "legacy")), "signer"],
+        label="hsmsign-unwrap",
+        extra="[keys.legacy]\nallow_pkcs1v15_unwrap = true\n",
     )
-    for name in ("vault", "vault2", "legacy"):
-        hsmsignd(config, "keys", "create", name, "--purpose", "unwrap")
-    hsmsignd(config, "keys", "create", "signer")
-    d = start_daemon(config, tmp_path_factory.mktemp("unwrap-daemon"))
-    yield d
-    d.stop()
+    with running_daemon(config, tmp_path_factory.mktemp("unwrap-daemon")) as d:
+        yield d
 
 
 @pytest.fixture()
@@ -243,8 +243,6 @@ def test_implicit_rejection_secret_stays_in_the_token(
 
     pub = public_key(uc, "legacy")
     unwrap_session_key(uc, "legacy", pub.encrypt(b"k" * 16, padding.PKCS1v15()), "rsa-pkcs1v15")
-    token = TokenDir(unwrap_daemon.config.parent, "hsmsign-unwrap")
-    listing = token.pkcs11_tool("--list-objects", "--type", "secrkey")
-    assert "hsmsign:implicit-rejection" in listing
-    access = listing.split("hsmsign:implicit-rejection")[1]
-    assert "sensitive, always sensitive, never extractable, local" in access
+    token = TokenDir(unwrap_daemon.config.parent / "token", "hsmsign-unwrap")
+    access = token.object("Secret Key", "hsmsign:implicit-rejection").access
+    assert {"sensitive", "always sensitive", "never extractable", "local"} <= access

@@ -226,9 +226,13 @@ def test_empty_and_unknown_algorithm_requests(client: Client) -> None:
     with pytest.raises(RemoteError) as e:
         client.call(
             lambda: client.signer.SignDigest(
-                pb.SignDigestRequest(key=pb.KeyRef(name="demo"), algorithm=99, digest=b"\x00" * 32)
+                pb.SignDigestRequest(
+                    key=pb.KeyRef(name="demo"),
+                    algorithm=99,  # type: ignore[arg-type]
+                    digest=b"\x00" * 32,
+                )
             )
-        )  # type: ignore[arg-type]
+        )
     assert e.value.status_name == "INVALID_ARGUMENT" and "not supported" in e.value.message
     with pytest.raises(RemoteError) as e:
         client.sign_digests("demo", [])

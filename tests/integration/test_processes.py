@@ -30,10 +30,10 @@ from tests.conftest import (
     Daemon,
     TokenDir,
     hsmsignd,
-    make_token,
     start_daemon,
     write_config,
 )
+from tests.harness.tokens import token_with_keys
 
 DIGEST = hashlib.sha256(b"hsmsign processes").digest()
 
@@ -70,8 +70,9 @@ def _sign_on_new_connection(address: str, key: str, version: int = 0) -> pb.Sign
 @pytest.fixture(scope="module")
 def ring_token(tmp_path_factory: pytest.TempPathFactory) -> TokenDir:
     """A token of its own, with a sign key 'demo': these tests rotate and disable keys."""
-    t = make_token(tmp_path_factory.mktemp("proc-token"), "hsmsign-procs")
-    hsmsignd(write_config(t.path / "setup.toml", t), "keys", "create", "demo")
+    t, _config = token_with_keys(
+        tmp_path_factory.mktemp("proc-token"), ["demo"], label="hsmsign-procs"
+    )
     return t
 
 

@@ -18,7 +18,7 @@ def _session(name: str) -> Session:
 
 
 def test_a_returned_session_goes_to_the_longest_waiter() -> None:
-    pool = SessionPool()
+    pool: SessionPool[Session] = SessionPool()
     first = _session("s1")
     pool.put(first)
     held = pool.get(timeout=1)
@@ -45,7 +45,7 @@ def test_a_returned_session_goes_to_the_longest_waiter() -> None:
 
 
 def test_waiting_too_long_raises_empty_and_leaves_no_trace() -> None:
-    pool = SessionPool()
+    pool: SessionPool[Session] = SessionPool()
     t0 = time.monotonic()
     with pytest.raises(queue.Empty):
         pool.get(timeout=0.2)
@@ -57,30 +57,36 @@ def test_waiting_too_long_raises_empty_and_leaves_no_trace() -> None:
 
 
 def test_many_threads_share_few_sessions_without_loss() -> None:
-    pool = SessionPool()
+    pool: SessionPool[Session] = SessionPool()
     for i in range(2):
         pool.put(_session(f"s{i}"))
-    in_use: set[int] = set()
+    holder: dict[int, int] = {}  # id(session) -> the borrower holding it now
     lock = threading.Lock()
     errors: list[str] = []
+    lends = [0]
 
-    def work() -> None:
+    def work(me: int) -> None:
         for _ in range(200):
             s = pool.get(timeout=10)
             with lock:
-                if id(s) in in_use:
-                    errors.append("a session was lent twice")
-                in_use.add(id(s))
+                if id(s) in holder:
+                    errors.append(f"{s.raw} lent to {me} while {holder[id(s)]} held it")
+                holder[id(s)] = me
+                lends[0] += 1
+            # Hold it across thread switches, as a call does: a second borrower of the same
+            # session would now overlap with this one and be seen above.
+            time.sleep(0.0005)
             with lock:
-                in_use.discard(id(s))
+                if holder.get(id(s)) == me:
+                    del holder[id(s)]
             pool.put(s)
 
-    threads = [threading.Thread(target=work) for _ in range(8)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert not errors
+    assert lends[0] == 8 * 200 and not errors, errors[:3]
     assert {pool.get_nowait().raw, pool.get_nowait().raw} == {"s0", "s1"}
     with pytest.raises(queue.Empty):
         pool.get_nowait()

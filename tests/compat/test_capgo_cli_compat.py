@@ -16,10 +16,8 @@ import pytest
 
 from hsmsign import capgo
 from hsmsign.capgo import BundleVerificationError, ChecksumFormat
-from tests.capgo_cli import CapgoCli, capgo_cli, make_project
+from tests.harness.capgo_cli import CapgoCli, make_project
 from tests.harness.filekey import FileKeySealer
-
-__all__ = ["capgo_cli"]  # the fixture, re-exported for pytest
 
 UPDATER_FOR = {ChecksumFormat.V3: "8.51.23", ChecksumFormat.V2: "7.27.8"}
 

@@ -10,7 +10,9 @@ import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import brotli
 import pytest
@@ -22,9 +24,11 @@ from hsmsign.capgo.daemon import DaemonSealer
 from hsmsign.client import Client, seal_bundle, seal_session_key, sign_checksums
 from hsmsign.errors import RemoteError
 from hsmsign.v1 import hsmsign_pb2 as pb
-from tests.capgo_cli import CapgoCli, make_project
-from tests.conftest import Daemon, hsmsignd, make_token, start_daemon, write_config
+from tests.conftest import Daemon, hsmsignd
+from tests.harness.capgo_cli import CapgoCli, make_project
+from tests.harness.daemons import running_daemon
 from tests.harness.filekey import FileKeySealer
+from tests.harness.tokens import token_with_keys
 
 
 def _web_build(root: Path, files: int = 5) -> Path:
@@ -113,12 +117,13 @@ def test_one_call_seal_bundle_matches_the_separate_calls(client: Client) -> None
     ],
 )
 def test_capgo_inputs_are_checked_strictly(client: Client, request_: object, words: str) -> None:
-    method = {
+    methods: dict[type, Callable[[Any], object]] = {
         pb.SealSessionKeyRequest: client.signer.SealSessionKey,
         pb.SignChecksumRequest: client.signer.SignChecksum,
         pb.SealBundleRequest: client.signer.SealBundle,
         pb.SignChecksumsRequest: client.signer.SignChecksums,
-    }[type(request_)]
+    }
+    method = methods[type(request_)]
     with pytest.raises(RemoteError) as e:
         client.call(lambda: method(request_))
     assert e.value.status_name == "INVALID_ARGUMENT"
@@ -234,27 +239,22 @@ def test_imported_capgo_key_gives_the_cli_bytes(
     project = make_project(tmp_path / "proj")
     capgo_cli.run(["key", "create", "--force"], project)
     key_file = project / ".capgo_key_v2"
-    token = make_token(tmp_path / "tok")
-    cfg = write_config(tmp_path / "c.toml", token)
+    _token, cfg = token_with_keys(tmp_path)
     hsmsignd(cfg, "keys", "import", "--name", "app", str(key_file))
-    d = start_daemon(cfg, tmp_path / "d")
-    try:
-        with Client(d.address) as c:
-            file_sealer = FileKeySealer.from_file(key_file)
-            hsm = DaemonSealer(c, "app")
-            assert hsm.fetch_public_pem().strip() == file_sealer.public_pem.strip()
-            session_key = os.urandom(16)
-            digest = hashlib.sha256(b"bundle bytes").digest()
-            assert hsm.seal_session_key(session_key) == file_sealer.seal_session_key(session_key)
-            for fmt in capgo.ChecksumFormat:
-                assert hsm.sign_checksum(digest, fmt) == file_sealer.sign_checksum(digest, fmt)
-            pub = serialization.load_pem_public_key((project / ".capgo_key_v2.pub").read_bytes())
-            assert isinstance(pub, rsa.RSAPublicKey)
-            assert c.public_key("app").key.capgo_key_id == capgo.key_id(
-                (project / ".capgo_key_v2.pub").read_text()
-            )
-    finally:
-        d.stop()
+    with running_daemon(cfg, tmp_path / "d") as d, Client(d.address) as c:
+        file_sealer = FileKeySealer.from_file(key_file)
+        hsm = DaemonSealer(c, "app")
+        assert hsm.fetch_public_pem().strip() == file_sealer.public_pem.strip()
+        session_key = os.urandom(16)
+        digest = hashlib.sha256(b"bundle bytes").digest()
+        assert hsm.seal_session_key(session_key) == file_sealer.seal_session_key(session_key)
+        for fmt in capgo.ChecksumFormat:
+            assert hsm.sign_checksum(digest, fmt) == file_sealer.sign_checksum(digest, fmt)
+        pub = serialization.load_pem_public_key((project / ".capgo_key_v2.pub").read_bytes())
+        assert isinstance(pub, rsa.RSAPublicKey)
+        assert c.public_key("app").key.capgo_key_id == capgo.key_id(
+            (project / ".capgo_key_v2.pub").read_text()
+        )
 
 
 def test_capacitor_config_gets_the_public_key(daemon: Daemon, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from hsmsign.client import Client
 from tests.conftest import Daemon
-from tests.test_unwrap import OAEP_SHA1, OAEP_SHA256, public_key, uc, unwrap_daemon
+from tests.integration.test_unwrap import OAEP_SHA1, OAEP_SHA256, public_key, uc, unwrap_daemon
 
 __all__ = ["uc", "unwrap_daemon"]  # the fixtures, shared with test_unwrap
 
@@ -50,7 +50,8 @@ def test_unwrap_key_prints_the_session_key(uc: Client, unwrap_daemon: Daemon) ->
 
 
 def test_unwrap_key_sha256_on_softhsm_fails_clearly(uc: Client, unwrap_daemon: Daemon) -> None:
-    wrapped = public_key(uc, "vault").encrypt(os.urandom(16), OAEP_SHA256)
+    session_key = os.urandom(16)
+    wrapped = public_key(uc, "vault").encrypt(session_key, OAEP_SHA256)
     r = unwrap_daemon.hsmsign(
         "unwrap", "key", "--key", "vault", "--wrapped-b64",
         base64.b64encode(wrapped).decode(), check=False,
@@ -60,6 +61,10 @@ def test_unwrap_key_sha256_on_softhsm_fails_clearly(uc: Client, unwrap_daemon: D
         assert r.returncode == 1
         assert "FAILED_PRECONDITION" in err and "CKM_RSA_PKCS_OAEP with SHA-256" in err
         assert "Traceback" not in err
+    else:
+        # A token that has OAEP with SHA-256 (a real HSM): the very key that was wrapped.
+        assert base64.b64decode(r.stdout.strip(), validate=True) == session_key
+        assert session_key.hex() not in err
 
 
 def test_rewrap_cli_keeps_the_iv(uc: Client, unwrap_daemon: Daemon, tmp_path: Path) -> None:
@@ -121,12 +126,13 @@ def test_bundle_decrypt_failures_leave_no_file(
     )
     assert r.returncode == 3
     # Capgo v1's own scheme (OAEP-SHA-256) on SoftHSM2: the documented status, exit 1.
-    _b, _p, ivsk256, _c = make_v1_bundle(tmp_path, uc, OAEP_SHA256, size=100)
+    _b, plain256, ivsk256, _c = make_v1_bundle(tmp_path, uc, OAEP_SHA256, size=100)
     r = unwrap_daemon.hsmsign(*base, ivsk256, "-o", str(out), check=False)
     if r.returncode != 0:
         assert r.returncode == 1
         assert "FAILED_PRECONDITION" in r.stderr.decode()
     else:
+        assert out.read_bytes() == plain256  # a token with OAEP-SHA-256 decrypts it
         out.unlink()
     assert list(outdir.iterdir()) == []
 

@@ -2,7 +2,8 @@
 
 The CLI is installed with npm into ``<repo>/.cache/capgo-cli`` (not committed). Runs use a
 temp working dir, a timeout and an environment without Capgo credentials. Tests that need
-the CLI use the ``capgo_cli`` fixture, which skips when neither node nor npm is available.
+the CLI use the ``capgo_cli`` fixture (tests/conftest.py), which fails the run when node or npm
+is missing: ``make test`` installs them.
 """
 
 from __future__ import annotations
@@ -15,28 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 CAPGO_CLI_VERSION = "8.68.1"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 CACHE_PREFIX = REPO_ROOT / ".cache" / "capgo-cli"
 CLI_TIMEOUT_S = 120
 
-# Preloaded with `node --import`: replaces crypto.randomBytes so the CLI's session key and IV
-# are the ones the test chose (16-byte draws are served from CAPGO_PIN_RANDOM in order).
-_PIN_RANDOM_MJS = """\
-import { createRequire, syncBuiltinESMExports } from "node:module";
-const require = createRequire(import.meta.url);
-const crypto = require("node:crypto");
-const queue = (process.env.CAPGO_PIN_RANDOM || "").split(",").filter(Boolean)
-  .map((h) => Buffer.from(h, "hex"));
-const original = crypto.randomBytes;
-crypto.randomBytes = function (size, cb) {
-  if (size === 16 && queue.length > 0 && cb === undefined) return queue.shift();
-  return original.apply(this, arguments);
-};
-syncBuiltinESMExports();
-"""
+# Preloaded with `node --import` (see the file): pins the CLI's 16-byte random draws.
+PIN_RANDOM_MJS = Path(__file__).resolve().parent / "scripts" / "pin_random.mjs"
 
 
 def cli_entry() -> Path:
@@ -108,9 +94,7 @@ class CapgoCli:
         cmd = [self.node]
         env = clean_env()
         if pin_random:
-            preload = Path(cwd).resolve() / ".pin-random.mjs"
-            preload.write_text(_PIN_RANDOM_MJS)
-            cmd += ["--import", preload.as_uri()]
+            cmd += ["--import", PIN_RANDOM_MJS.as_uri()]
             env["CAPGO_PIN_RANDOM"] = ",".join(b.hex() for b in pin_random)
         cmd += [str(self.entry), *args]
         proc = subprocess.run(
@@ -161,14 +145,3 @@ def make_project(root: Path, updater_version: str = "8.51.23") -> Path:
         json.dumps({"name": "@capgo/capacitor-updater", "version": updater_version})
     )
     return root
-
-
-@pytest.fixture(scope="session")
-def capgo_cli() -> CapgoCli:
-    node = shutil.which("node")
-    if node is None or shutil.which("npm") is None:
-        pytest.fail(
-            "node/npm not installed: run `make test`, which installs them for the Capgo "
-            "CLI peer tests"
-        )
-    return CapgoCli(cli_entry(), node)
