@@ -29,6 +29,18 @@ PROXY_MODULE = f"/usr/lib/{MULTIARCH}/p11-kit-proxy.so"
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 
+#: The caller on this host may do everything, as in hsm_config/dev.toml: what test daemons
+#: run with unless a test passes its own ``policy``.
+LOCAL_GRANTS_ALL = """
+[identities.local]
+enabled = true
+[[policy.grant]]
+identities = ["local"]
+keys = ["*"]
+operations = ["*"]
+"""
+
+
 @dataclass
 class TokenDir:
     """An isolated SoftHSM2 token: its softhsm2.conf, label and PIN file."""
@@ -92,6 +104,7 @@ def write_config(
     extra_token: str = "",
     extra: str = "",
     pin_line: str | None = None,
+    policy: str | None = None,
 ) -> Path:
     pin = pin_line if pin_line is not None else f'pin_file = "{token.pin_file}"'
     path.write_text(f"""
@@ -105,7 +118,7 @@ sessions = 4
 {extra_token}
 [token.environment]
 SOFTHSM2_CONF = "{token.conf}"
-""")
+{LOCAL_GRANTS_ALL if policy is None else policy}""")
     return path
 
 
