@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from server.errors import ConfigError
+from server.policy.config import TABLES as ACCESS_TABLES
+from server.policy.config import AccessConfig, load_access
 
 ThreadingMode = Literal["parallel", "serialized"]
 
@@ -172,6 +174,8 @@ class Config:
     keyring: KeyRingConfig
     keys: Mapping[str, KeyOptions] = field(default_factory=dict)
     log_level: str = "INFO"
+    #: [identities] and [policy]: who callers are and what they may do (server/policy).
+    access: AccessConfig = field(default_factory=AccessConfig)
 
     def key_options(self, name: str) -> KeyOptions:
         return self.keys.get(name, KeyOptions())
@@ -446,6 +450,8 @@ def load(path: Path) -> Config:
         keyring=_keyring(root),
         keys=_keys(root),
         log_level=level,
+        access=load_access(root.path, raw),
     )
+    root.used |= ACCESS_TABLES
     root.finish()
     return config

@@ -28,10 +28,10 @@ from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from server import accesslog, keys_cli, rpc, supervisor
 from server import config as config_mod
-from server.admin_service import AdminAccess
 from server.config import Config
 from server.errors import ConfigError, ServerError, StartupError, TokenNotFound
 from server.keyring import KeyRing
+from server.policy import gate
 from server.service import SignerService
 from server.supervisor import SharedCounter, WorkerSpec
 from server.token import Token
@@ -167,11 +167,10 @@ def serve(
 ) -> int:
     """Serves until SIGTERM/SIGINT. With server.processes > 1 (and not itself one of them)
     this process supervises that many serving processes instead (server/supervisor.py)."""
+    # Who may call, and a listener the config allows; stops a bad start before any process.
+    gate.install(gate.Gate(cfg.access, cfg, listen or cfg.server.listen))
     if worker is None:
         _credentials(cfg)  # a wrong TLS file stops the start here, once, before any process
-        exposure = AdminAccess(cfg.server).exposure(listen or cfg.server.listen)
-        if exposure:
-            log.warning("%s", exposure)
     if worker is None and cfg.server.processes > 1:
         return supervisor.run(cfg, listen, ready_file)
     token = _open_token(cfg) if worker is not None else Token(cfg.token)

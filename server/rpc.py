@@ -25,6 +25,7 @@ from server import operations
 from server.accesslog import access
 from server.errors import InvalidArgument, KeyObjectGone, ServerError
 from server.keyring import KeyReference, KeyVersion
+from server.policy import gate
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
         _keys_used.set(used)
         try:
             try:
-                return handler(self, request, context)
+                with gate.admit(self, handler.__name__, request, context):
+                    return handler(self, request, context)
             except KeyObjectGone:
                 # Another process destroyed the version between this process's last read of
                 # the ring and the token call: re-read and answer as the ring now says (the
