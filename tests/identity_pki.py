@@ -139,7 +139,9 @@ class TokenIssuer:
 
         keys = []
         for kid, pub in ((rsa_kid, self.rsa.public_key()), (ec_kid, self.ec.public_key())):
-            algorithm = jwt.algorithms.RSAAlgorithm if kid == rsa_kid else jwt.algorithms.ECAlgorithm
+            algorithm = (
+                jwt.algorithms.RSAAlgorithm if kid == rsa_kid else jwt.algorithms.ECAlgorithm
+            )
             jwk = algorithm.to_jwk(pub, as_dict=True)
             jwk.update(kid=kid, use="sig")
             keys.append(jwk)

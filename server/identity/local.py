@@ -44,4 +44,7 @@ def is_local_address(listen: str) -> bool:
 
 
 def local_identity(peer: str) -> Identity:
-    return Identity(kind="local", name=LOCAL, subject=peer)
+    """The one identity of every caller on this host (the peer's port is not part of it:
+    limits are shared by all local callers)."""
+    subject = "unix socket" if peer.startswith("unix") else "loopback"
+    return Identity(kind="local", name=LOCAL, subject=subject)
