@@ -13,7 +13,7 @@ from server.policy.gate import RPCS
 from server.policy.limits import Limiter, LimitExceeded
 from server.policy.model import ALL_OPERATIONS, Grant, Limit, Operation, Policy
 
-O = Operation
+Op = Operation
 
 
 def _oidc(**claims: str) -> Identity:
@@ -32,37 +32,37 @@ POLICY = Policy(
         Grant(
             ("github",),
             ("release-*",),
-            frozenset({O.SIGN_DIGEST, O.GET_PUBLIC_KEY}),
+            frozenset({Op.SIGN_DIGEST, Op.GET_PUBLIC_KEY}),
             MappingProxyType({"repository": "acme/app", "ref": "refs/heads/main"}),
         ),
-        Grant(("agent",), ("capgo",), frozenset({O.SEAL_SESSION_KEY, O.SIGN_CHECKSUM})),
-        Grant(("agent",), ("archive-*",), frozenset({O.UNWRAP})),
-        Grant(("security",), ("*",), ALL_OPERATIONS - {O.UNWRAP}),
-        Grant(("*",), ("public-*",), frozenset({O.GET_PUBLIC_KEY})),
+        Grant(("agent",), ("capgo",), frozenset({Op.SEAL_SESSION_KEY, Op.SIGN_CHECKSUM})),
+        Grant(("agent",), ("archive-*",), frozenset({Op.UNWRAP})),
+        Grant(("security",), ("*",), ALL_OPERATIONS - {Op.UNWRAP}),
+        Grant(("*",), ("public-*",), frozenset({Op.GET_PUBLIC_KEY})),
     )
 )
 
 TABLE = [
-    (RELEASE, O.SIGN_DIGEST, "release-2026", True),
-    (RELEASE, O.GET_PUBLIC_KEY, "release-2026", True),
-    (RELEASE, O.SIGN_CHECKSUM, "release-2026", False),  # raw Capgo ops are separate rights
-    (RELEASE, O.SIGN_DIGEST, "capgo", False),
-    (FEATURE, O.SIGN_DIGEST, "release-2026", False),  # a claim does not match
-    (OTHER_REPO, O.SIGN_DIGEST, "release-2026", False),
-    (AGENT, O.SEAL_SESSION_KEY, "capgo", True),
-    (AGENT, O.SIGN_CHECKSUM, "capgo", True),
-    (AGENT, O.SIGN_DIGEST, "capgo", False),
-    (AGENT, O.UNWRAP, "archive-2025", True),
-    (AGENT, O.REWRAP, "archive-2025", False),
-    (AGENT, O.IMPORT, "capgo", False),
-    (SECURITY, O.IMPORT, "anything", True),
-    (SECURITY, O.SET_PRIMARY, "release-2026", True),
-    (SECURITY, O.UNWRAP, "archive-2025", False),
-    (LOCAL, O.GET_PUBLIC_KEY, "public-web", True),  # "*" is any identity
-    (LOCAL, O.GET_PUBLIC_KEY, "release-2026", False),
-    (LOCAL, O.SIGN_DIGEST, "public-web", False),
-    (SECURITY, O.SIGN_DIGEST, "Release-2026", True),
-    (RELEASE, O.SIGN_DIGEST, "Release-2026", False),  # globs are case-sensitive
+    (RELEASE, Op.SIGN_DIGEST, "release-2026", True),
+    (RELEASE, Op.GET_PUBLIC_KEY, "release-2026", True),
+    (RELEASE, Op.SIGN_CHECKSUM, "release-2026", False),  # raw Capgo ops are separate rights
+    (RELEASE, Op.SIGN_DIGEST, "capgo", False),
+    (FEATURE, Op.SIGN_DIGEST, "release-2026", False),  # a claim does not match
+    (OTHER_REPO, Op.SIGN_DIGEST, "release-2026", False),
+    (AGENT, Op.SEAL_SESSION_KEY, "capgo", True),
+    (AGENT, Op.SIGN_CHECKSUM, "capgo", True),
+    (AGENT, Op.SIGN_DIGEST, "capgo", False),
+    (AGENT, Op.UNWRAP, "archive-2025", True),
+    (AGENT, Op.REWRAP, "archive-2025", False),
+    (AGENT, Op.IMPORT, "capgo", False),
+    (SECURITY, Op.IMPORT, "anything", True),
+    (SECURITY, Op.SET_PRIMARY, "release-2026", True),
+    (SECURITY, Op.UNWRAP, "archive-2025", False),
+    (LOCAL, Op.GET_PUBLIC_KEY, "public-web", True),  # "*" is any identity
+    (LOCAL, Op.GET_PUBLIC_KEY, "release-2026", False),
+    (LOCAL, Op.SIGN_DIGEST, "public-web", False),
+    (SECURITY, Op.SIGN_DIGEST, "Release-2026", True),
+    (RELEASE, Op.SIGN_DIGEST, "Release-2026", False),  # globs are case-sensitive
 ]
 
 
