@@ -167,10 +167,10 @@ def serve(
 ) -> int:
     """Serves until SIGTERM/SIGINT. With server.processes > 1 (and not itself one of them)
     this process supervises that many serving processes instead (server/supervisor.py)."""
-    # Who may call, and a listener the config allows; stops a bad start before any process.
-    gate.install(gate.Gate(cfg.access, cfg, listen or cfg.server.listen))
     if worker is None:
         _credentials(cfg)  # a wrong TLS file stops the start here, once, before any process
+    # Who may call, and a listener the config allows; stops a bad start before any process.
+    gate.install(gate.Gate(cfg.access, cfg, listen or cfg.server.listen))
     if worker is None and cfg.server.processes > 1:
         return supervisor.run(cfg, listen, ready_file)
     token = _open_token(cfg) if worker is not None else Token(cfg.token)

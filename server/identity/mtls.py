@@ -68,7 +68,8 @@ class CertificateIdentifier:
     def __init__(self, rules: Sequence[CertRule], client_ca: Path | None, crl: Path | None) -> None:
         """Raises ConfigError when a file is unreadable, a rule's CA is not one the TLS
         handshake trusts (``server.tls.client_ca``), or a CRL is signed by no client CA."""
-        trusted = _load_certs(client_ca, "server.tls.client_ca") if client_ca else []
+        needed = client_ca is not None and (rules or crl is not None)
+        trusted = _load_certs(client_ca, "server.tls.client_ca") if needed and client_ca else []
         if rules and client_ca is None:
             raise ConfigError(
                 "identities.mtls: needs server.tls.client_ca (client certificates are only "
