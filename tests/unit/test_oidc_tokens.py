@@ -125,3 +125,30 @@ def test_never_fetched_is_unavailable(issuer: TokenIssuer, tmp_path: Path) -> No
     )
     with pytest.raises(TokenUnavailable):
         cache.key("rsa-1")
+
+
+def test_jwks_from_a_url(issuer: TokenIssuer) -> None:
+    """The JWKS served over HTTP on loopback (https in production; http only to loopback)."""
+    import http.server
+    import threading
+
+    body = json.dumps(issuer.jwks()).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/jwks"
+        verifier = TokenVerifier([OidcIssuer("ci", issuer.iss, issuer.audience, None, url)])
+        assert verifier.identify(issuer.token(alg="ES256")).name == "ci"
+    finally:
+        server.shutdown()
