@@ -116,14 +116,11 @@ _current: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
 
 
 def current_identity() -> Identity | None:
-    """The identity of the call being served in this thread (None outside a call, or before
-    the call pipeline identified the caller)."""
+    """The identity of the call being served in this thread: set by the call pipeline once
+    the caller is identified, None from the start of a call until then (and for a call
+    refused as UNAUTHENTICATED). Kept after the handler returns, until the next call."""
     return _current.get()
 
 
 def set_current_identity(identity: Identity | None) -> contextvars.Token[Identity | None]:
     return _current.set(identity)
-
-
-def reset_current_identity(token: contextvars.Token[Identity | None]) -> None:
-    _current.reset(token)

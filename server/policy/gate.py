@@ -10,8 +10,9 @@ caller holds the operation on every key name (then the handler's NOT_FOUND is no
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -23,7 +24,6 @@ from server.identity.local import is_local_address
 from server.identity.model import (
     Identity,
     current_identity,
-    reset_current_identity,
     set_current_identity,
 )
 from server.keyring import KeyReference
@@ -41,6 +41,38 @@ class KeyCheck:
     operation: Operation
     field: str | None
     when: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One policy check of a call, for the audit: ``operation`` on the key as the request
+    wrote it (``None`` for ListKeys), and whether it was allowed."""
+
+    operation: Operation
+    key: str | None
+    allowed: bool
+
+
+@dataclass
+class CallAccess:
+    """What the gate decided for the call being served (``current_access()``)."""
+
+    method: str
+    #: None when the caller was not identified (the call then ended UNAUTHENTICATED).
+    identity: Identity | None = None
+    decisions: list[Decision] = field(default_factory=list)
+
+
+_access: contextvars.ContextVar[CallAccess | None] = contextvars.ContextVar(
+    "hsmsign_access", default=None
+)
+
+
+def current_access() -> CallAccess | None:
+    """The gate's record of the call being served in this thread: set when the call enters
+    the gate and kept until the next call starts, so that the rpc decorator's ``finally``
+    (access log, audit) still sees it after the handler returned or failed."""
+    return _access.get()
 
 
 _O = Operation
@@ -109,12 +141,16 @@ class Gate:
         self._identifier = Identifier(access.identities, tls.client_ca if tls else None)
         self._limiter = Limiter(access.policy)
 
-    def _check(self, identity: Identity, check: KeyCheck, request: Any, ring: Any) -> None:
+    def _check(
+        self, identity: Identity, check: KeyCheck, request: Any, ring: Any, record: CallAccess
+    ) -> None:
         op = check.operation
         if check.when is not None and not getattr(request, check.when):
             return
         if check.field is None:
-            if not self.policy.allows_some_key(identity, op):
+            allowed = self.policy.allows_some_key(identity, op)
+            record.decisions.append(Decision(op, None, allowed))
+            if not allowed:
                 raise PermissionDenied(f"{identity.describe()} may not {op.value} keys")
             return
         written, ref = _as_written(request, check.field)
@@ -128,7 +164,9 @@ class Gate:
                 if self.policy.allows_every_key(identity, op):
                     raise
                 name = None
-        if name is None or not self.policy.allows(identity, op, name):
+        allowed = name is not None and self.policy.allows(identity, op, name)
+        record.decisions.append(Decision(op, written, allowed))
+        if not allowed:
             raise PermissionDenied(f"{identity.describe()} may not {op.value} key {written}")
 
     @contextlib.contextmanager
@@ -138,19 +176,24 @@ class Gate:
         """Runs the ``with`` body as the identified caller. Raises Unauthenticated,
         TokenUnavailable, LimitExceeded (with a ``retry-after-ms`` trailer) or
         PermissionDenied."""
+        record = CallAccess(method)
+        _access.set(record)
+        set_current_identity(None)
         identity = self._identifier.identify(context)
+        record.identity = identity
+        set_current_identity(identity)
         checks = RPCS.get(method)
         if checks is None:
             raise PermissionDenied(f"{method} is not covered by the policy")
         with contextlib.ExitStack() as stack:
-            stack.callback(reset_current_identity, set_current_identity(identity))
             try:
                 stack.enter_context(self._limiter.admit(identity))
             except LimitExceeded as e:
                 context.set_trailing_metadata((("retry-after-ms", str(e.retry_after_ms)),))
                 raise
+            ring = getattr(servicer, "ring", None)
             for check in checks:
-                self._check(identity, check, request, getattr(servicer, "ring", None))
+                self._check(identity, check, request, ring, record)
             yield identity
 
     def permits(self, operation: Operation, key: str) -> bool:
