@@ -155,3 +155,39 @@ def test_policy_from_its_own_file(tmp_path: Path) -> None:
     )
     access = _load(tmp_path, "[policy]\nfile = 'policy.toml'\n")
     assert access.policy.grants[0].keys == ("r-*",) and access.policy.limits["ci"].rate == 5
+
+
+def test_the_gate_records_who_called_and_what_it_decided(tmp_path: Path) -> None:
+    """What the access log and the audit read after a call: its identity and decisions."""
+    from hsmsign.v1 import hsmsign_pb2 as pb
+    from server import config
+    from server.errors import PermissionDenied
+    from server.identity import current_identity
+    from server.policy import gate
+    from server.policy.model import Operation
+
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(
+        '[token]\nmodule = "/nonexistent.so"\nlabel = "t"\npin_env = "PIN"\n'
+        "[identities.local]\nenabled = true\n"
+        "[[policy.grant]]\nidentities = ['local']\nkeys = ['demo']\noperations = ['get']\n"
+    )
+    cfg = config.load(cfg_path)
+    g = gate.Gate(cfg.access, cfg, "127.0.0.1:0")
+    ctx: Any = TransportView("ipv4:127.0.0.1:4000", False)
+    with g.admit(None, "GetKey", pb.GetKeyRequest(name="demo"), ctx) as identity:
+        assert identity.kind == "local" and current_identity() == identity
+    with pytest.raises(PermissionDenied), g.admit(None, "GetKey", pb.GetKeyRequest(name="x"), ctx):
+        pass
+    record = gate.current_access()
+    assert record is not None and record.identity is not None
+    assert record.method == "GetKey" and record.identity.name == "local"
+    assert record.decisions == [gate.Decision(Operation.GET, "'x'", False)]
+    remote: Any = TransportView("ipv4:10.0.0.9:4000", True)
+    with (
+        pytest.raises(Unauthenticated),
+        g.admit(None, "GetKey", pb.GetKeyRequest(name="x"), remote),
+    ):
+        pass
+    record = gate.current_access()
+    assert record is not None and record.identity is None and current_identity() is None
