@@ -103,8 +103,9 @@ RPCS: dict[str, tuple[KeyCheck, ...]] = {
 }
 
 
-def _as_written(request: Any, field: str) -> tuple[str, KeyReference]:
-    """The key reference of ``request.field`` as the caller wrote it, and its domain value."""
+def _as_written(request: Any, field: str) -> tuple[str, KeyReference] | None:
+    """The key reference of ``request.field`` as the caller wrote it, and its domain value;
+    None for a KeyRef that names no key validly (missing, malformed fingerprint)."""
     value = getattr(request, field)
     if isinstance(value, str):
         if not value:
@@ -112,7 +113,12 @@ def _as_written(request: Any, field: str) -> tuple[str, KeyReference]:
         return repr(value), KeyReference(name=value)
     from server.rpc import key_reference  # the one KeyRef validation; rpc imports this module
 
-    ref = key_reference(value, field)
+    try:
+        ref = key_reference(value, field)
+    except InvalidArgument:
+        # Every Signer handler validates its KeyRefs with the same function before it uses
+        # a key, so it refuses this one (after its other argument checks, in its order).
+        return None
     which = value.WhichOneof("selector")
     if which == "name":
         return repr(value.name) + (f" version {value.version}" if value.version else ""), ref
@@ -153,7 +159,10 @@ class Gate:
             if not allowed:
                 raise PermissionDenied(f"{identity.describe()} may not {op.value} keys")
             return
-        written, ref = _as_written(request, check.field)
+        found = _as_written(request, check.field)
+        if found is None:
+            return
+        written, ref = found
         name = ref.name
         if name is None:
             # A fingerprint or key_id: its key's name decides. One that names no key is
