@@ -56,7 +56,15 @@ SOFTHSM2_CONF = "{token.conf}"
 [server]
 listen = "127.0.0.1:0"
 max_concurrent_calls = 1024
-{workers}"""
+{workers}
+# The caller on this host may do everything (as in hsm_config/dev.toml).
+[identities.local]
+enabled = true
+[[policy.grant]]
+identities = ["local"]
+keys = ["*"]
+operations = ["*"]
+"""
     )
     return path
 

@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from server import pinsource
 from server.errors import ConfigError
+from server.policy.config import TABLES as ACCESS_TABLES
+from server.policy.config import AccessConfig, load_access
 
 ThreadingMode = Literal["parallel", "serialized"]
 
@@ -123,11 +125,9 @@ class TlsConfig:
     cert: Path
     #: The server's private key (PEM).
     key: Path
-    #: CA whose client certificates are required; unset: no client certificates.
+    #: CAs (one PEM file, one or more certificates) whose client certificates are required;
+    #: unset: no client certificates. Who a certificate is: [[identities.mtls]].
     client_ca: Path | None = None
-    #: Client certificate names (subject CN or a subjectAltName) allowed to call KeyAdmin;
-    #: empty: every client the CA admits.
-    admin_clients: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -220,6 +220,8 @@ class Config:
     keys: Mapping[str, KeyOptions] = field(default_factory=dict)
     #: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
+    #: [identities] and [policy]: who callers are and what they may do (server/policy).
+    access: AccessConfig = field(default_factory=AccessConfig)
 
     def key_options(self, name: str) -> KeyOptions:
         return self.keys.get(name, KeyOptions())
@@ -424,19 +426,17 @@ def _server(root: _Table, sessions: int) -> ServerConfig:
     s.used.add("tls")  # listed among the allowed keys even when absent
     if "tls" in s.data:
         tt = s.table("tls")
-        admin_clients = tt.get("admin_clients", list, [], "a list of client certificate names")
-        if not all(isinstance(n, str) and n for n in admin_clients):
+        if "admin_clients" in tt.data:
             raise tt.error(
-                "admin_clients", f"got {admin_clients!r}; allowed: non-empty names (strings)"
+                "admin_clients",
+                "replaced by [[identities.mtls]] rules (each matches one certificate field) "
+                "and [[policy.grant]] (docs/operations.md, Policy)",
             )
         tls = TlsConfig(
             cert=tt.required_path("cert"),
             key=tt.required_path("key"),
             client_ca=tt.path_value("client_ca"),
-            admin_clients=frozenset(admin_clients),
         )
-        if tls.admin_clients and tls.client_ca is None:
-            raise tt.error("admin_clients", "needs client_ca: names come from client certificates")
         tt.finish()
     s.finish()
     return ServerConfig(
@@ -539,7 +539,9 @@ def load(path: Path) -> Config:
         keyring=_keyring(root),
         keys=_keys(root),
         log_level=level,
+        access=load_access(root.path, raw),
     )
+    root.used |= ACCESS_TABLES
     root.finish()
     return config
 

@@ -48,6 +48,12 @@ class MechanismUnsupported(FailedPrecondition):
     """The token does not implement a mechanism (or its parameters) that the call needs."""
 
 
+class Unauthenticated(ServerError):
+    """The call carries no usable identity: no credential, or one that does not verify."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class PermissionDenied(ServerError):
     code = grpc.StatusCode.PERMISSION_DENIED
 

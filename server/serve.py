@@ -27,13 +27,14 @@ from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from server import ready, supervisor
 from server.api import pipeline
-from server.api.admin import AdminAccess, KeyAdminService
+from server.api.admin import KeyAdminService
 from server.api.malformed import MalformedRequests
 from server.api.signer import SignerService
 from server.config import Config
 from server.errors import ConfigError, StartupError, TokenNotFound
 from server.keyring.ring import KeyRing
 from server.pkcs11.token import Token
+from server.policy import gate
 from server.supervisor import ServingProcessSpec, SharedCounter
 
 log = logging.getLogger("hsmsignd")
@@ -86,9 +87,8 @@ def run_daemon(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
     SIGINT. Raises ConfigError or StartupError (one line) when it cannot start."""
     creds = credentials(cfg)
     address = listen or cfg.server.listen
-    exposure = AdminAccess(cfg.server).exposure(address)
-    if exposure:
-        log.warning("%s", exposure)
+    # Who may call, and a listener the config allows: stops a bad start before the token.
+    gate.install(gate.Gate(cfg.access, cfg, address))
     if floor_warning := cfg.keyring.floor_warning():
         log.warning("%s", floor_warning)
     token = Token(cfg.token)
@@ -115,6 +115,7 @@ def run_daemon(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
 def run_serving_process(cfg: Config, listen: str, spec: ServingProcessSpec) -> int:
     """One of several serving processes started by the supervisor, which has checked the
     token and reserved the port already."""
+    gate.install(gate.Gate(cfg.access, cfg, listen))
     siblings = SharedCounter(spec.counter_fd)
     # One serving process at a time loads the module and logs in: SoftHSM2 processes that do
     # so at the same moment can miss the token ("no token with label") or fail the login

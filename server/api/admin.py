@@ -9,8 +9,8 @@ Nothing here logs key material: ImportKey's private key is passed through, never
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar, cast
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -23,59 +23,23 @@ from server.errors import InvalidArgument, PermissionDenied
 from server.keyring.ring import KeyRing
 from server.ops import keyadmin
 from server.pkcs11.token import Token
+from server.policy import Operation, gate
 
 
 class AdminAccess:
-    """Who may call KeyAdmin on this daemon: nobody (``server.key_admin = false``), the
-    clients named in ``server.tls.admin_clients``, or (neither set) every client that may
-    connect."""
+    """Whether this daemon serves KeyAdmin at all (``server.key_admin``); who may do what to
+    which key is the policy's (server/policy), checked before every call."""
 
     def __init__(self, server: ServerConfig) -> None:
         self.enabled = server.key_admin
-        self.names = server.tls.admin_clients if server.tls else frozenset()
-        self.client_certificates = bool(server.tls and server.tls.client_ca)
 
     def check(self, context: grpc.ServicerContext) -> None:
-        """Raises PermissionDenied for a caller this daemon does not let administer keys."""
+        """Raises PermissionDenied when this daemon does not serve KeyAdmin."""
         if not self.enabled:
             raise PermissionDenied(
                 "KeyAdmin is turned off on this daemon (server.key_admin = false); administer "
                 "keys with 'hsmsignd keys' on its host, or through a daemon that serves KeyAdmin"
             )
-        if self.names:
-            common = _auth_values(context, "x509_common_name")
-            if not client_names(context) & self.names:
-                who = f"certificate {common[0]!r}" if common else "without a certificate name"
-                raise PermissionDenied(
-                    f"client {who} may not call KeyAdmin (not in server.tls.admin_clients)"
-                )
-
-    def exposure(self, address: str) -> str | None:
-        """A warning when anyone who reaches ``address`` may administer keys."""
-        if not self.enabled or self.client_certificates:
-            return None
-        host = address.rpartition(":")[0].strip("[]")
-        if host in ("127.0.0.1", "::1", "localhost"):
-            return None
-        return (
-            f"KeyAdmin (create, import, destroy keys) is open to every client that reaches "
-            f"{address}: no client certificates are required. Set server.key_admin = false, "
-            f"or [server.tls] client_ca with admin_clients (docs/operations.md)"
-        )
-
-
-def client_names(context: grpc.ServicerContext) -> frozenset[str]:
-    """The caller's client-certificate names: subject CN and subjectAltNames."""
-    return frozenset(
-        _auth_values(context, "x509_common_name")
-        + _auth_values(context, "x509_subject_alternative_name")
-    )
-
-
-def _auth_values(context: grpc.ServicerContext, key: str) -> list[str]:
-    # grpc's auth context maps a property name to a list of bytes values.
-    values = cast(Iterable[bytes], context.auth_context().get(key, ()))
-    return [v.decode(errors="replace") for v in values]
 
 
 _H = TypeVar("_H", bound=Callable[..., Any])
@@ -125,7 +89,8 @@ class KeyAdminService(pb_grpc.KeyAdminServicer):
     def ListKeys(
         self, request: pb.ListKeysRequest, context: grpc.ServicerContext
     ) -> pb.ListKeysResponse:
-        return pb.ListKeysResponse(keys=[key_to_pb(k) for k in self.ring.list_keys()])
+        keys = [k for k in self.ring.list_keys() if gate.permits(Operation.LIST, k.name)]
+        return pb.ListKeysResponse(keys=[key_to_pb(k) for k in keys])
 
     @rpc
     @_admin

@@ -13,6 +13,11 @@ out through them in reverse. Today's stages:
 ``well_formed``
     refuses a request body that is not the method's message (``server.api.malformed``)
     with INVALID_ARGUMENT.
+``access``
+    who the caller is (``server.identity``: its TLS certificate by a typed rule, its OIDC
+    token, or the local dev identity), its per-identity limits, and whether the policy
+    (``server.policy``) grants it the call's operation on every key the request names;
+    default deny.
 ``admission``
     refuses calls once the process is draining (SIGTERM) and counts the calls in flight, so
     that draining can wait for them.
@@ -20,14 +25,10 @@ out through them in reverse. Today's stages:
     runs the servicer's method; a Signer call whose key object another process destroyed
     meanwhile is answered again after a re-read of the ring (``retry_ring``).
 
-The flow identity -> policy -> admission -> handler -> audit -> status has seams for what
-is designed next: an identity stage (the caller from its TLS certificate or OIDC token) and a
-policy stage go between ``status`` and ``admission`` (today the only policy is KeyAdmin's
-``AdminAccess`` check, a decorator in ``server.api.admin``); an audit stage goes between
-``admission`` and ``handler``, so it sees the handler's result before it is returned. A stage
-is a function ``(call, proceed) -> response`` that may read and annotate the ``Call``: add it
-to ``STAGES`` with its name. Raise a ``ServerError`` to refuse a call; never abort it
-directly (``status`` is the one place that does).
+An audit stage goes between ``admission`` and ``handler``, so it sees the handler's result
+before it is returned. A stage is a function ``(call, proceed) -> response`` that may read
+and annotate the ``Call``: add it to ``STAGES`` with its name. Raise a ``ServerError`` to
+refuse a call; never abort it directly (``status`` is the one place that does).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import grpc
 from server.api.accesslog import access
 from server.api.malformed import MALFORMED
 from server.errors import InvalidArgument, KeyObjectGone, ServerError, Unavailable
+from server.policy import gate
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,11 @@ def well_formed_stage(call: Call, proceed: Proceed) -> Any:
     return proceed(call)
 
 
+def access_stage(call: Call, proceed: Proceed) -> Any:
+    with gate.admit(call.servicer, call.method, call.request, call.context):
+        return proceed(call)
+
+
 def admission_stage(call: Call, proceed: Proceed) -> Any:
     with calls.cond:
         refused = calls.draining
@@ -162,7 +169,7 @@ STAGES: Final[tuple[tuple[str, Stage], ...]] = (
     ("access_log", access_log_stage),
     ("status", status_stage),
     ("well_formed", well_formed_stage),
-    # identity, policy: here
+    ("access", access_stage),
     ("admission", admission_stage),
     # audit: here
 )

@@ -143,6 +143,18 @@ def make_token(path: Path, label: str = "hsmsign-test") -> TokenDir:
     return TokenDir(path, label)
 
 
+#: The caller on this host may do everything, as in hsm_config/dev.toml: what test daemons
+#: run with unless a test passes its own ``policy``.
+LOCAL_GRANTS_ALL = """
+[identities.local]
+enabled = true
+[[policy.grant]]
+identities = ["local"]
+keys = ["*"]
+operations = ["*"]
+"""
+
+
 def write_config(
     path: Path,
     token: TokenDir,
@@ -151,9 +163,11 @@ def write_config(
     extra_token: str = "",
     extra: str = "",
     pin_line: str | None = None,
+    policy: str | None = None,
 ) -> Path:
     """An hsmsignd config for ``token``. ``extra`` goes before ``[token]`` (top-level keys and
-    whole tables), ``extra_token`` inside it. The listen address is left to the command line:
+    whole tables), ``extra_token`` inside it, ``policy`` at the end (default
+    :data:`LOCAL_GRANTS_ALL`). The listen address is left to the command line:
     the harness always passes one (see daemons.py)."""
     pin = pin_line if pin_line is not None else f'pin_file = "{token.pin_file}"'
     path.write_text(f"""
@@ -167,7 +181,7 @@ sessions = 4
 {extra_token}
 [token.environment]
 SOFTHSM2_CONF = "{token.conf}"
-""")
+{LOCAL_GRANTS_ALL if policy is None else policy}""")
     return path
 
 

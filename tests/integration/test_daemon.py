@@ -353,15 +353,25 @@ def _fails_with(cfg: Path, text: str) -> str:
 
 
 def test_key_admin_only_for_named_client_certificates(token: TokenDir, tmp_path: Path) -> None:
-    """server.tls.admin_clients: build agents sign; only the security team's certificate
-    may administer keys; a refused call is PERMISSION_DENIED, logged, and changes nothing."""
+    """Typed mTLS rules and grants: build agents sign; only the security team's certificate
+    may administer keys; a refused call is PERMISSION_DENIED, logged, and changes nothing.
+    (More in tests/integration/test_mtls_identity.py.)"""
     ca_key, ca = _cert("hsmsign test CA", ca=True)
     _write(tmp_path / "ca", ca_key, ca)
     _write(tmp_path / "server", *_cert("localhost", ca_key, ca.subject))
     _write(tmp_path / "agent", *_cert("build-agent-1", ca_key, ca.subject))
     _write(tmp_path / "admin", *_cert("security-team", ca_key, ca.subject))
-    cfg = write_config(tmp_path / "c.toml", token, extra="")
-    cfg = _with_server_tls(cfg, tmp_path, 'admin_clients = ["security-team"]\n')
+    rules = "".join(
+        f'[[identities.mtls]]\nname = "{n}"\nca = "{tmp_path / "ca.crt"}"\nsubject_cn = "{n}"\n'
+        for n in ("security-team", "build-agent-1")
+    )
+    grants = (
+        '[[policy.grant]]\nidentities = ["build-agent-1"]\nkeys = ["demo"]\n'
+        'operations = ["sign_digest"]\n'
+        '[[policy.grant]]\nidentities = ["security-team"]\nkeys = ["*"]\noperations = ["*"]\n'
+    )
+    cfg = write_config(tmp_path / "c.toml", token, extra="", policy=rules + grants)
+    cfg = _with_server_tls(cfg, tmp_path)
     d = start_daemon(cfg, tmp_path / "d")
     try:
 
@@ -378,13 +388,12 @@ def test_key_admin_only_for_named_client_certificates(token: TokenDir, tmp_path:
         with pytest.raises(grpc.RpcError) as e:
             admin("agent").CreateKey(request, timeout=30)
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "client certificate 'build-agent-1' may not call KeyAdmin" in (
+        assert "'build-agent-1' (subject_cn build-agent-1) may not create key 'sneaky'" in (
             e.value.details() or ""
         )
         names = [k.name for k in admin("admin").ListKeys(pb.ListKeysRequest(), timeout=30).keys]
         assert "demo" in names and "sneaky" not in names
         assert "CreateKey peer=" in d.log() and "status=PERMISSION_DENIED" in d.log()
-        assert "open to every client" not in d.log()
     finally:
         d.stop()
 
@@ -394,7 +403,7 @@ def test_key_admin_can_be_turned_off(token: TokenDir, tmp_path: Path) -> None:
     NOT_SERVING for KeyAdmin, and the token is still administered locally."""
     cfg = write_config(tmp_path / "c.toml", token, extra="")
     cfg.write_text(cfg.read_text() + "\n[server]\nkey_admin = false\n")
-    d = start_daemon(cfg, tmp_path / "d", "--listen", "0.0.0.0:0")
+    d = start_daemon(cfg, tmp_path / "d")
     try:
         with Client(d.address) as c:
             assert len(c.sign_digest("demo", b"\x04" * 32).signature) == 256
@@ -408,23 +417,9 @@ def test_key_admin_can_be_turned_off(token: TokenDir, tmp_path: Path) -> None:
                 health_pb2.HealthCheckRequest(service="hsmsign.v1.KeyAdmin"), timeout=10
             ).status
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-        # Nobody is offered KeyAdmin, so there is nothing to warn about on 0.0.0.0.
-        assert "open to every client" not in d.log()
     finally:
         d.stop()
     assert "demo" in hsmsignd(cfg, "keys", "list").stdout
-
-
-def test_open_key_admin_on_a_public_address_is_warned_about(
-    token: TokenDir, tmp_path: Path
-) -> None:
-    cfg = write_config(tmp_path / "c.toml", token)
-    d = start_daemon(cfg, tmp_path / "d", "--listen", "0.0.0.0:0")
-    try:
-        line = next(ln for ln in d.log().splitlines() if "open to every client" in ln)
-        assert " WARNING " in line and "server.key_admin = false" in line
-    finally:
-        d.stop()
 
 
 def test_key_admin_config_errors(token: TokenDir, tmp_path: Path) -> None:
@@ -432,9 +427,7 @@ def test_key_admin_config_errors(token: TokenDir, tmp_path: Path) -> None:
     base = cfg.read_text()
     tls = '\n[server.tls]\ncert = "s.crt"\nkey = "s.key"\n'
     cfg.write_text(base + tls + 'admin_clients = ["security-team"]\n')
-    assert "server.tls.admin_clients: needs client_ca" in _fails(cfg, "keys", "list")
-    cfg.write_text(base + tls + 'client_ca = "ca.crt"\nadmin_clients = [""]\n')
-    assert "admin_clients: got ['']" in _fails(cfg, "keys", "list")
+    assert "admin_clients: replaced by [[identities.mtls]]" in _fails(cfg, "keys", "list")
     cfg.write_text(base + '\n[server]\nkey_admin = "no"\n')
     assert "server.key_admin: got 'no'; allowed: true or false" in _fails(cfg, "keys", "list")
     cfg.write_text(base + '\n[server.tsl]\ncert = "s.crt"\n')

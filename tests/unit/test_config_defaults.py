@@ -32,7 +32,7 @@ def _names(cls: type) -> set[str]:
 
 #: TOML table -> (dataclass, keys of the table that are not field names, fields not keys).
 TABLES: dict[str, tuple[type, set[str], set[str]]] = {
-    "": (config.Config, set(), {"path", "token", "server", "keyring", "keys"}),
+    "": (config.Config, set(), {"path", "token", "server", "keyring", "keys", "access"}),
     "token": (config.TokenConfig, {"pin_file", "pin_env", "pin_credential", "uri"}, {"pin"}),
     "server": (config.ServerConfig, set(), {"tls"}),
     "server.tls": (config.TlsConfig, set(), set()),
@@ -48,6 +48,8 @@ def _table(section: str) -> str | None:
         return "keys.*"
     if section == "token.environment":
         return None  # free-form: environment variables
+    if section.split(".")[0] in ("identities", "policy"):
+        return None  # [identities] and [policy]: server.policy.config, tests/unit/test_policy.py
     return section
 
 

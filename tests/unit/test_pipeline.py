@@ -3,6 +3,7 @@ drain refusals, and the stage table new stages plug into."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from concurrent import futures
@@ -13,6 +14,7 @@ import pytest
 
 from server.api import pipeline
 from server.errors import FailedPrecondition, InvalidArgument, ServerError
+from server.policy import gate
 
 
 class _Servicer:
@@ -28,8 +30,30 @@ class _Servicer:
         return request
 
 
+@contextlib.contextmanager
+def _admit_everyone(*_args: Any) -> Iterator[None]:
+    yield None
+
+
 @pytest.fixture()
-def channel() -> Iterator[grpc.Channel]:
+def open_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the other stages: the access stage lets every call through
+    (the policy itself is tests/unit/test_policy.py's and tests/integration/'s)."""
+    monkeypatch.setattr(gate, "admit", _admit_everyone)
+
+
+@pytest.fixture()
+def closed_channel() -> Iterator[grpc.Channel]:
+    """The test service with no policy loaded in this process."""
+    yield from _serve()
+
+
+@pytest.fixture()
+def channel(open_gate: None) -> Iterator[grpc.Channel]:
+    yield from _serve()
+
+
+def _serve() -> Iterator[grpc.Channel]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     servicer = _Servicer()
     handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(
@@ -48,6 +72,12 @@ def channel() -> Iterator[grpc.Channel]:
 def _call(channel: grpc.Channel, payload: bytes) -> Any:
     echo: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/test.Pipeline/Echo")
     return echo(payload, timeout=10)
+
+
+def test_with_no_policy_every_call_is_denied(closed_channel: grpc.Channel) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        _call(closed_channel, b"hello")
+    assert e.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_a_call_answers_and_logs_one_line(
@@ -106,5 +136,5 @@ def test_a_draining_process_refuses_new_calls(channel: grpc.Channel) -> None:
 
 def test_the_stages_are_named_in_order() -> None:
     names = [name for name, _stage in pipeline.STAGES]
-    assert names == ["access_log", "status", "well_formed", "admission"]
+    assert names == ["access_log", "status", "well_formed", "access", "admission"]
     assert issubclass(InvalidArgument, ServerError)
