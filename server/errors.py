@@ -49,6 +49,18 @@ class Busy(ServerError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class DeadlineExceeded(ServerError):
+    """The caller's deadline passed before or while the call ran (server.deadlines)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ServerError):
+    """The caller cancelled the call before or while it ran (server.deadlines)."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
 class TokenUnavailable(ServerError):
     code = grpc.StatusCode.UNAVAILABLE
 

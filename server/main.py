@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from hsmsign import tlsfiles
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
-from server import accesslog, keys_cli, rpc, supervisor
+from server import accesslog, deadlines, keys_cli, rpc, supervisor
 from server import config as config_mod
 from server.admin_service import AdminAccess
 from server.config import Config
@@ -255,6 +255,7 @@ def serve(
         time.sleep(DRAIN_LINGER_SECONDS)
         left = max(0.0, cfg.server.grace_seconds - (time.monotonic() - t0))
         server.stop(left).wait()
+        log.info("%s%s", f"{worker.name}: " if worker else "", deadlines.tally.summary())
         if worker is None:
             log.info("stopped")
         return 0

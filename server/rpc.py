@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import grpc
 
 from hsmsign.v1 import hsmsign_pb2 as pb
-from server import operations
+from server import deadlines, operations
 from server.accesslog import access
 from server.errors import InvalidArgument, KeyObjectGone, ServerError
 from server.keyring import KeyReference, KeyVersion
@@ -93,7 +93,7 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
         _keys_used.set(used)
         try:
             try:
-                return handler(self, request, context)
+                return deadlines.run(handler, self, request, context)
             except KeyObjectGone:
                 # Another process destroyed the version between this process's last read of
                 # the ring and the token call: re-read and answer as the ring now says (the
@@ -104,7 +104,7 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
                     raise
                 ring.refresh()
                 used.clear()
-                return handler(self, request, context)
+                return deadlines.run(handler, self, request, context)
         except ServerError as e:
             status = e.code.name
             context.abort(e.code, str(e))
