@@ -125,6 +125,36 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """Bounds on what one client connection may cost a serving process ([server.limits]).
+
+    gRPC sets no per-method message size on a server, so ``max_request_bytes`` is the
+    transport's bound for every call (the largest a batch may need: 10,000 SHA-512 digests
+    are about 660 KB) and ``max_small_request_bytes`` is checked per method, for every call
+    but the batch calls and ImportKey, before the handler runs (server.limits)."""
+
+    #: Largest request message any call may send; larger ones get RESOURCE_EXHAUSTED from
+    #: gRPC before they are read into memory.
+    max_request_bytes: int = 1024 * 1024
+    #: Largest request of the calls that carry one digest, key or ciphertext.
+    max_small_request_bytes: int = 64 * 1024
+    #: Seconds of silence after which the daemon pings a client connection, and seconds it
+    #: waits for the answer before closing it (a peer that vanished frees its descriptor).
+    keepalive_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 20.0
+    #: Clients that ping more often than this while no call is running get GOAWAY
+    #: (too_many_pings) after two strikes. The hsmsign client pings every 30 s.
+    min_client_ping_seconds: float = 10.0
+    #: A connection with no call for this long is closed (the client reconnects when needed).
+    max_connection_idle_seconds: float = 300.0
+    #: A connection this old is asked to reconnect (GOAWAY; gRPC adds +-10% jitter), so that
+    #: clients spread again over processes and replicas after a restart; its calls in flight
+    #: get ``max_connection_age_grace_seconds`` more to finish.
+    max_connection_age_seconds: float = 1800.0
+    max_connection_age_grace_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     #: host:port to listen on; port 0 picks a free port (printed at start-up).
     listen: str
@@ -143,6 +173,8 @@ class ServerConfig:
     processes: int = 1
     #: Serve the KeyAdmin service (create, rotate, import, destroy keys) on this daemon.
     key_admin: bool = True
+    #: Message sizes, keepalive and connection lifetimes ([server.limits]).
+    limits: ConnectionLimits = ConnectionLimits()
 
 
 @dataclass(frozen=True)
@@ -330,6 +362,7 @@ def _server(root: _Table, sessions: int) -> ServerConfig:
     reflection = s.get("reflection", bool, True, "true or false")
     processes = _processes(s)
     key_admin = s.get("key_admin", bool, True, "true or false")
+    limits = _limits(s)
     tls: TlsConfig | None = None
     s.used.add("tls")  # listed among the allowed keys even when absent
     if "tls" in s.data:
@@ -350,8 +383,52 @@ def _server(root: _Table, sessions: int) -> ServerConfig:
         tt.finish()
     s.finish()
     return ServerConfig(
-        listen, workers, max_calls, grace, tls, reflection, processes, key_admin=key_admin
+        listen,
+        workers,
+        max_calls,
+        grace,
+        tls,
+        reflection,
+        processes,
+        key_admin=key_admin,
+        limits=limits,
     )
+
+
+def _limits(s: _Table) -> ConnectionLimits:
+    t = s.table("limits")
+    d = ConnectionLimits()
+    day = 86400.0
+    limits = ConnectionLimits(
+        max_request_bytes=t.positive("max_request_bytes", int, d.max_request_bytes, 2**31 - 1),
+        max_small_request_bytes=t.positive(
+            "max_small_request_bytes", int, d.max_small_request_bytes, 2**31 - 1
+        ),
+        keepalive_seconds=t.positive("keepalive_seconds", float, d.keepalive_seconds, day),
+        keepalive_timeout_seconds=t.positive(
+            "keepalive_timeout_seconds", float, d.keepalive_timeout_seconds, day
+        ),
+        min_client_ping_seconds=t.positive(
+            "min_client_ping_seconds", float, d.min_client_ping_seconds, day
+        ),
+        max_connection_idle_seconds=t.positive(
+            "max_connection_idle_seconds", float, d.max_connection_idle_seconds, day
+        ),
+        max_connection_age_seconds=t.positive(
+            "max_connection_age_seconds", float, d.max_connection_age_seconds, 365 * day
+        ),
+        max_connection_age_grace_seconds=t.positive(
+            "max_connection_age_grace_seconds", float, d.max_connection_age_grace_seconds, day
+        ),
+    )
+    if limits.max_small_request_bytes > limits.max_request_bytes:
+        raise t.error(
+            "max_small_request_bytes",
+            f"got {limits.max_small_request_bytes}; allowed: at most max_request_bytes "
+            f"({limits.max_request_bytes})",
+        )
+    t.finish()
+    return limits
 
 
 #: Upper bound for server.processes: each process logs in and opens its own sessions.

@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from hsmsign import tlsfiles
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
-from server import accesslog, deadlines, keys_cli, rpc, supervisor
+from server import accesslog, deadlines, keys_cli, limits, rpc, supervisor
 from server import config as config_mod
 from server.admin_service import AdminAccess
 from server.config import Config
@@ -186,8 +186,8 @@ def serve(
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.server.workers, thread_name_prefix="rpc"),
             maximum_concurrent_rpcs=cfg.server.max_concurrent_calls,
-            # Serving processes share the supervisor's port; a lone daemon must own its port.
-            options=[("grpc.so_reuseport", 1 if worker else 0)],
+            options=limits.server_options(cfg.server.limits, reuse_port=worker is not None),
+            interceptors=[limits.RequestSizeLimit(cfg.server.limits)],
         )
         pb_grpc.add_SignerServicer_to_server(SignerService(token, ring, cfg), server)
         pb_grpc.add_KeyAdminServicer_to_server(keys_cli.admin_service(token, ring, cfg), server)

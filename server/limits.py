@@ -1,0 +1,106 @@
+"""What one client connection may cost a serving process: the gRPC server options for
+message size, keepalive and connection lifetimes, and the per-method request size bound.
+
+gRPC Python has one receive limit per server, so the transport's bound is the largest any
+call needs (the batch calls) and ``RequestSizeLimit`` answers RESOURCE_EXHAUSTED for a larger
+request on the other calls before their handler runs. The values come from [server.limits]
+(``server.config.ConnectionLimits``); docs/operations.md explains them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
+
+import grpc
+
+from server.accesslog import access
+from server.config import ConnectionLimits
+
+#: Calls whose request may be as large as ``max_request_bytes``: up to 10,000 digests or
+#: checksums, or a private key to import. Every other unary call carries one digest, key or
+#: ciphertext and is bounded by ``max_small_request_bytes``.
+LARGE_REQUEST_METHODS: Final = frozenset(
+    {
+        "/hsmsign.v1.Signer/SignDigests",
+        "/hsmsign.v1.Signer/SignChecksums",
+        "/hsmsign.v1.KeyAdmin/ImportKey",
+    }
+)
+
+
+if TYPE_CHECKING:  # generic only in the type stubs
+    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def server_options(limits: ConnectionLimits, reuse_port: bool) -> list[tuple[str, int]]:
+    """The grpc.server options for these limits (names from grpc's channel-argument keys)."""
+    return [
+        # Serving processes share the supervisor's port; a lone daemon must own its port.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.max_receive_message_length", limits.max_request_bytes),
+        ("grpc.keepalive_time_ms", _ms(limits.keepalive_seconds)),
+        ("grpc.keepalive_timeout_ms", _ms(limits.keepalive_timeout_seconds)),
+        # Clients may ping while no call runs (the hsmsign client does not), but not more
+        # often than this; two strikes and the connection gets GOAWAY.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(limits.min_client_ping_seconds)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_idle_ms", _ms(limits.max_connection_idle_seconds)),
+        ("grpc.max_connection_age_ms", _ms(limits.max_connection_age_seconds)),
+        ("grpc.max_connection_age_grace_ms", _ms(limits.max_connection_age_grace_seconds)),
+    ]
+
+
+class RequestSizeLimit(grpc.ServerInterceptor):
+    """RESOURCE_EXHAUSTED for a unary request over ``max_small_request_bytes`` on any method
+    not in LARGE_REQUEST_METHODS; logged in the access log like any other call."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self._limit = limits.max_small_request_bytes
+        # Handlers never change once the server runs: wrap each method's once.
+        self._handlers: dict[str, Handler | None] = {}
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        method = handler_call_details.method
+        if method in self._handlers:
+            return self._handlers[method]
+        handler = continuation(handler_call_details)
+        if (
+            handler is not None
+            and handler.unary_unary is not None
+            and method not in LARGE_REQUEST_METHODS
+        ):
+            handler = self._bounded(handler, handler.unary_unary, method)
+        self._handlers[method] = handler
+        return handler
+
+    def _bounded(
+        self, handler: Handler, inner: Callable[[Any, grpc.ServicerContext], Any], method: str
+    ) -> Handler:
+        limit = self._limit
+        name = method.rpartition("/")[2]
+
+        def bounded(request: Any, context: grpc.ServicerContext) -> Any:
+            size = request.ByteSize()
+            if size > limit:
+                access.line(name, context.peer(), "RESOURCE_EXHAUSTED", "-", 0.0)
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the request is {size:,} bytes; {name} accepts at most {limit:,}",
+                )
+            return inner(request, context)
+
+        # grpc's method handlers are named tuples.
+        replaced: Handler = handler._replace(unary_unary=bounded)  # type: ignore[attr-defined]
+        return replaced
