@@ -18,7 +18,7 @@ from pathlib import Path
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 from hsmsign import _cli_basic, _cli_bundle, _cli_keys, _cli_unwrap
-from hsmsign.client import DEFAULT_SERVER, Client, TlsOptions
+from hsmsign.client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client, TlsOptions
 from hsmsign.errors import HsmsignError, UsageError, VerificationError
 
 #: Modules that add command groups: each has ``register(subparsers)``; the parser's
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="hsmsign",
         description="Sign and seal with keys held in an HSM, through hsmsignd.",
         epilog="Key references: NAME (primary version), NAME@VERSION, sha256:FINGERPRINT, "
-        "keyid:CAPGO_KEY_ID. Environment: HSMSIGN_SERVER, HSMSIGN_TLS_CA, "
+        "keyid:CAPGO_KEY_ID. Environment: HSMSIGN_SERVER, HSMSIGN_TIMEOUT, HSMSIGN_TLS_CA, "
         "HSMSIGN_TLS_CERT, HSMSIGN_TLS_KEY, HSMSIGN_TLS_SERVER_NAME.",
     )
     env = os.environ.get
@@ -41,7 +41,15 @@ def _parser() -> argparse.ArgumentParser:
         "--server",
         default=env("HSMSIGN_SERVER", DEFAULT_SERVER),
         metavar="HOST:PORT",
-        help=f"hsmsignd address (default {DEFAULT_SERVER})",
+        help=f"hsmsignd address (default {DEFAULT_SERVER}); several replicas: A:PORT,B:PORT "
+        "or dns:///NAME:PORT (calls are spread over them and retried on another)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=env("HSMSIGN_TIMEOUT", str(DEFAULT_TIMEOUT)),
+        metavar="SECONDS",
+        help=f"deadline of each call, retries included (default {DEFAULT_TIMEOUT:g})",
     )
     p.add_argument(
         "--tls-ca",
@@ -76,6 +84,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 10**9:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
 def _connector(args: argparse.Namespace) -> Connect:
     def connect() -> Client:
         tls = None
@@ -88,7 +106,7 @@ def _connector(args: argparse.Namespace) -> Connect:
             )
         elif args.tls_cert or args.tls_key:
             raise UsageError("--tls-cert/--tls-key need --tls-ca (the daemon's CA)")
-        return Client(args.server, tls)
+        return Client(args.server, tls, timeout=args.timeout)
 
     return connect
 

@@ -1,8 +1,9 @@
 """What one client connection may cost a serving process: the gRPC server options for
 message size, keepalive and connection lifetimes, and the per-method request size bound.
+Every unary answer also carries a mark saying hsmsignd sent it (``ANSWERED_BY``).
 
 gRPC Python has one receive limit per server, so the transport's bound is the largest any
-call needs (the batch calls) and ``RequestSizeLimit`` answers RESOURCE_EXHAUSTED for a larger
+call needs (the batch calls) and ``CallGate`` answers RESOURCE_EXHAUSTED for a larger
 request on the other calls before their handler runs. The values come from [server.limits]
 (``server.config.ConnectionLimits``); docs/operations.md explains them.
 """
@@ -58,9 +59,16 @@ def server_options(limits: ConnectionLimits, reuse_port: bool) -> list[tuple[str
     ]
 
 
-class RequestSizeLimit(grpc.ServerInterceptor):
-    """RESOURCE_EXHAUSTED for a unary request over ``max_small_request_bytes`` on any method
-    not in LARGE_REQUEST_METHODS; logged in the access log like any other call."""
+#: Trailing metadata on every unary call's answer: the status comes from hsmsignd, not from
+#: the client's transport (hsmsign.connection reads it: a daemon that is shutting down is
+#: not "cannot reach hsmsignd").
+ANSWERED_BY: Final = ("hsmsign-answered-by", "hsmsignd")
+
+
+class CallGate(grpc.ServerInterceptor):
+    """What every unary call passes before its handler: RESOURCE_EXHAUSTED for a request
+    over ``max_small_request_bytes`` on a method not in LARGE_REQUEST_METHODS (logged in the
+    access log like any other call), and the ANSWERED_BY mark on its answer."""
 
     def __init__(self, limits: ConnectionLimits) -> None:
         self._limit = limits.max_small_request_bytes
@@ -76,22 +84,25 @@ class RequestSizeLimit(grpc.ServerInterceptor):
         if method in self._handlers:
             return self._handlers[method]
         handler = continuation(handler_call_details)
-        if (
-            handler is not None
-            and handler.unary_unary is not None
-            and method not in LARGE_REQUEST_METHODS
-        ):
-            handler = self._bounded(handler, handler.unary_unary, method)
+        if handler is not None and handler.unary_unary is not None:
+            limit = None if method in LARGE_REQUEST_METHODS else self._limit
+            handler = self._gated(handler, handler.unary_unary, method, limit)
         self._handlers[method] = handler
         return handler
 
-    def _bounded(
-        self, handler: Handler, inner: Callable[[Any, grpc.ServicerContext], Any], method: str
+    def _gated(
+        self,
+        handler: Handler,
+        inner: Callable[[Any, grpc.ServicerContext], Any],
+        method: str,
+        limit: int | None,
     ) -> Handler:
-        limit = self._limit
         name = method.rpartition("/")[2]
 
-        def bounded(request: Any, context: grpc.ServicerContext) -> Any:
+        def gated(request: Any, context: grpc.ServicerContext) -> Any:
+            context.set_trailing_metadata((ANSWERED_BY,))
+            if limit is None:
+                return inner(request, context)
             size = request.ByteSize()
             if size > limit:
                 access.line(name, context.peer(), "RESOURCE_EXHAUSTED", "-", 0.0)
@@ -102,5 +113,5 @@ class RequestSizeLimit(grpc.ServerInterceptor):
             return inner(request, context)
 
         # grpc's method handlers are named tuples.
-        replaced: Handler = handler._replace(unary_unary=bounded)  # type: ignore[attr-defined]
+        replaced: Handler = handler._replace(unary_unary=gated)  # type: ignore[attr-defined]
         return replaced

@@ -187,7 +187,7 @@ def serve(
             futures.ThreadPoolExecutor(max_workers=cfg.server.workers, thread_name_prefix="rpc"),
             maximum_concurrent_rpcs=cfg.server.max_concurrent_calls,
             options=limits.server_options(cfg.server.limits, reuse_port=worker is not None),
-            interceptors=[limits.RequestSizeLimit(cfg.server.limits)],
+            interceptors=[limits.CallGate(cfg.server.limits)],
         )
         pb_grpc.add_SignerServicer_to_server(SignerService(token, ring, cfg), server)
         pb_grpc.add_KeyAdminServicer_to_server(keys_cli.admin_service(token, ring, cfg), server)

@@ -43,8 +43,11 @@ def test_oversize_requests_are_refused_and_the_daemon_keeps_serving(
             # A single-digest call carrying 200 KB: under the transport's bound (1 MiB) but
             # over what a call with one digest needs (64 KiB).
             huge_digest = pb.SignDigestRequest(key=key, algorithm=SHA256, digest=b"\0" * 200_000)
-            code = _code(lambda: stub.SignDigest(huge_digest, timeout=30))
-            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.SignDigest(huge_digest, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # The daemon marks its answers, so the client can tell them from its transport's.
+            assert ("hsmsign-answered-by", "hsmsignd") in refused.value.trailing_metadata()  # type: ignore[attr-defined]
             # A batch over the transport's bound: refused by gRPC before it is read.
             huge_batch = pb.SignDigestsRequest(
                 key=key, algorithm=SHA256, digests=[b"\0" * 32] * 40_000
