@@ -114,10 +114,14 @@ def remote_error(e: grpc.RpcError, tls_hint: str = "") -> RemoteError:
     details = e.details() if hasattr(e, "details") else str(e)
     name = code.name if code is not None else "UNKNOWN"
     if code == grpc.StatusCode.UNAVAILABLE and not _answered_by_daemon(e):
-        details = f"cannot reach hsmsignd: {details}"
-        # A refused connection means no daemon there, an unhealthy one is draining; a
-        # connection the daemon closed at once is most often TLS that does not match.
-        lowered = details.lower()
-        if tls_hint and "refused" not in lowered and "unhealthy" not in lowered:
-            details += f" ({tls_hint})"
+        lowered = (details or "").lower()
+        if "unhealthy" in lowered:
+            # Reached, but its health service says NOT_SERVING: shutting down or starting.
+            details = f"hsmsignd is not serving (shutting down or starting); retry: {details}"
+        else:
+            details = f"cannot reach hsmsignd: {details}"
+            # A refused connection means no daemon there; a connection the daemon closed at
+            # once is most often TLS that does not match on the two sides.
+            if tls_hint and "refused" not in lowered:
+                details += f" ({tls_hint})"
     return RemoteError(name, details or "no details")

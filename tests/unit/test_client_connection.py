@@ -9,6 +9,7 @@ from concurrent import futures
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hsmsign.client import Client
 from hsmsign.connection import ANSWERED_BY, channel_target
@@ -80,4 +81,22 @@ def test_no_daemon_is_cannot_reach_without_tls_hint() -> None:
         c.sign_digest("demo", b"\0" * 32)
     assert e.value.status_name == "UNAVAILABLE"
     assert e.value.message.startswith("cannot reach hsmsignd: ")
+    assert "--tls-ca" not in e.value.message
+
+
+def test_daemon_not_serving_its_health_is_not_cannot_reach() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_SignerServicer_to_server(_Draining(), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set("hsmsign.v1.Signer", health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=10) as c, pytest.raises(RemoteError) as e:
+            c.sign_digest("demo", b"\0" * 32)
+    finally:
+        server.stop(None).wait()
+    assert e.value.status_name == "UNAVAILABLE"
+    assert e.value.message.startswith("hsmsignd is not serving (shutting down or starting)")
     assert "--tls-ca" not in e.value.message
