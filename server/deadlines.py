@@ -27,6 +27,11 @@ T = TypeVar("T")
 #: batch stops within a few tens of milliseconds of its deadline, for a negligible cost.
 CHECK_EVERY = 16
 
+#: A call with less time left than this counts as expired: gRPC keeps deadlines in whole
+#: milliseconds, so a call sent with a 1 microsecond deadline arrives with up to a millisecond
+#: "left", and no answer reaches its caller in that time anyway.
+MIN_REMAINING_SECONDS = 0.002
+
 
 class Caller(Protocol):
     """What a call knows of its caller (``grpc.ServicerContext`` is one)."""
@@ -74,7 +79,7 @@ _caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller"
 
 def _gone(caller: Caller) -> ServerError | None:
     remaining = caller.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if remaining is not None and remaining < MIN_REMAINING_SECONDS:
         return DeadlineExceeded("the caller's deadline passed; the call was not completed")
     if not caller.is_active():
         return Cancelled("the caller cancelled the call; it was not completed")

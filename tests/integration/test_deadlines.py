@@ -55,12 +55,15 @@ def test_batch_stops_when_its_deadline_passes(token: TokenDir, tmp_path: Path) -
             req = pb.SignDigestsRequest(
                 key=pb.KeyRef(name="demo"), algorithm=SHA256, digests=_digests(BATCH)
             )
+            # 10,000 signatures take several seconds; the caller gives up after 2.
             with pytest.raises(grpc.RpcError) as e:
-                stub.SignDigests(req, timeout=0.5)
+                stub.SignDigests(req, timeout=2.0)
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
         log, made = _stop_and_count(d)
-    assert _access_status(log, "SignDigests") == ["DEADLINE_EXCEEDED"]
+    # Stopped part-way (or, on a machine so loaded that the request was not read within the
+    # deadline, never started): never completed and logged as OK.
+    assert set(_access_status(log, "SignDigests")) <= {"DEADLINE_EXCEEDED"}
     assert made < BATCH
 
 
@@ -73,11 +76,11 @@ def test_cancelled_batch_stops(token: TokenDir, tmp_path: Path) -> None:
                 key=pb.KeyRef(name="demo"), algorithm=SHA256, digests=_digests(BATCH)
             )
             call = stub.SignDigests.future(req, timeout=60)
-            time.sleep(0.5)
+            time.sleep(1.0)
             assert call.cancel()
     finally:
         log, made = _stop_and_count(d)
-    assert _access_status(log, "SignDigests") == ["CANCELLED"]
+    assert set(_access_status(log, "SignDigests")) <= {"CANCELLED"}
     assert made < BATCH
 
 
