@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import grpc
 
-from hsmsign import names
+from hsmsign import connection, names
 from hsmsign.errors import RemoteError, UsageError
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
@@ -25,6 +25,8 @@ T = TypeVar("T")
 R = TypeVar("R", bound=names.Named[int])
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+#: Seconds each call may take, retries on other replicas included (CLI: --timeout).
+DEFAULT_TIMEOUT = 30.0
 
 
 def parse_key_ref(text: str) -> pb.KeyRef:
@@ -130,16 +132,7 @@ def _call(fn: Callable[[], T], tls_hint: str = "") -> T:
     try:
         return fn()
     except grpc.RpcError as e:
-        code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-        details = e.details() if hasattr(e, "details") else str(e)
-        name = code.name if code is not None else "UNKNOWN"
-        if code == grpc.StatusCode.UNAVAILABLE:
-            details = f"cannot reach hsmsignd: {details}"
-            # A refused connection means no daemon there; a connection the daemon closed at
-            # once is most often TLS that does not match on the two sides.
-            if tls_hint and "refused" not in details.lower():
-                details += f" ({tls_hint})"
-        raise RemoteError(name, details or "no details") from None
+        raise connection.remote_error(e, tls_hint) from None
 
 
 def _tls_hint(tls: TlsOptions | None) -> str:
@@ -160,23 +153,27 @@ class Client:
     """A connection to hsmsignd. Thread-safe; use one per process and close it (or ``with``)."""
 
     def __init__(
-        self, target: str | None = None, tls: TlsOptions | None = None, timeout: float = 30.0
+        self,
+        target: str | None = None,
+        tls: TlsOptions | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
+        """``target``: one address, several, or a DNS name (hsmsign.connection); ``timeout``:
+        the deadline of each call in seconds, retries included. Raises UsageError for a bad
+        target or TLS file."""
         self.target = target or os.environ.get("HSMSIGN_SERVER") or DEFAULT_SERVER
         self.timeout = timeout
         #: No TLS: what the channel carries can be read on its way.
         self.plaintext = tls is None
         self._tls_hint = _tls_hint(tls)
-        options: list[tuple[str, int | str]] = [
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ]
+        channel_target = connection.channel_target(self.target)
+        options = connection.channel_options()
         if tls is not None:
             if tls.server_name:
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
-            self._channel = grpc.secure_channel(self.target, tls.credentials(), options=options)
+            self._channel = grpc.secure_channel(channel_target, tls.credentials(), options=options)
         else:
-            self._channel = grpc.insecure_channel(self.target, options=options)
+            self._channel = grpc.insecure_channel(channel_target, options=options)
         self.signer = pb_grpc.SignerStub(self._channel)
         self.admin = pb_grpc.KeyAdminStub(self._channel)
 

@@ -8,7 +8,6 @@ variable or a systemd credential.
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import sysconfig
@@ -17,9 +16,9 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
-from server import pinsource
+from server import cpus, pinsource
 from server.errors import ConfigError
 from server.policy.config import TABLES as ACCESS_TABLES
 from server.policy.config import AccessConfig, load_access
@@ -131,6 +130,33 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """[server.limits]: what one client connection may cost a serving process. gRPC has one
+    receive bound per server (``max_request_bytes``: a batch of 10,000 SHA-512 digests is
+    about 660 KB); ``max_small_request_bytes`` bounds every other call (server.api.limits)."""
+
+    #: Largest request message any call may send; larger ones get RESOURCE_EXHAUSTED from
+    #: gRPC before they are read into memory.
+    max_request_bytes: int = 1024 * 1024
+    #: Largest request of the calls that carry one digest, key or ciphertext.
+    max_small_request_bytes: int = 64 * 1024
+    #: Seconds of silence after which the daemon pings a client connection, and seconds it
+    #: waits for the answer before closing it (a peer that vanished frees its descriptor).
+    keepalive_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 20.0
+    #: Clients that ping more often than this while no call is running get GOAWAY
+    #: (too_many_pings) after two strikes. The hsmsign client pings every 30 s.
+    min_client_ping_seconds: float = 10.0
+    #: A connection with no call for this long is closed (the client reconnects when needed).
+    max_connection_idle_seconds: float = 300.0
+    #: A connection this old is asked to reconnect (GOAWAY; gRPC adds +-10% jitter), so that
+    #: clients spread again over processes and replicas after a restart; its calls in flight
+    #: get ``max_connection_age_grace_seconds`` more to finish.
+    max_connection_age_seconds: float = 1800.0
+    max_connection_age_grace_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """[server]: the gRPC server and its serving processes."""
 
@@ -157,6 +183,8 @@ class ServerConfig:
     key_admin: bool = True
     #: Server TLS; unset: plaintext.
     tls: TlsConfig | None = None
+    #: Message sizes, keepalive and connection lifetimes ([server.limits]).
+    limits: ConnectionLimits = ConnectionLimits()
 
 
 def default_threads(sessions: int) -> int:
@@ -166,7 +194,7 @@ def default_threads(sessions: int) -> int:
 
 def default_processes() -> int:
     """server.processes = "auto" (the default): one per CPU, at most MAX_AUTO_PROCESSES."""
-    return min(available_cpus(), MAX_AUTO_PROCESSES)
+    return min(cpus.available_cpus(), MAX_AUTO_PROCESSES)
 
 
 @dataclass(frozen=True)
@@ -319,34 +347,6 @@ def _parse_uri(table: _Table, uri: str) -> tuple[str | None, str | None]:
     return label, serial
 
 
-def _cgroup_cpu_limit() -> float | None:
-    """CPUs allowed by a cgroup quota (containers: docker --cpus, Kubernetes limits.cpu)."""
-    try:  # cgroup v2
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:  # cgroup v1
-        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-        return None if quota_us <= 0 else quota_us / period_us
-    except (OSError, ValueError):
-        return None
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: its affinity mask (taskset, cpusets), further limited by a
-    cgroup CPU quota (rounded up)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    limit = _cgroup_cpu_limit()
-    if limit is not None:
-        cpus = min(cpus, max(1, math.ceil(limit)))
-    return cpus
-
-
 def _token(root: _Table) -> TokenConfig:
     t = root.table("token")
     module = t.required_path("module")
@@ -422,6 +422,7 @@ def _server(root: _Table, sessions: int) -> ServerConfig:
     reflection = s.get("reflection", bool, default_of(ServerConfig, "reflection"), "true or false")
     processes = _processes(s)
     key_admin = s.get("key_admin", bool, default_of(ServerConfig, "key_admin"), "true or false")
+    limits = _limits(s)
     tls: TlsConfig | None = None
     s.used.add("tls")  # listed among the allowed keys even when absent
     if "tls" in s.data:
@@ -448,7 +449,34 @@ def _server(root: _Table, sessions: int) -> ServerConfig:
         reflection=reflection,
         key_admin=key_admin,
         tls=tls,
+        limits=limits,
     )
+
+
+#: The largest value each [server.limits] key accepts (every one must be above 0).
+_LIMIT_MAXIMA: Final[dict[str, float]] = {
+    "max_request_bytes": 2**31 - 1,
+    "max_small_request_bytes": 2**31 - 1,
+    "max_connection_age_seconds": 365 * 86400.0,
+}
+
+
+def _limits(s: _Table) -> ConnectionLimits:
+    t = s.table("limits")
+    values = {}
+    for f in fields(ConnectionLimits):
+        default = default_of(ConnectionLimits, f.name)
+        maximum = _LIMIT_MAXIMA.get(f.name, 86400.0)  # seconds: at most a day
+        values[f.name] = t.positive(f.name, type(default), default, maximum)
+    limits = ConnectionLimits(**values)
+    if limits.max_small_request_bytes > limits.max_request_bytes:
+        raise t.error(
+            "max_small_request_bytes",
+            f"got {limits.max_small_request_bytes}; allowed: at most max_request_bytes "
+            f"({limits.max_request_bytes})",
+        )
+    t.finish()
+    return limits
 
 
 def _processes(s: _Table) -> int:

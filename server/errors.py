@@ -62,6 +62,18 @@ class Busy(ServerError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class DeadlineExceeded(ServerError):
+    """The caller's deadline passed before or while the call ran (server.api.deadlines)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ServerError):
+    """The caller cancelled the call before or while it ran (server.api.deadlines)."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
 class Unavailable(ServerError):
     """Try again later: the daemon is draining, or the token failed."""
 

@@ -26,7 +26,7 @@ from hsmsign import tlsfiles
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from server import ready, supervisor
-from server.api import pipeline
+from server.api import deadlines, limits, pipeline
 from server.api.admin import KeyAdminService
 from server.api.malformed import MalformedRequests
 from server.api.signer import SignerService
@@ -160,8 +160,9 @@ def listen_on(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.server.threads, thread_name_prefix="rpc"),
         maximum_concurrent_rpcs=cfg.server.max_concurrent_calls,
-        interceptors=[MalformedRequests()],  # garbage bodies: INVALID_ARGUMENT
-        options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
+        # Garbage bodies: INVALID_ARGUMENT; oversized requests and the answered-by mark.
+        interceptors=[MalformedRequests(), limits.CallGate(cfg.server.limits)],
+        options=limits.server_options(cfg.server.limits, reuse_port=reuse_port),
     )
     try:
         port = (
@@ -269,5 +270,6 @@ def serve_process(
     time.sleep(DRAIN_LINGER_SECONDS)
     left = max(0.0, cfg.server.grace_seconds - (time.monotonic() - t0))
     server.stop(left).wait()
+    log.info("%s", deadlines.tally.summary())
     role.stopped()
     return 0

@@ -159,8 +159,10 @@ class ServingProcessSpec:
 
 
 def reserve_port(listen: str) -> tuple[socket.socket, str]:
-    """Binds ``listen`` without SO_REUSEPORT (fails if anything holds it), then keeps a
-    SO_REUSEPORT socket bound to the chosen port, never listening, for the daemon's life."""
+    """Binds ``listen`` without SO_REUSEPORT (fails if another socket listens there), then
+    keeps a SO_REUSEPORT socket bound to the chosen port, never listening, for the daemon's
+    life. Both set SO_REUSEADDR, so the TIME_WAIT connections a stopped daemon leaves on the
+    port do not block a restart (Linux still refuses a port with a listener)."""
     host, _, port = listen.rpartition(":")
     try:
         infos = socket.getaddrinfo(
@@ -170,6 +172,7 @@ def reserve_port(listen: str) -> tuple[socket.socket, str]:
         raise StartupError(f"cannot listen on {listen}: {e}") from None
     family, _type, _proto, _name, address = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError:
@@ -178,6 +181,7 @@ def reserve_port(listen: str) -> tuple[socket.socket, str]:
             ) from None
         chosen = probe.getsockname()[1]
     hold = socket.socket(family, socket.SOCK_STREAM)
+    hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         hold.bind((address[0], chosen, *address[2:]))

@@ -22,7 +22,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 from hsmsign import keycommands, names
 from hsmsign._cli import basic, bundle, keys, unwrap
 from hsmsign._internal import plaintext
-from hsmsign.client import DEFAULT_SERVER, Client, TlsOptions
+from hsmsign.client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client, TlsOptions
 from hsmsign.errors import (
     EXIT_ERROR,
     EXIT_USAGE,
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="hsmsign",
         description="Sign and seal with keys held in an HSM, through hsmsignd.",
         epilog="Key references: NAME (primary version), NAME@VERSION, sha256:FINGERPRINT, "
-        "keyid:CAPGO_KEY_ID. Environment: HSMSIGN_SERVER, HSMSIGN_TLS_CA, "
+        "keyid:CAPGO_KEY_ID. Environment: HSMSIGN_SERVER, HSMSIGN_TIMEOUT, HSMSIGN_TLS_CA, "
         "HSMSIGN_TLS_CERT, HSMSIGN_TLS_KEY, HSMSIGN_TLS_SERVER_NAME.",
     )
     env = os.environ.get
@@ -52,7 +52,15 @@ def _parser() -> argparse.ArgumentParser:
         "--server",
         default=env("HSMSIGN_SERVER", DEFAULT_SERVER),
         metavar="HOST:PORT",
-        help=f"hsmsignd address (default {DEFAULT_SERVER})",
+        help=f"hsmsignd address (default {DEFAULT_SERVER}); several replicas: A:PORT,B:PORT "
+        "or dns:///NAME:PORT (calls are spread over them and retried on another)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=env("HSMSIGN_TIMEOUT", str(DEFAULT_TIMEOUT)),
+        metavar="SECONDS",
+        help=f"deadline of each call, retries included (default {DEFAULT_TIMEOUT:g})",
     )
     p.add_argument(
         "--tls-ca",
@@ -92,6 +100,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 10**9:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
 def _connector(args: argparse.Namespace) -> Connect:
     def connect() -> Client:
         tls = None
@@ -106,7 +124,7 @@ def _connector(args: argparse.Namespace) -> Connect:
             raise UsageError("--tls-cert/--tls-key need --tls-ca (the daemon's CA)")
         else:
             plaintext.check_plaintext(args.server, args.insecure)
-        return Client(args.server, tls)
+        return Client(args.server, tls, timeout=args.timeout)
 
     return connect
 

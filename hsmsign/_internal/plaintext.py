@@ -3,7 +3,8 @@
 Plaintext gRPC carries digests, session keys and (for ``keys import``) private keys in clear,
 and anyone on the path can answer in the daemon's place. Loopback addresses, ``localhost``
 the unspecified address (a connection to it reaches this machine) and unix sockets never
-leave the machine; every other target needs TLS or ``--insecure``.
+leave the machine; every other target needs TLS or ``--insecure``. A list of addresses
+(several replicas) is local only when every address in it is.
 """
 
 from __future__ import annotations
@@ -19,24 +20,31 @@ IMPORT_WARNING = (
 )
 
 
-def _host(target: str) -> str:
-    """The host part of a gRPC target: ``host:port``, ``[v6]:port``, ``dns:///host:port``,
-    ``ipv4:a.b.c.d:port``, ``ipv6:[v6]:port``."""
-    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
-        if target.startswith(scheme):
-            target = target[len(scheme) :]
-            break
-    if target.startswith("["):
-        return target[1:].partition("]")[0]
-    host, sep, port = target.rpartition(":")
-    return host if sep and port.isdigit() else target
+def _hosts(target: str) -> list[str]:
+    """The host parts of a gRPC target or a ``--server`` list: ``host:port``, ``[v6]:port``,
+    ``dns:///host:port``, ``dns://resolver/host:port``, ``ipv4:a.b.c.d:port[,...]``,
+    ``ipv6:[v6]:port[,...]``, ``a.b.c.d:port,...`` (hsmsign.connection)."""
+    if target.startswith("dns:"):
+        rest = target[len("dns:") :]
+        # dns://resolver/name:port: the resolver is asked, the name is what is reached.
+        target = rest[2:].partition("/")[2] if rest.startswith("//") else rest
+    else:
+        for scheme in ("ipv4:", "ipv6:"):
+            if target.startswith(scheme):
+                target = target[len(scheme) :]
+                break
+    return [_host(address.strip()) for address in target.split(",")]
 
 
-def is_local(target: str) -> bool:
-    """True for targets that cannot leave this machine."""
-    if target.startswith(("unix:", "unix-abstract:")):
-        return True
-    host = _host(target).lower()
+def _host(address: str) -> str:
+    if address.startswith("["):
+        return address[1:].partition("]")[0]
+    host, sep, port = address.rpartition(":")
+    return host if sep and port.isdigit() else address
+
+
+def _is_local_host(host: str) -> bool:
+    host = host.lower()
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
@@ -45,6 +53,13 @@ def is_local(target: str) -> bool:
         return False
     # Connecting to the unspecified address (0.0.0.0, ::) reaches this machine.
     return ip.is_loopback or ip.is_unspecified
+
+
+def is_local(target: str) -> bool:
+    """True for targets that cannot leave this machine: every address of a list must be."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    return all(_is_local_host(host) for host in _hosts(target))
 
 
 def check_plaintext(target: str, insecure: bool) -> None:

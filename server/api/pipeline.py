@@ -12,12 +12,18 @@ out through them in reverse. Today's stages:
     (the traceback stays in the daemon's log).
 ``well_formed``
     refuses a request body that is not the method's message (``server.api.malformed``)
-    with INVALID_ARGUMENT.
+    with INVALID_ARGUMENT, and one over its method's size bound (``server.api.limits``)
+    with RESOURCE_EXHAUSTED.
 ``access``
     who the caller is (``server.identity``: its TLS certificate by a typed rule, its OIDC
     token, or the local dev identity), its per-identity limits, and whether the policy
     (``server.policy``) grants it the call's operation on every key the request names;
     default deny.
+``deadline``
+    refuses a call whose caller has gone (its deadline passed, or it cancelled) before any
+    token work, and lets the signing loops stop a batch between chunks once it goes
+    (``server.api.deadlines``): DEADLINE_EXCEEDED or CANCELLED. After ``access``, so that a
+    policy or rate-limit refusal is what such a caller would have been told.
 ``admission``
     refuses calls once the process is draining (SIGTERM) and counts the calls in flight, so
     that draining can wait for them.
@@ -45,9 +51,11 @@ from typing import Any, Final, TypeVar
 
 import grpc
 
+from server.api import deadlines
 from server.api.accesslog import access
+from server.api.limits import Oversized
 from server.api.malformed import MALFORMED
-from server.errors import InvalidArgument, KeyObjectGone, ServerError, Unavailable
+from server.errors import Busy, InvalidArgument, KeyObjectGone, ServerError, Unavailable
 from server.policy import gate
 
 log = logging.getLogger(__name__)
@@ -140,12 +148,18 @@ def status_stage(call: Call, proceed: Proceed) -> Any:
 def well_formed_stage(call: Call, proceed: Proceed) -> Any:
     if call.request is MALFORMED:
         raise InvalidArgument(f"the request is not a valid {call.method} request message")
+    if isinstance(call.request, Oversized):
+        raise Busy(call.request.message(call.method))
     return proceed(call)
 
 
 def access_stage(call: Call, proceed: Proceed) -> Any:
     with gate.admit(call.servicer, call.method, call.request, call.context):
         return proceed(call)
+
+
+def deadline_stage(call: Call, proceed: Proceed) -> Any:
+    return deadlines.run(call.context, lambda: proceed(call))
 
 
 def admission_stage(call: Call, proceed: Proceed) -> Any:
@@ -170,6 +184,7 @@ STAGES: Final[tuple[tuple[str, Stage], ...]] = (
     ("status", status_stage),
     ("well_formed", well_formed_stage),
     ("access", access_stage),
+    ("deadline", deadline_stage),
     ("admission", admission_stage),
     # audit: here
 )

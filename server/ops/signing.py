@@ -12,6 +12,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from typing import Final
 
+from server.api import deadlines
 from server.errors import InvalidArgument
 from server.keyring.model import KeyVersion
 from server.pkcs11.mechanisms import RSA_PKCS, RSA_PSS_SHA256, RSA_PSS_SHA384, RSA_PSS_SHA512, Mech
@@ -85,8 +86,12 @@ def _check_digest(scheme: SignatureScheme, digest: bytes, where: str = "digest")
 def sign_digest(token: Token, key: KeyVersion, scheme: SignatureScheme, digest: bytes) -> bytes:
     """Signs one digest. Raises InvalidArgument for a wrong length; token errors classified."""
     data = _check_digest(scheme, digest)
+    caller_gone = deadlines.batch_check()
     with token.session(f"signing with {scheme.mech.description}") as s:
-        return s.sign(key.cka_id, scheme.mech, data)
+        caller_gone()  # it may have gone while the call waited for a session
+        signature = s.sign(key.cka_id, scheme.mech, data)
+    deadlines.tally.signed(1)
+    return signature
 
 
 def sign_digests(
@@ -106,11 +111,19 @@ def sign_blocks(
 ) -> list[bytes]:
     """Signs already-encoded blocks in order with ``mech``; a large batch is split across
     sessions signing in parallel (one SoftHSM2 session signs on one core). Only the operations
-    in ``server.ops`` call this, after checking every block's length."""
+    in ``server.ops`` call this, after checking every block's length. Stops between chunks of
+    ``deadlines.CHECK_EVERY`` once the caller has gone (DeadlineExceeded, Cancelled:
+    server.api.deadlines)."""
+    caller_gone = deadlines.batch_check()
 
     def sign_part(part: Sequence[bytes]) -> list[bytes]:
+        out: list[bytes] = []
         with token.session(what) as s:
-            return s.sign_many(key.cka_id, mech, part)
+            for start in range(0, len(part), deadlines.CHECK_EVERY):
+                caller_gone()
+                out += s.sign_many(key.cka_id, mech, part[start : start + deadlines.CHECK_EVERY])
+                deadlines.tally.signed(len(out) - start)
+        return out
 
     lanes = min(_parallel_sessions(token), len(blocks) // MIN_DIGESTS_PER_SESSION)
     if lanes <= 1:

@@ -199,7 +199,10 @@ class Gate:
             try:
                 stack.enter_context(self._limiter.admit(identity))
             except LimitExceeded as e:
-                context.set_trailing_metadata((("retry-after-ms", str(e.retry_after_ms)),))
+                # Keeps what CallGate set (the answered-by mark): setting replaces.
+                kept = tuple(context.trailing_metadata() or ())
+                retry_after = ("retry-after-ms", str(e.retry_after_ms))
+                context.set_trailing_metadata((*kept, retry_after))
                 raise
             ring = getattr(servicer, "ring", None)
             for check in checks:

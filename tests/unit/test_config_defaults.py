@@ -36,6 +36,7 @@ TABLES: dict[str, tuple[type, set[str], set[str]]] = {
     "token": (config.TokenConfig, {"pin_file", "pin_env", "pin_credential", "uri"}, {"pin"}),
     "server": (config.ServerConfig, set(), {"tls"}),
     "server.tls": (config.TlsConfig, set(), set()),
+    "server.limits": (config.ConnectionLimits, set(), set()),
     "keyring": (config.KeyRingConfig, set(), set()),
     "keys.*": (config.KeyOptions, set(), set()),
 }

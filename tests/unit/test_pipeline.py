@@ -136,5 +136,12 @@ def test_a_draining_process_refuses_new_calls(channel: grpc.Channel) -> None:
 
 def test_the_stages_are_named_in_order() -> None:
     names = [name for name, _stage in pipeline.STAGES]
-    assert names == ["access_log", "status", "well_formed", "access", "admission"]
+    assert names == [
+        "access_log",
+        "status",
+        "well_formed",
+        "access",
+        "deadline",
+        "admission",
+    ]
     assert issubclass(InvalidArgument, ServerError)

@@ -27,6 +27,16 @@ CASES = [
     ("dns:///hsm.internal:50051", False),
     ("localhost.evil.example:1", False),
     ("127.0.0.1.nip.io:1", False),
+    # several replicas (hsmsign.connection): local only if every address is
+    ("127.0.0.1:1,127.0.0.2:2", True),
+    ("ipv4:127.0.0.1:1,127.0.0.2:2", True),
+    ("ipv6:[::1]:1,[::1]:2", True),
+    ("[::1]:1,[::1]:2", True),
+    ("127.0.0.1:1,10.0.0.7:2", False),
+    ("ipv4:127.0.0.1:1,10.0.0.7:2", False),
+    ("ipv6:[::1]:1,[2001:db8::1]:2", False),
+    ("dns://127.0.0.1:53/localhost:1", True),
+    ("dns://127.0.0.1:53/hsm.internal:1", False),
 ]
 
 

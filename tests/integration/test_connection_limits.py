@@ -1,0 +1,116 @@
+"""Bounded resources per connection: request sizes per method, idle connections closed."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from hsmsign.names import ANSWERED_BY
+from hsmsign.v1 import hsmsign_pb2 as pb
+from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
+from tests.harness import Daemon, TokenDir, hsmsignd, start_daemon, write_config
+
+SHA256 = pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256
+
+
+def _daemon(token: TokenDir, tmp: Path, limits: str = "") -> Daemon:
+    config = write_config(
+        tmp / "hsmsignd.toml", token, extra=f"[server]\nprocesses = 1\n[server.limits]\n{limits}"
+    )
+    return start_daemon(config, tmp / "run")
+
+
+def _code(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        call()  # type: ignore[operator]
+    code: grpc.StatusCode = e.value.code()
+    return code
+
+
+def test_oversize_requests_are_refused_and_the_daemon_keeps_serving(
+    token: TokenDir, tmp_path: Path
+) -> None:
+    d = _daemon(token, tmp_path)
+    try:
+        # Large enough for the client to send (its own limit is 64 MiB).
+        options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        with grpc.insecure_channel(d.address, options=options) as channel:
+            stub = pb_grpc.SignerStub(channel)
+            key = pb.KeyRef(name="demo")
+            # A single-digest call carrying 200 KB: under the transport's bound (1 MiB) but
+            # over what a call with one digest needs (64 KiB).
+            huge_digest = pb.SignDigestRequest(key=key, algorithm=SHA256, digest=b"\0" * 200_000)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.SignDigest(huge_digest, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # The daemon marks its answers, so the client can tell them from its transport's.
+            trailing: list[tuple[str, object]] = [
+                (m.key, m.value) for m in refused.value.trailing_metadata()
+            ]
+            assert ANSWERED_BY in trailing
+            # A batch over the transport's bound: refused by gRPC before it is read.
+            huge_batch = pb.SignDigestsRequest(
+                key=key, algorithm=SHA256, digests=[b"\0" * 32] * 40_000
+            )
+            code = _code(lambda: stub.SignDigests(huge_batch, timeout=30))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # A full batch of the largest digests still fits.
+            digests = [hashlib.sha512(i.to_bytes(4, "big")).digest() for i in range(10_000)]
+            full = pb.SignDigestsRequest(
+                key=key, algorithm=pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA512, digests=digests
+            )
+            assert full.ByteSize() > 64 * 1024
+            code = _code(lambda: stub.SignDigests(full, timeout=0.001))
+            assert code != grpc.StatusCode.RESOURCE_EXHAUSTED
+            ok = pb.SignDigestRequest(key=key, algorithm=SHA256, digest=b"\1" * 32)
+            assert len(stub.SignDigest(ok, timeout=30).signature) == 256
+    finally:
+        assert d.stop() == 0
+    assert "SignDigest peer=" in d.log() and "status=RESOURCE_EXHAUSTED" in d.log()
+
+
+def test_idle_connection_is_closed(token: TokenDir, tmp_path: Path) -> None:
+    d = _daemon(token, tmp_path, "max_connection_idle_seconds = 1.0")
+    states: list[grpc.ChannelConnectivity] = []
+    changed = threading.Condition()
+
+    def record(state: grpc.ChannelConnectivity) -> None:
+        with changed:
+            states.append(state)
+            changed.notify_all()
+
+    try:
+        with grpc.insecure_channel(d.address) as channel:
+            stub = pb_grpc.SignerStub(channel)
+            stub.GetPublicKey(pb.GetPublicKeyRequest(key=pb.KeyRef(name="demo")), timeout=30)
+            channel.subscribe(record, try_to_connect=False)
+            with changed:
+                # READY now; the daemon's GOAWAY after 1 s of idleness makes the channel IDLE.
+                closed = changed.wait_for(
+                    lambda: grpc.ChannelConnectivity.IDLE in states, timeout=15
+                )
+            assert closed, f"connection still open after 15 s; states seen: {states}"
+            # The next call simply reconnects.
+            r = stub.GetPublicKey(pb.GetPublicKeyRequest(key=pb.KeyRef(name="demo")), timeout=30)
+            assert r.key.name == "demo"
+            channel.unsubscribe(record)
+    finally:
+        assert d.stop() == 0
+
+
+def test_limits_config_errors_are_one_line(token: TokenDir, tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "bad.toml",
+        token,
+        extra="[server.limits]\nmax_request_bytes = 1000\nmax_small_request_bytes = 2000",
+    )
+    r = hsmsignd(config, "serve", "--listen", "127.0.0.1:0", check=False, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"hsmsignd: config error: {config}: server.limits.max_small_request_bytes: got 2000; "
+        "allowed: at most max_request_bytes (1000)"
+    ]
