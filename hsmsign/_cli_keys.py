@@ -257,6 +257,12 @@ def add_actions(ks: Any, offline: bool = False) -> None:
     i.add_argument(
         "--passphrase-file", type=Path, metavar="FILE", help="passphrase of an encrypted key"
     )
+    i.add_argument(
+        "--plaintext-ceremony",
+        action="store_true",
+        help="send the key IN CLEAR (only to a daemon with server.allow_plaintext_import, on "
+        "loopback); the default wraps it to the daemon's import wrapping key",
+    )
 
 
 def import_advice(path: Path) -> str:
@@ -283,7 +289,21 @@ def cmd_keys(args: argparse.Namespace, connect: Callable[[], Client]) -> int:
             print_new_version(key, newest_version(key), "rotated", as_json)
         elif cmd == "import":
             der = read_private_key_file(args.file, args.passphrase_file)
-            key = admin.import_key(args.name, der, args.purpose, args.make_primary)
+            if args.plaintext_ceremony:
+                print(
+                    "warning: sending the private key in clear (--plaintext-ceremony)",
+                    file=sys.stderr,
+                )
+                key = admin.import_key_plaintext(args.name, der, args.purpose, args.make_primary)
+            else:
+                to = admin.import_wrapping_key()
+                if to.oaep_hash != pb.OAEP_HASH_SHA256:
+                    print(
+                        f"note: the daemon's token unwraps with RSA-OAEP {to.oaep_hash_name} "
+                        "only; wrapping with it",
+                        file=sys.stderr,
+                    )
+                key = admin.import_key(args.name, der, args.purpose, args.make_primary, to)
             del der
             print_new_version(key, newest_version(key), "imported as", as_json)
             print(import_advice(args.file), file=sys.stderr)

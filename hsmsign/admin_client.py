@@ -6,6 +6,7 @@ Used by ``hsmsign keys ...`` and by scripts. Every call raises
 
 from __future__ import annotations
 
+import base64
 import getpass
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from hsmsign import key_wrap
 from hsmsign.client import Client
 from hsmsign.errors import UsageError
 from hsmsign.v1 import hsmsign_pb2 as pb
@@ -82,9 +84,44 @@ class KeyAdmin:
             lambda: self._c.admin.CancelKeyVersionDestruction(req, timeout=self._c.timeout)
         )
 
+    def import_wrapping_key(self) -> key_wrap.WrappingKey:
+        """The daemon's import wrapping key and OAEP hash. Raises RemoteError, or UsageError
+        when the daemon's answer is unusable."""
+        req = pb.GetImportWrappingKeyRequest()
+        r = self._c.call(lambda: self._c.admin.GetImportWrappingKey(req, timeout=120))
+        try:
+            return key_wrap.WrappingKey.from_pb(r)
+        except key_wrap.UnsuitableKey as e:
+            raise UsageError(str(e)) from None
+
     def import_key(
+        self,
+        name: str,
+        private_key_der: bytes,
+        purpose: str = "sign",
+        make_primary: bool = False,
+        to: key_wrap.WrappingKey | None = None,
+    ) -> pb.Key:
+        """Imports a DER PKCS#8 RSA key wrapped to the daemon's import wrapping key (``to``,
+        fetched when not given), so that it is never in clear on the wire. Raises UsageError
+        for a key that cannot be imported (not rsaEncryption, e != 65537, under 2048 bits),
+        RemoteError from the daemon."""
+        if to is None:
+            to = self.import_wrapping_key()
+        try:
+            wrapped = key_wrap.wrap_private_key(private_key_der, to)
+        except key_wrap.UnsuitableKey as e:
+            raise UsageError(str(e)) from None
+        req = pb.ImportKeyRequest(
+            name=name, purpose=PURPOSES[purpose], wrapped=wrapped, make_primary=make_primary
+        )
+        return self._c.call(lambda: self._c.admin.ImportKey(req, timeout=120))
+
+    def import_key_plaintext(
         self, name: str, private_key_der: bytes, purpose: str = "sign", make_primary: bool = False
     ) -> pb.Key:
+        """Sends the key IN CLEAR: for a ceremony on a daemon that sets
+        server.allow_plaintext_import (refused with FAILED_PRECONDITION otherwise)."""
         req = pb.ImportKeyRequest(
             name=name,
             purpose=PURPOSES[purpose],
@@ -118,6 +155,8 @@ def read_private_key_file(path: Path, passphrase_file: Path | None = None) -> by
                 "asked)"
             )
         passphrase = getpass.getpass(f"passphrase for {path}: ").encode()
+    if not encrypted:
+        _check_input_algorithm(path, data, pem)
     load = serialization.load_pem_private_key if pem else serialization.load_der_private_key
     try:
         key = load(data, password=passphrase if encrypted else None)
@@ -138,8 +177,36 @@ def read_private_key_file(path: Path, passphrase_file: Path | None = None) -> by
         )
     if key.key_size < 2048:
         raise UsageError(f"{path} is RSA-{key.key_size}; keys under 2048 bits are refused")
+    try:
+        key_wrap.check_public_key(key.public_key())
+    except key_wrap.UnsuitableKey as e:
+        raise UsageError(f"{path}: {e}") from None
     return key.private_bytes(
         serialization.Encoding.DER,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def _check_input_algorithm(path: Path, data: bytes, pem: bool) -> None:
+    """Refuses an unencrypted PKCS#8 key whose algorithm is not rsaEncryption (an RSA-PSS
+    key, for one): cryptography would load it as a plain RSA key and re-encode it."""
+    if pem:
+        if b"-----BEGIN PRIVATE KEY-----" not in data:
+            return  # PKCS#1 ("RSA PRIVATE KEY") or another type cryptography names
+        body = data.split(b"-----BEGIN PRIVATE KEY-----", 1)[1].split(b"-----END", 1)[0]
+        try:
+            der = base64.b64decode(b"".join(body.split()), validate=True)
+        except ValueError:
+            return  # cryptography's loader reports it
+    else:
+        der = data
+    try:
+        oid = key_wrap.pkcs8_algorithm_oid(der)
+    except key_wrap.UnsuitableKey:
+        return  # not PKCS#8 (DER PKCS#1, say): the loader decides
+    if oid != key_wrap.RSA_ENCRYPTION_OID_DER:
+        raise UsageError(
+            f"{path} is not an rsaEncryption key (an RSA-PSS or non-RSA algorithm); only "
+            "rsaEncryption keys can be imported"
+        )

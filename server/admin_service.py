@@ -2,7 +2,8 @@
 
 Each handler turns the request into domain values, calls ``server.admin`` and answers with the
 key as it now is. Errors become status codes in ``server.service.rpc`` (the one mapping).
-Nothing here logs key material: ImportKey's private key is passed through, never printed.
+Nothing here logs key material: ImportKey's key is passed through (wrapped, or in clear only
+when server.allow_plaintext_import allows it), never printed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hsmsign import keyformats
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
-from server import admin
+from server import admin, key_import
 from server.config import Config, ServerConfig
 from server.errors import InvalidArgument, PermissionDenied
 from server.keyring import Key, KeyRing, KeyVersion, Purpose, State
@@ -268,7 +269,24 @@ class KeyAdminService(pb_grpc.KeyAdminServicer):
 
     @rpc
     @_admin
+    def GetImportWrappingKey(
+        self, request: pb.GetImportWrappingKeyRequest, context: grpc.ServicerContext
+    ) -> pb.ImportWrappingKey:
+        return key_import.get_import_wrapping_key(self.token)
+
+    @rpc
+    @_admin
     def ImportKey(self, request: pb.ImportKeyRequest, context: grpc.ServicerContext) -> pb.Key:
+        if request.HasField("wrapped"):
+            v = key_import.import_wrapped_key(
+                self.ring,
+                request.name,
+                _purpose(request.purpose),
+                request.wrapped,
+                request.make_primary,
+            )
+            return self._key(v.name)
+        key_import.check_plaintext_import_allowed(self.config.server, context.peer())
         if not request.private_key_der:
             raise InvalidArgument("private_key_der is empty")
         v = admin.import_key(

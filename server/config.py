@@ -143,6 +143,9 @@ class ServerConfig:
     processes: int = 1
     #: Serve the KeyAdmin service (create, rotate, import, destroy keys) on this daemon.
     key_admin: bool = True
+    #: Accept ImportKey with the private key in clear (a ceremony, from loopback or a unix
+    #: socket only); otherwise only the wrapped form (docs/operations.md, key import).
+    allow_plaintext_import: bool = False
 
 
 @dataclass(frozen=True)
@@ -330,6 +333,7 @@ def _server(root: _Table, sessions: int) -> ServerConfig:
     reflection = s.get("reflection", bool, True, "true or false")
     processes = _processes(s)
     key_admin = s.get("key_admin", bool, True, "true or false")
+    allow_plaintext_import = s.get("allow_plaintext_import", bool, False, "true or false")
     tls: TlsConfig | None = None
     s.used.add("tls")  # listed among the allowed keys even when absent
     if "tls" in s.data:
@@ -350,7 +354,15 @@ def _server(root: _Table, sessions: int) -> ServerConfig:
         tt.finish()
     s.finish()
     return ServerConfig(
-        listen, workers, max_calls, grace, tls, reflection, processes, key_admin=key_admin
+        listen,
+        workers,
+        max_calls,
+        grace,
+        tls,
+        reflection,
+        processes,
+        key_admin=key_admin,
+        allow_plaintext_import=allow_plaintext_import,
     )
 
 

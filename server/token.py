@@ -173,6 +173,26 @@ _SESSION_SECRET_TEMPLATE: Mapping[Attribute, Any] = {
 }
 _IMPLICIT_REJECTION_LOCK = threading.Lock()
 
+# Key import without plaintext (server.key_import): the token's import wrapping key is found
+# by this label (outside the ring's "hsmsign:" prefix); RSA-3072, unwrap only.
+IMPORT_WRAPPING_LABEL = "hsmsign-import-wrapping"
+IMPORT_WRAPPING_BITS = 3072
+AES_KEY_WRAP_PAD = Mech(Mechanism.AES_KEY_WRAP_PAD, None, "CKM_AES_KEY_WRAP_PAD (RFC 5649)")
+# The ephemeral AES key: a session object, sensitive, that can only unwrap.
+_IMPORT_AES_TEMPLATE: Mapping[Attribute, Any] = {
+    Attribute.TOKEN: False,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.ENCRYPT: False,
+    Attribute.DECRYPT: False,
+    Attribute.SIGN: False,
+    Attribute.VERIFY: False,
+    Attribute.WRAP: False,
+    Attribute.UNWRAP: True,
+    Attribute.DERIVE: False,
+}
+
 
 @dataclass(frozen=True)
 class KeyObjectInfo:
@@ -493,13 +513,9 @@ class Session:
             Attribute.EXPONENT_2: big("dmq1"),
             Attribute.COEFFICIENT: big("iqmp"),
         }
-        public_template = {
-            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
-            Attribute.KEY_TYPE: KeyType.RSA,
-            **_public_key_template(label, cka_id, sign=sign, decrypt=decrypt),
-            Attribute.MODULUS: big("n"),
-            Attribute.PUBLIC_EXPONENT: big("e"),
-        }
+        public_template = _rsa_public_object_template(
+            label, cka_id, big("n"), big("e"), sign=sign, decrypt=decrypt
+        )
         priv = None
         try:
             priv = self.raw.create_object(private_template)
@@ -513,6 +529,163 @@ class Session:
 
     def random(self, n: int) -> bytes:
         return bytes(self.raw.generate_random(n * 8))
+
+    # -- key import without plaintext (server.key_import) -----------------------------------
+
+    def import_wrapping_keys(self) -> list[KeyObjectInfo]:
+        """The token's import wrapping keys (normally one; two when processes raced)."""
+
+        def scan() -> list[KeyObjectInfo]:
+            return [
+                _describe(obj)
+                for obj in self.raw.get_objects(
+                    {
+                        Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                        Attribute.LABEL: IMPORT_WRAPPING_LABEL,
+                    }
+                )
+            ]
+
+        return _rescan_if_changed(scan)
+
+    def generate_import_wrapping_key(self) -> KeyObjectInfo:
+        """An RSA key pair whose private half can only unwrap (CKA_UNWRAP, nothing else)."""
+        cka_id = self.random(16)
+        common = {
+            Attribute.TOKEN: True,
+            Attribute.LABEL: IMPORT_WRAPPING_LABEL,
+            Attribute.ID: cka_id,
+        }
+        try:
+            _pub, priv = self.raw.generate_keypair(
+                KeyType.RSA,
+                IMPORT_WRAPPING_BITS,
+                store=True,
+                mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
+                public_template={
+                    **common,
+                    Attribute.PRIVATE: False,
+                    Attribute.MODULUS_BITS: IMPORT_WRAPPING_BITS,
+                    Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01",
+                    Attribute.VERIFY: False,
+                    Attribute.VERIFY_RECOVER: False,
+                    Attribute.ENCRYPT: False,
+                    Attribute.WRAP: False,
+                    Attribute.DERIVE: False,
+                },
+                private_template={
+                    **common,
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.SIGN: False,
+                    Attribute.SIGN_RECOVER: False,
+                    Attribute.DECRYPT: False,
+                    Attribute.UNWRAP: True,
+                    Attribute.DERIVE: False,
+                },
+            )
+        except p11e.PKCS11Error as e:
+            raise classify(e, "generating the import wrapping key") from None
+        return _describe(priv)
+
+    def _unwrap_aes_key(self, wrapping_cka_id: bytes, oaep: Mech, wrapped_aes_key: bytes) -> Any:
+        """C_UnwrapKey of the ephemeral AES key into a session object that can only unwrap."""
+
+        def op(k: Any) -> Any:
+            return k.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.AES,
+                wrapped_aes_key,
+                mechanism=oaep.mechanism,
+                mechanism_param=oaep.param,
+                store=False,
+                template=dict(_IMPORT_AES_TEMPLATE),
+            )
+
+        try:
+            return self._with_key(wrapping_cka_id, oaep.description, op)
+        except _MECHANISM_REFUSED as e:
+            raise MechanismUnsupported(
+                f"the token does not support {oaep.description} ({type(e).__name__})"
+            ) from None
+        except (*_CIPHERTEXT_REJECTED, p11e.FunctionFailed, p11e.KeySizeRange):
+            raise InvalidArgument(
+                "the token could not unwrap wrapped_aes_key with the import wrapping key "
+                f"({oaep.description})"
+            ) from None
+
+    def oaep_unwrap_works(self, wrapping_cka_id: bytes, oaep: Mech, wrapped_aes_key: bytes) -> bool:
+        """Whether the token unwraps a (throwaway) AES key with ``oaep``; False when it
+        refuses the mechanism or its parameters."""
+        try:
+            aes = self._unwrap_aes_key(wrapping_cka_id, oaep, wrapped_aes_key)
+        except MechanismUnsupported:
+            return False
+        aes.destroy()
+        return True
+
+    def unwrap_rsa_private_key(
+        self,
+        wrapping_cka_id: bytes,
+        oaep: Mech,
+        wrapped_aes_key: bytes,
+        wrapped_private_key: bytes,
+        label: str,
+        cka_id: bytes,
+        *,
+        sign: bool,
+        decrypt: bool,
+    ) -> KeyObjectInfo:
+        """Unwraps an imported RSA key inside the token: the AES key with ``oaep`` under the
+        import wrapping key (a session object, destroyed here), then the PKCS#8 with
+        CKM_AES_KEY_WRAP_PAD into a token object with the import template (sensitive, not
+        extractable, one purpose). The public object is made from the private one's modulus
+        and exponent. Raises InvalidArgument when the token refuses a wrapped value,
+        MechanismUnsupported when it refuses ``oaep``."""
+        aes = self._unwrap_aes_key(wrapping_cka_id, oaep, wrapped_aes_key)
+        try:
+            template = {
+                **_private_key_template(label, cka_id, sign=sign, decrypt=decrypt),
+                # python-pkcs11 adds every capability; these are not private-key attributes.
+                Attribute.ENCRYPT: pkcs11.DEFAULT,
+                Attribute.VERIFY: pkcs11.DEFAULT,
+                Attribute.WRAP: pkcs11.DEFAULT,
+            }
+            try:
+                priv = aes.unwrap_key(
+                    ObjectClass.PRIVATE_KEY,
+                    KeyType.RSA,
+                    wrapped_private_key,
+                    mechanism=AES_KEY_WRAP_PAD.mechanism,
+                    store=True,
+                    template=template,
+                )
+            except (*_CIPHERTEXT_REJECTED, p11e.FunctionFailed, p11e.AttributeValueInvalid):
+                raise InvalidArgument(
+                    "the token refused wrapped_private_key: not an RSA PKCS#8 key wrapped "
+                    "with this AES key (CKM_AES_KEY_WRAP_PAD)"
+                ) from None
+        finally:
+            with contextlib.suppress(p11e.PKCS11Error):
+                aes.destroy()
+        try:
+            info = _describe(priv)
+            self.raw.create_object(
+                _rsa_public_object_template(
+                    label,
+                    cka_id,
+                    bytes(priv[Attribute.MODULUS]),
+                    bytes(priv[Attribute.PUBLIC_EXPONENT]),
+                    sign=sign,
+                    decrypt=decrypt,
+                )
+            )
+        except p11e.PKCS11Error as e:
+            with contextlib.suppress(p11e.PKCS11Error):
+                priv.destroy()  # no half-imported key left behind
+            raise classify(e, "importing an RSA private key") from None
+        return info
 
 
 #: What a read-only scan of a SoftHSM2 file token raises while another process creates or
@@ -554,6 +727,19 @@ def _public_key_template(label: str, cka_id: bytes, *, sign: bool, decrypt: bool
         Attribute.WRAP: decrypt,
         Attribute.VERIFY_RECOVER: False,
         Attribute.DERIVE: False,
+    }
+
+
+def _rsa_public_object_template(
+    label: str, cka_id: bytes, modulus: bytes, exponent: bytes, *, sign: bool, decrypt: bool
+) -> dict[Any, Any]:
+    """The public object of an imported version (generation makes its own)."""
+    return {
+        Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+        Attribute.KEY_TYPE: KeyType.RSA,
+        **_public_key_template(label, cka_id, sign=sign, decrypt=decrypt),
+        Attribute.MODULUS: modulus,
+        Attribute.PUBLIC_EXPONENT: exponent,
     }
 
 
