@@ -207,6 +207,6 @@ def _check_input_algorithm(path: Path, data: bytes, pem: bool) -> None:
         return  # not PKCS#8 (DER PKCS#1, say): the loader decides
     if oid != key_wrap.RSA_ENCRYPTION_OID_DER:
         raise UsageError(
-            f"{path} is not an rsaEncryption key (an RSA-PSS or non-RSA algorithm); only "
-            "rsaEncryption keys can be imported"
+            f"{path} is not an rsaEncryption key (RSA-PSS, or not RSA); only RSA keys "
+            "with the rsaEncryption OID can be imported"
         )
