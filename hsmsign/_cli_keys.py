@@ -297,6 +297,7 @@ def cmd_keys(args: argparse.Namespace, connect: Callable[[], Client]) -> int:
                 key = admin.import_key_plaintext(args.name, der, args.purpose, args.make_primary)
             else:
                 to = admin.import_wrapping_key()
+                print(f"wrapping to the import key sha256:{to.fingerprint}", file=sys.stderr)
                 if to.oaep_hash != pb.OAEP_HASH_SHA256:
                     print(
                         f"note: the daemon's token unwraps with RSA-OAEP {to.oaep_hash_name} "

@@ -93,7 +93,10 @@ def get_import_wrapping_key(token: Token) -> pb.ImportWrappingKey:
                 info = _current(s)
                 if info is None:
                     info = s.generate_import_wrapping_key()
-                    log.info("created the token's import wrapping key")
+                    log.info(
+                        "created the token's import wrapping key sha256:%s",
+                        keyformats.fingerprint(_public_key(info)),
+                    )
         oaep_hash = _choose_oaep(s, info)
     pub = _public_key(info)
     return pb.ImportWrappingKey(

@@ -159,6 +159,11 @@ def test_wrapped_import_round_trip_leaves_no_key_bytes_on_the_wire(
     assert b"GetImportWrappingKey" in captured and b"ImportKey" in captured  # it was recorded
     assert _leaks(captured, original) == []
     assert b"RSA-OAEP SHA-1" in r.stderr  # SoftHSM2 2.6.1: the client says what it follows
+    with Client(daemon.address) as c:
+        fp = KeyAdmin(c).import_wrapping_key().fingerprint
+    assert f"import key sha256:{fp}".encode() in r.stderr
+    assert f"created the token's import wrapping key sha256:{fp}" in daemon.log()
+    assert "CKM_RSA_PKCS_OAEP with SHA-1" in daemon.log()  # the fallback is logged
     out = json.loads(r.stdout)
     pub = original.public_key()
     assert out["fingerprint"] == keyformats.fingerprint(pub)
@@ -169,9 +174,15 @@ def test_wrapped_import_round_trip_leaves_no_key_bytes_on_the_wire(
     _verify(pub, sig.signature)
     # The import wrapping key can unwrap and nothing else.
     listing = token.pkcs11_tool("-O")
-    block = listing.split("label:      hsmsign-import-wrapping", 1)[1].split("Object;", 1)[0]
-    usage = block.split("Usage:", 1)[1].split("\n", 1)[0]
-    assert usage.split() == ["unwrap"], usage
+    blocks = [
+        b
+        for b in listing.split("Private Key Object;")[1:]
+        if "label:      hsmsign-import-wrapping\n" in b.split("Object;", 1)[0]
+    ]
+    assert blocks, listing
+    for block in blocks:
+        usage = block.split("Object;", 1)[0].split("Usage:", 1)[1].split("\n", 1)[0]
+        assert usage.split() == ["unwrap"], usage
 
 
 def test_plaintext_ceremony_shows_the_key_on_the_wire(
