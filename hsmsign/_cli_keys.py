@@ -257,12 +257,13 @@ def add_actions(ks: Any, offline: bool = False) -> None:
     i.add_argument(
         "--passphrase-file", type=Path, metavar="FILE", help="passphrase of an encrypted key"
     )
-    i.add_argument(
-        "--plaintext-ceremony",
-        action="store_true",
-        help="send the key IN CLEAR (only to a daemon with server.allow_plaintext_import, on "
-        "loopback); the default wraps it to the daemon's import wrapping key",
-    )
+    if not offline:  # the offline import never crosses a network
+        i.add_argument(
+            "--plaintext-ceremony",
+            action="store_true",
+            help="send the key IN CLEAR (only to a daemon with server.allow_plaintext_import, on "
+            "loopback); the default wraps it to the daemon's import wrapping key",
+        )
 
 
 def import_advice(path: Path) -> str:

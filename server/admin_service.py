@@ -272,7 +272,7 @@ class KeyAdminService(pb_grpc.KeyAdminServicer):
     def GetImportWrappingKey(
         self, request: pb.GetImportWrappingKeyRequest, context: grpc.ServicerContext
     ) -> pb.ImportWrappingKey:
-        return key_import.get_import_wrapping_key(self.token)
+        return key_import.get_import_wrapping_key(self.ring)
 
     @rpc
     @_admin

@@ -34,7 +34,6 @@ from server.token import (
     KeyObjectInfo,
     Mech,
     Session,
-    Token,
 )
 
 log = logging.getLogger(__name__)
@@ -83,10 +82,11 @@ def _choose_oaep(s: Session, info: KeyObjectInfo) -> pb.OaepHash.ValueType:
     )
 
 
-def get_import_wrapping_key(token: Token) -> pb.ImportWrappingKey:
+def get_import_wrapping_key(ring: KeyRing) -> pb.ImportWrappingKey:
     """The import wrapping key's public half and the OAEP hash to use; creates the key in the
     token on first need. Raises token errors as classified by ``server.token``."""
-    with token.session("reading the import wrapping key") as s:
+    # Held like every other object change: the daemon's other processes do not scan meanwhile.
+    with ring.objects_exclusive(), ring.token.session("reading the import wrapping key") as s:
         info = _current(s)
         if info is None:
             with _CREATE_LOCK:

@@ -27,7 +27,10 @@ from hsmsign.v1 import hsmsign_pb2 as pb
 from tests.conftest import HSMSIGN, Daemon, TokenDir, make_token, start_daemon, write_config
 
 KEYRING = "[keyring]\nmin_destruction_delay_hours = 0\nrefresh_seconds = 0.5\n"
-CEREMONY = "[server]\nallow_plaintext_import = true\n"
+# One serving process: on a fresh token, a second one starting while the first creates the
+# implicit-rejection secret can fail in C_GetTokenInfo (seen under load; not about import).
+DEFAULT = "[server]\nprocesses = 1\n"
+CEREMONY = "[server]\nprocesses = 1\nallow_plaintext_import = true\n"
 DIGEST = hashlib.sha256(b"bundle").digest()
 
 
@@ -81,7 +84,9 @@ def daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TokenDir
     """One token; a daemon with the defaults and one that allows the plaintext ceremony."""
     tmp = tmp_path_factory.mktemp("import-wrapped")
     t = make_token(tmp / "token")
-    default = start_daemon(write_config(tmp / "default.toml", t, extra=KEYRING), tmp / "d")
+    default = start_daemon(
+        write_config(tmp / "default.toml", t, extra=KEYRING + DEFAULT), tmp / "d"
+    )
     ceremony = start_daemon(
         write_config(tmp / "ceremony.toml", t, extra=KEYRING + CEREMONY), tmp / "c"
     )
