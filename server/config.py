@@ -155,6 +155,9 @@ class ServerConfig:
     reflection: bool = True
     #: Serve the KeyAdmin service (create, rotate, import, destroy keys) on this daemon.
     key_admin: bool = True
+    #: Accept ImportKey with the private key in clear (a ceremony, from loopback or a unix
+    #: socket only); otherwise only the wrapped form (docs/operations.md, key import).
+    allow_plaintext_import: bool = False
     #: Server TLS; unset: plaintext.
     tls: TlsConfig | None = None
 
@@ -422,6 +425,12 @@ def _server(root: _Table, sessions: int) -> ServerConfig:
     reflection = s.get("reflection", bool, default_of(ServerConfig, "reflection"), "true or false")
     processes = _processes(s)
     key_admin = s.get("key_admin", bool, default_of(ServerConfig, "key_admin"), "true or false")
+    allow_plaintext_import = s.get(
+        "allow_plaintext_import",
+        bool,
+        default_of(ServerConfig, "allow_plaintext_import"),
+        "true or false",
+    )
     tls: TlsConfig | None = None
     s.used.add("tls")  # listed among the allowed keys even when absent
     if "tls" in s.data:
@@ -447,6 +456,7 @@ def _server(root: _Table, sessions: int) -> ServerConfig:
         grace_seconds=grace,
         reflection=reflection,
         key_admin=key_admin,
+        allow_plaintext_import=allow_plaintext_import,
         tls=tls,
     )
 
