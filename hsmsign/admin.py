@@ -12,8 +12,9 @@ import sys
 from collections.abc import Callable
 from typing import Final, TypeVar
 
-from hsmsign import keycommands, names
+from hsmsign import key_wrap, keycommands, names
 from hsmsign.client import Client, choose
+from hsmsign.errors import UsageError
 from hsmsign.v1 import hsmsign_pb2 as pb
 
 T = TypeVar("T")
@@ -52,6 +53,10 @@ class KeyAdmin:
 
     def ImportKey(self, request: pb.ImportKeyRequest) -> pb.Key:
         return self._send(self._c.admin.ImportKey, request, _SLOW_CALL_TIMEOUT_S)
+
+    def GetImportWrappingKey(self, request: pb.GetImportWrappingKeyRequest) -> pb.ImportWrappingKey:
+        # Slow the first time: the daemon makes the RSA-3072 key in the token.
+        return self._send(self._c.admin.GetImportWrappingKey, request, _SLOW_CALL_TIMEOUT_S)
 
     def SetPrimaryVersion(self, request: pb.KeyVersionRequest) -> pb.Key:
         return self._send(self._c.admin.SetPrimaryVersion, request)
@@ -114,22 +119,69 @@ class KeyAdmin:
     def cancel_destruction(self, name: str, version: int) -> pb.Key:
         return self.CancelKeyVersionDestruction(pb.KeyVersionRequest(name=name, version=version))
 
+    def import_wrapping_key(self) -> key_wrap.WrappingKey:
+        """The daemon's import wrapping key and OAEP hash. Raises RemoteError, or UsageError
+        when the daemon's answer is unusable."""
+        r = self.GetImportWrappingKey(pb.GetImportWrappingKeyRequest())
+        try:
+            return key_wrap.WrappingKey.from_pb(r)
+        except key_wrap.UnsuitableKey as e:
+            raise UsageError(str(e)) from None
+
     def import_key(
         self,
         name: str,
         private_key_der: bytes,
         purpose: str = names.DEFAULT_PURPOSE,
         make_primary: bool = False,
+        to: key_wrap.WrappingKey | None = None,
     ) -> pb.Key:
-        """Raises UsageError for an unknown purpose, RemoteError."""
-        return self.ImportKey(
-            pb.ImportKeyRequest(
-                name=name,
-                purpose=choose(names.PURPOSES, purpose, "purpose").pb,
-                private_key_der=private_key_der,
-                make_primary=make_primary,
-            )
+        """Imports a DER PKCS#8 RSA key wrapped to the daemon's import wrapping key (``to``,
+        fetched when not given), so that it is never in clear on the wire. Raises UsageError
+        for an unknown purpose or a key that cannot be imported (not rsaEncryption,
+        e != 65537, under 2048 bits), RemoteError from the daemon."""
+        plain = self._import_request(name, private_key_der, purpose, make_primary)
+        return self.ImportKey(wrapped_import_request(plain, to or self.import_wrapping_key()))
+
+    def import_key_plaintext(
+        self,
+        name: str,
+        private_key_der: bytes,
+        purpose: str = names.DEFAULT_PURPOSE,
+        make_primary: bool = False,
+    ) -> pb.Key:
+        """Sends the key IN CLEAR: for a ceremony on a daemon that sets
+        server.allow_plaintext_import (refused with FAILED_PRECONDITION otherwise). Raises
+        UsageError for an unknown purpose, RemoteError."""
+        return self.ImportKey(self._import_request(name, private_key_der, purpose, make_primary))
+
+    @staticmethod
+    def _import_request(
+        name: str, private_key_der: bytes, purpose: str, make_primary: bool
+    ) -> pb.ImportKeyRequest:
+        return pb.ImportKeyRequest(
+            name=name,
+            purpose=choose(names.PURPOSES, purpose, "purpose").pb,
+            private_key_der=private_key_der,
+            make_primary=make_primary,
         )
+
+
+def wrapped_import_request(
+    request: pb.ImportKeyRequest, to: key_wrap.WrappingKey
+) -> pb.ImportKeyRequest:
+    """The same ImportKey request with its plaintext ``private_key_der`` replaced by the key
+    wrapped to ``to``. Raises UsageError for a key that cannot be imported."""
+    try:
+        wrapped = key_wrap.wrap_private_key(request.private_key_der, to)
+    except key_wrap.UnsuitableKey as e:
+        raise UsageError(str(e)) from None
+    return pb.ImportKeyRequest(
+        name=request.name,
+        purpose=request.purpose,
+        wrapped=wrapped,
+        make_primary=request.make_primary,
+    )
 
 
 def ask_passphrase_on_terminal() -> keycommands.AskPassphrase | None:

@@ -14,6 +14,7 @@ print the key: ``{name, purpose, algorithm, primary_version, versions: [...]}``.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import re
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from typing import Any, Final, Protocol
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from hsmsign import names
+from hsmsign import key_wrap, names
 from hsmsign.v1 import hsmsign_pb2 as pb
 
 EXIT_USAGE: Final = 2
@@ -128,6 +129,13 @@ def add_actions(ks: Any, offline: bool = False) -> None:
     i.add_argument(
         "--passphrase-file", type=Path, metavar="FILE", help="passphrase of an encrypted key"
     )
+    if not offline:  # the offline import never crosses a network
+        i.add_argument(
+            "--plaintext-ceremony",
+            action="store_true",
+            help="send the key IN CLEAR (only to a daemon with server.allow_plaintext_import, on "
+            "loopback); the default wraps it to the daemon's import wrapping key",
+        )
 
 
 def _purpose_arg(p: argparse.ArgumentParser) -> None:
@@ -173,7 +181,8 @@ def load_private_key_file(
     """Reads a PEM or DER RSA private key (PKCS#1 or PKCS#8, encrypted or not) and returns it
     as unencrypted DER PKCS#8, for ImportKey. The passphrase of an encrypted key comes from
     ``passphrase_file`` or ``ask``. Raises BadArguments for anything else: unreadable, not a
-    private key, not RSA, under 2048 bits, encrypted with no passphrase."""
+    private key, not RSA (nor the rsaEncryption OID), e != 65537, under 2048 bits, encrypted
+    with no passphrase."""
     try:
         data = read(path)
     except OSError as e:
@@ -193,6 +202,8 @@ def load_private_key_file(
                 "asked)"
             )
         passphrase = ask(path)
+    if not encrypted:
+        _check_input_algorithm(path, data, pem)
     load = serialization.load_pem_private_key if pem else serialization.load_der_private_key
     try:
         key = load(data, password=passphrase if encrypted else None)
@@ -213,11 +224,39 @@ def load_private_key_file(
         )
     if key.key_size < MIN_IMPORT_BITS:
         raise BadArguments(f"{path} is RSA-{key.key_size}; keys under 2048 bits are refused")
+    try:
+        key_wrap.check_public_key(key.public_key())
+    except key_wrap.UnsuitableKey as e:
+        raise BadArguments(f"{path}: {e}") from None
     return key.private_bytes(
         serialization.Encoding.DER,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def _check_input_algorithm(path: Path, data: bytes, pem: bool) -> None:
+    """Refuses an unencrypted PKCS#8 key whose algorithm is not rsaEncryption (an RSA-PSS
+    key, for one): cryptography would load it as a plain RSA key and re-encode it."""
+    if pem:
+        if b"-----BEGIN PRIVATE KEY-----" not in data:
+            return  # PKCS#1 ("RSA PRIVATE KEY") or another type cryptography names
+        body = data.split(b"-----BEGIN PRIVATE KEY-----", 1)[1].split(b"-----END", 1)[0]
+        try:
+            der = base64.b64decode(b"".join(body.split()), validate=True)
+        except ValueError:
+            return  # cryptography's loader reports it
+    else:
+        der = data
+    try:
+        oid = key_wrap.pkcs8_algorithm_oid(der)
+    except key_wrap.UnsuitableKey:
+        return  # not PKCS#8 (DER PKCS#1, say): the loader decides
+    if oid != key_wrap.RSA_ENCRYPTION_OID_DER:
+        raise BadArguments(
+            f"{path} is not an rsaEncryption key (RSA-PSS, or not RSA); only RSA keys "
+            "with the rsaEncryption OID can be imported"
+        )
 
 
 def import_advice(path: Path) -> str:

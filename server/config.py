@@ -181,6 +181,9 @@ class ServerConfig:
     reflection: bool = True
     #: Serve the KeyAdmin service (create, rotate, import, destroy keys) on this daemon.
     key_admin: bool = True
+    #: Accept ImportKey with the private key in clear (a ceremony, from loopback or a unix
+    #: socket only); otherwise only the wrapped form (docs/operations.md, key import).
+    allow_plaintext_import: bool = False
     #: Server TLS; unset: plaintext.
     tls: TlsConfig | None = None
     #: Message sizes, keepalive and connection lifetimes ([server.limits]).
@@ -423,6 +426,12 @@ def _server(root: _Table, sessions: int) -> ServerConfig:
     processes = _processes(s)
     key_admin = s.get("key_admin", bool, default_of(ServerConfig, "key_admin"), "true or false")
     limits = _limits(s)
+    allow_plaintext_import = s.get(
+        "allow_plaintext_import",
+        bool,
+        default_of(ServerConfig, "allow_plaintext_import"),
+        "true or false",
+    )
     tls: TlsConfig | None = None
     s.used.add("tls")  # listed among the allowed keys even when absent
     if "tls" in s.data:
@@ -448,6 +457,7 @@ def _server(root: _Table, sessions: int) -> ServerConfig:
         grace_seconds=grace,
         reflection=reflection,
         key_admin=key_admin,
+        allow_plaintext_import=allow_plaintext_import,
         tls=tls,
         limits=limits,
     )

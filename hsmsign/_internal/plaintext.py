@@ -18,6 +18,13 @@ IMPORT_WARNING = (
     "hsmsign: warning: sending the private key over a plaintext connection (no TLS); anyone "
     "who can read this connection can read the key"
 )
+#: Printed (stderr) before a wrapped import over a connection without TLS: the key is not in
+#: clear, but nothing proves the import wrapping key is the daemon's.
+WRAPPED_IMPORT_WARNING = (
+    "hsmsign: warning: importing a private key over a plaintext connection (no TLS): it is "
+    "wrapped, but nothing authenticates the import wrapping key; compare its fingerprint "
+    "below with the one in the daemon's log"
+)
 
 
 def _hosts(target: str) -> list[str]:

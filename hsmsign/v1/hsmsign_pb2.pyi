@@ -176,6 +176,26 @@ KEY_VERSION_STATE_DESTRUCTION_SCHEDULED: KeyVersionState.ValueType  # 3
 KEY_VERSION_STATE_DESTROYED: KeyVersionState.ValueType  # 4
 Global___KeyVersionState: _TypeAlias = KeyVersionState  # noqa: Y015
 
+class _OaepHash:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OaepHashEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OaepHash.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OAEP_HASH_UNSPECIFIED: _OaepHash.ValueType  # 0
+    OAEP_HASH_SHA1: _OaepHash.ValueType  # 1
+    """only where the token refuses SHA-256 (SoftHSM2 2.6.1)"""
+    OAEP_HASH_SHA256: _OaepHash.ValueType  # 2
+
+class OaepHash(_OaepHash, metaclass=_OaepHashEnumTypeWrapper):
+    """The RSA-OAEP hash (and MGF1 hash) the daemon unwraps the AES key with; the label is empty."""
+
+OAEP_HASH_UNSPECIFIED: OaepHash.ValueType  # 0
+OAEP_HASH_SHA1: OaepHash.ValueType  # 1
+"""only where the token refuses SHA-256 (SoftHSM2 2.6.1)"""
+OAEP_HASH_SHA256: OaepHash.ValueType  # 2
+Global___OaepHash: _TypeAlias = OaepHash  # noqa: Y015
+
 @_typing.final
 class KeyRef(_message.Message):
     """---------------------------------------------------------------------------------------------
@@ -1033,24 +1053,119 @@ class ImportKeyRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     PURPOSE_FIELD_NUMBER: _builtins.int
     PRIVATE_KEY_DER_FIELD_NUMBER: _builtins.int
+    WRAPPED_FIELD_NUMBER: _builtins.int
     MAKE_PRIMARY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     purpose: Global___KeyPurpose.ValueType
     private_key_der: _builtins.bytes
-    """The RSA private key as unencrypted DER PKCS#8. The CLI converts PEM/PKCS#1 input."""
+    """The RSA private key as unencrypted DER PKCS#8: in clear on the wire. Refused unless
+    the daemon sets server.allow_plaintext_import (a ceremony on loopback only).
+    """
     make_primary: _builtins.bool
+    @_builtins.property
+    def wrapped(self) -> Global___WrappedPrivateKey:
+        """The RSA private key wrapped to the import wrapping key; unwrapped inside the token."""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         purpose: Global___KeyPurpose.ValueType = ...,
         private_key_der: _builtins.bytes = ...,
+        wrapped: Global___WrappedPrivateKey | None = ...,
         make_primary: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key_material", b"key_material", "private_key_der", b"private_key_der", "wrapped", b"wrapped"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_material", b"key_material", "make_primary", b"make_primary", "name", b"name", "private_key_der", b"private_key_der", "purpose", b"purpose", "wrapped", b"wrapped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_key_material: _TypeAlias = _typing.Literal["private_key_der", "wrapped"]  # noqa: Y015
+    _WhichOneofArgType_key_material: _TypeAlias = _typing.Literal["key_material", b"key_material"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_key_material) -> _WhichOneofReturnType_key_material | None: ...
+
+Global___ImportKeyRequest: _TypeAlias = ImportKeyRequest  # noqa: Y015
+
+@_typing.final
+class GetImportWrappingKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["make_primary", b"make_primary", "name", b"name", "private_key_der", b"private_key_der", "purpose", b"purpose"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ImportKeyRequest: _TypeAlias = ImportKeyRequest  # noqa: Y015
+Global___GetImportWrappingKeyRequest: _TypeAlias = GetImportWrappingKeyRequest  # noqa: Y015
+
+@_typing.final
+class ImportWrappingKey(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPKI_DER_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    OAEP_HASH_FIELD_NUMBER: _builtins.int
+    spki_der: _builtins.bytes
+    """RSA public key, DER SubjectPublicKeyInfo."""
+    fingerprint: _builtins.str
+    """SHA-256 of spki_der, lowercase hex."""
+    oaep_hash: Global___OaepHash.ValueType
+    """The hash to use for RSA-OAEP (and its MGF1); follow it."""
+    def __init__(
+        self,
+        *,
+        spki_der: _builtins.bytes = ...,
+        fingerprint: _builtins.str = ...,
+        oaep_hash: Global___OaepHash.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "oaep_hash", b"oaep_hash", "spki_der", b"spki_der"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportWrappingKey: _TypeAlias = ImportWrappingKey  # noqa: Y015
+
+@_typing.final
+class WrappedPrivateKey(_message.Message):
+    """A private key wrapped the way CKM_RSA_AES_KEY_WRAP does it (AWS KMS, Vault BYOK): an
+    ephemeral AES-256 key wraps the key, RSA-OAEP wraps the AES key.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WRAPPING_KEY_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    OAEP_HASH_FIELD_NUMBER: _builtins.int
+    WRAPPED_AES_KEY_FIELD_NUMBER: _builtins.int
+    WRAPPED_PRIVATE_KEY_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_DER_FIELD_NUMBER: _builtins.int
+    wrapping_key_fingerprint: _builtins.str
+    """ImportWrappingKey.fingerprint of the key the AES key is wrapped to."""
+    oaep_hash: Global___OaepHash.ValueType
+    """The OAEP hash used; must be the one ImportWrappingKey named."""
+    wrapped_aes_key: _builtins.bytes
+    """RSA-OAEP(import wrapping key, 32-byte AES-256 key), no label."""
+    wrapped_private_key: _builtins.bytes
+    """AES key wrap with padding (RFC 5649, CKM_AES_KEY_WRAP_PAD) of the DER PKCS#8 private key."""
+    public_key_der: _builtins.bytes
+    """The key's public half (DER SubjectPublicKeyInfo); the daemon checks that the unwrapped
+    key matches it.
+    """
+    def __init__(
+        self,
+        *,
+        wrapping_key_fingerprint: _builtins.str = ...,
+        oaep_hash: Global___OaepHash.ValueType = ...,
+        wrapped_aes_key: _builtins.bytes = ...,
+        wrapped_private_key: _builtins.bytes = ...,
+        public_key_der: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["oaep_hash", b"oaep_hash", "public_key_der", b"public_key_der", "wrapped_aes_key", b"wrapped_aes_key", "wrapped_private_key", b"wrapped_private_key", "wrapping_key_fingerprint", b"wrapping_key_fingerprint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WrappedPrivateKey: _TypeAlias = WrappedPrivateKey  # noqa: Y015

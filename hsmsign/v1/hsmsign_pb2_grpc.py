@@ -526,6 +526,11 @@ class KeyAdminStub:
                 request_serializer=hsmsign_dot_v1_dot_hsmsign__pb2.ImportKeyRequest.SerializeToString,
                 response_deserializer=hsmsign_dot_v1_dot_hsmsign__pb2.Key.FromString,
                 _registered_method=True)
+        self.GetImportWrappingKey = channel.unary_unary(
+                '/hsmsign.v1.KeyAdmin/GetImportWrappingKey',
+                request_serializer=hsmsign_dot_v1_dot_hsmsign__pb2.GetImportWrappingKeyRequest.SerializeToString,
+                response_deserializer=hsmsign_dot_v1_dot_hsmsign__pb2.ImportWrappingKey.FromString,
+                _registered_method=True)
 
 
 class KeyAdminServicer:
@@ -592,6 +597,16 @@ class KeyAdminServicer:
 
     def ImportKey(self, request, context):
         """Writes an existing RSA private key into the token as a new version (migration).
+        Send it `wrapped` to the key from GetImportWrappingKey; the plaintext form is refused
+        with FAILED_PRECONDITION unless the daemon's config enables it for a ceremony.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetImportWrappingKey(self, request, context):
+        """The public half of the token's import wrapping key (created on first call), and how to
+        wrap to it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -649,6 +664,11 @@ def add_KeyAdminServicer_to_server(servicer, server):
                     servicer.ImportKey,
                     request_deserializer=hsmsign_dot_v1_dot_hsmsign__pb2.ImportKeyRequest.FromString,
                     response_serializer=hsmsign_dot_v1_dot_hsmsign__pb2.Key.SerializeToString,
+            ),
+            'GetImportWrappingKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetImportWrappingKey,
+                    request_deserializer=hsmsign_dot_v1_dot_hsmsign__pb2.GetImportWrappingKeyRequest.FromString,
+                    response_serializer=hsmsign_dot_v1_dot_hsmsign__pb2.ImportWrappingKey.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -925,6 +945,33 @@ class KeyAdmin:
             '/hsmsign.v1.KeyAdmin/ImportKey',
             hsmsign_dot_v1_dot_hsmsign__pb2.ImportKeyRequest.SerializeToString,
             hsmsign_dot_v1_dot_hsmsign__pb2.Key.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetImportWrappingKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hsmsign.v1.KeyAdmin/GetImportWrappingKey',
+            hsmsign_dot_v1_dot_hsmsign__pb2.GetImportWrappingKeyRequest.SerializeToString,
+            hsmsign_dot_v1_dot_hsmsign__pb2.ImportWrappingKey.FromString,
             options,
             channel_credentials,
             insecure,

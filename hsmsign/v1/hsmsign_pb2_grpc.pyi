@@ -203,7 +203,14 @@ class KeyAdminStub:
     ScheduleKeyVersionDestruction: _grpc.UnaryUnaryMultiCallable[_hsmsign_pb2.ScheduleDestructionRequest, _hsmsign_pb2.Key]
     CancelKeyVersionDestruction: _grpc.UnaryUnaryMultiCallable[_hsmsign_pb2.KeyVersionRequest, _hsmsign_pb2.Key]
     ImportKey: _grpc.UnaryUnaryMultiCallable[_hsmsign_pb2.ImportKeyRequest, _hsmsign_pb2.Key]
-    """Writes an existing RSA private key into the token as a new version (migration)."""
+    """Writes an existing RSA private key into the token as a new version (migration).
+    Send it `wrapped` to the key from GetImportWrappingKey; the plaintext form is refused
+    with FAILED_PRECONDITION unless the daemon's config enables it for a ceremony.
+    """
+    GetImportWrappingKey: _grpc.UnaryUnaryMultiCallable[_hsmsign_pb2.GetImportWrappingKeyRequest, _hsmsign_pb2.ImportWrappingKey]
+    """The public half of the token's import wrapping key (created on first call), and how to
+    wrap to it.
+    """
 
 @_typing.type_check_only
 class KeyAdminAsyncStub(KeyAdminStub):
@@ -224,7 +231,14 @@ class KeyAdminAsyncStub(KeyAdminStub):
     ScheduleKeyVersionDestruction: _aio.UnaryUnaryMultiCallable[_hsmsign_pb2.ScheduleDestructionRequest, _hsmsign_pb2.Key]  # type: ignore[assignment]
     CancelKeyVersionDestruction: _aio.UnaryUnaryMultiCallable[_hsmsign_pb2.KeyVersionRequest, _hsmsign_pb2.Key]  # type: ignore[assignment]
     ImportKey: _aio.UnaryUnaryMultiCallable[_hsmsign_pb2.ImportKeyRequest, _hsmsign_pb2.Key]  # type: ignore[assignment]
-    """Writes an existing RSA private key into the token as a new version (migration)."""
+    """Writes an existing RSA private key into the token as a new version (migration).
+    Send it `wrapped` to the key from GetImportWrappingKey; the plaintext form is refused
+    with FAILED_PRECONDITION unless the daemon's config enables it for a ceremony.
+    """
+    GetImportWrappingKey: _aio.UnaryUnaryMultiCallable[_hsmsign_pb2.GetImportWrappingKeyRequest, _hsmsign_pb2.ImportWrappingKey]  # type: ignore[assignment]
+    """The public half of the token's import wrapping key (created on first call), and how to
+    wrap to it.
+    """
 
 class KeyAdminServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -302,6 +316,19 @@ class KeyAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _hsmsign_pb2.ImportKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_hsmsign_pb2.Key, _abc.Awaitable[_hsmsign_pb2.Key]]:
-        """Writes an existing RSA private key into the token as a new version (migration)."""
+        """Writes an existing RSA private key into the token as a new version (migration).
+        Send it `wrapped` to the key from GetImportWrappingKey; the plaintext form is refused
+        with FAILED_PRECONDITION unless the daemon's config enables it for a ceremony.
+        """
+
+    @_abc_1.abstractmethod
+    def GetImportWrappingKey(
+        self,
+        request: _hsmsign_pb2.GetImportWrappingKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hsmsign_pb2.ImportWrappingKey, _abc.Awaitable[_hsmsign_pb2.ImportWrappingKey]]:
+        """The public half of the token's import wrapping key (created on first call), and how to
+        wrap to it.
+        """
 
 def add_KeyAdminServicer_to_server(servicer: KeyAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -3,7 +3,8 @@
 Each handler turns the request into domain values (``server.api.convert``), calls
 ``server.ops.keyadmin`` and answers with the key as it now is. Errors become status codes in
 the call pipeline (``server.api.pipeline``, the one mapping).
-Nothing here logs key material: ImportKey's private key is passed through, never printed.
+Nothing here logs key material: ImportKey's key is passed through (wrapped, or in clear only
+when server.allow_plaintext_import allows it), never printed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from server.api.pipeline import rpc
 from server.config import Config, ServerConfig
 from server.errors import InvalidArgument, PermissionDenied
 from server.keyring.ring import KeyRing
-from server.ops import keyadmin
+from server.ops import key_import, keyadmin
 from server.pkcs11.token import Token
 from server.policy import Operation, gate
 
@@ -57,7 +58,8 @@ def _admin(handler: _H) -> _H:
 
 
 class KeyAdminService(pb_grpc.KeyAdminServicer):
-    """Create, rotate, list, get, set primary, disable, enable, destroy, import."""
+    """Create, rotate, list, get, set primary, disable, enable, destroy, import (and the
+    import wrapping key)."""
 
     def __init__(self, token: Token, ring: KeyRing, config: Config) -> None:
         self.token, self.ring, self.config = token, ring, config
@@ -153,7 +155,24 @@ class KeyAdminService(pb_grpc.KeyAdminServicer):
 
     @rpc
     @_admin
+    def GetImportWrappingKey(
+        self, request: pb.GetImportWrappingKeyRequest, context: grpc.ServicerContext
+    ) -> pb.ImportWrappingKey:
+        return key_import.get_import_wrapping_key(self.ring)
+
+    @rpc
+    @_admin
     def ImportKey(self, request: pb.ImportKeyRequest, context: grpc.ServicerContext) -> pb.Key:
+        if request.HasField("wrapped"):
+            v = key_import.import_wrapped_key(
+                self.ring,
+                request.name,
+                purpose(request.purpose),
+                request.wrapped,
+                request.make_primary,
+            )
+            return self._key(v.name)
+        key_import.check_plaintext_import_allowed(self.config.server, context.peer())
         if not request.private_key_der:
             raise InvalidArgument("private_key_der is empty")
         v = keyadmin.import_key(

@@ -15,10 +15,7 @@ import os
 from collections.abc import Callable
 from datetime import timedelta
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-
-from hsmsign import keyformats
+from hsmsign import key_wrap, keyformats
 from server.errors import FailedPrecondition, InvalidArgument, KeyNotFound
 from server.keyring.model import (
     ALLOWED_BITS,
@@ -206,18 +203,10 @@ def import_key(
     version of ``name`` (a new key when the name is free). Never logs key material."""
     check_name(name)
     try:
-        key = serialization.load_der_private_key(private_key_der, password=None)
-    except (ValueError, TypeError):
-        raise InvalidArgument(
-            "private_key_der is not an unencrypted DER PKCS#8 private key"
-        ) from None
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise InvalidArgument(
-            f"only RSA keys can be imported; this is a {type(key).__name__.lstrip('_')}"
-        )
+        key = key_wrap.check_importable(private_key_der)  # rsaEncryption, e = 65537, >= 2048
+    except key_wrap.UnsuitableKey as e:
+        raise InvalidArgument(f"private_key_der: {e}") from None
     bits = key.key_size
-    if bits < 2048:
-        raise InvalidArgument(f"RSA-{bits} is too small to import; at least 2048 bits")
     _check_bits(bits)
     priv = key.private_numbers()
     numbers = {
@@ -256,6 +245,32 @@ def import_key(
         )
     finally:
         numbers.clear()
+
+
+def new_imported_version(
+    ring: KeyRing,
+    name: str,
+    purpose: Purpose,
+    bits: int,
+    make_primary: bool,
+    make_objects: MakeObjects,
+    spki: str,
+) -> KeyVersion:
+    """An imported version whose objects ``make_objects`` writes (server.ops.key_import unwraps
+    them inside the token); the ring steps are those of ``import_key``."""
+    check_name(name)
+    _check_bits(bits)
+    return _new_version(
+        ring,
+        name,
+        purpose,
+        bits,
+        new_key=False,
+        make_primary=make_primary,
+        imported=True,
+        make_objects=make_objects,
+        spki=spki,
+    )
 
 
 def _live_version(ring: KeyRing, name: str, version: int) -> KeyVersion:

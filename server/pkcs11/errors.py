@@ -64,6 +64,15 @@ CIPHERTEXT_REJECTED: Final = (
 #: rejects them: SoftHSM2 2.6.1 answers it for OAEP with SHA-256 (docs/design-facts.md, fact 3).
 MECHANISM_REFUSED: Final = (p11e.MechanismInvalid, p11e.MechanismParamInvalid, p11e.ArgumentsBad)
 
+#: The token refused a wrapped value of a key import (the wrapped AES key or the wrapped
+#: PKCS#8): bad padding, the wrong key, or not a key of the type asked for.
+WRAPPED_KEY_REFUSED: Final = (
+    *CIPHERTEXT_REJECTED,
+    p11e.FunctionFailed,
+    p11e.KeySizeRange,
+    p11e.AttributeValueInvalid,
+)
+
 #: An attribute the object does not have, or will not reveal.
 ATTRIBUTE_UNREADABLE: Final = (p11e.AttributeTypeInvalid, p11e.AttributeSensitive)
 

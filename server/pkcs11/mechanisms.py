@@ -76,6 +76,14 @@ MECHANISMS: Final = MappingProxyType(
                 None,
                 "CKM_GENERIC_SECRET_KEY_GEN (256 bits)",
             ),
+            # Key import without plaintext (server.ops.key_import): the PKCS#8 comes wrapped
+            # with an ephemeral AES key, which comes wrapped with RSA-OAEP (above).
+            Mech(
+                "aes-key-wrap-pad",
+                Mechanism.AES_KEY_WRAP_PAD,
+                None,
+                "CKM_AES_KEY_WRAP_PAD (RFC 5649)",
+            ),
             # Key pair generation.
             Mech(
                 "rsa-pkcs-key-pair-gen",
@@ -98,3 +106,4 @@ RSA_X_509: Final = MECHANISMS["rsa-x-509"]
 SHA256_HMAC: Final = MECHANISMS["sha256-hmac"]
 GENERIC_SECRET_KEY_GEN: Final = MECHANISMS["generic-secret-key-gen"]
 RSA_PKCS_KEY_PAIR_GEN: Final = MECHANISMS["rsa-pkcs-key-pair-gen"]
+AES_KEY_WRAP_PAD: Final = MECHANISMS["aes-key-wrap-pad"]

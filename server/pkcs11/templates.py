@@ -16,6 +16,12 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 #: Label of the per-token secret that derives PKCS#1 v1.5 implicit-rejection keys.
 IMPLICIT_REJECTION_LABEL: Final = "hsmsign:implicit-rejection"
 
+#: Label of the token's import wrapping key (server.ops.key_import), outside the ring's
+#: "hsmsign:" prefix so the ring never takes it for a key version.
+IMPORT_WRAPPING_LABEL: Final = "hsmsign-import-wrapping"
+#: Size of the import wrapping key.
+IMPORT_WRAPPING_BITS: Final = 3072
+
 Template = dict[Attribute, Any]
 
 
@@ -100,6 +106,67 @@ SESSION_SECRET_TEMPLATE: Final[Mapping[Attribute, Any]] = MappingProxyType(
         Attribute.VERIFY: False,
         Attribute.WRAP: False,
         Attribute.UNWRAP: False,
+        Attribute.DERIVE: False,
+    }
+)
+
+
+def import_wrapping_public_template(cka_id: bytes) -> Template:
+    """The import wrapping key's public object: on the token, readable, and good for nothing
+    in the token (clients wrap to it with its SPKI, outside)."""
+    return {
+        Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+        Attribute.KEY_TYPE: KeyType.RSA,
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: False,
+        Attribute.LABEL: IMPORT_WRAPPING_LABEL,
+        Attribute.ID: cka_id,
+        Attribute.MODULUS_BITS: IMPORT_WRAPPING_BITS,
+        Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01",
+        Attribute.VERIFY: False,
+        Attribute.VERIFY_RECOVER: False,
+        Attribute.ENCRYPT: False,
+        Attribute.WRAP: False,
+        Attribute.DERIVE: False,
+    }
+
+
+def import_wrapping_private_template(cka_id: bytes) -> Template:
+    """The import wrapping key's private object: sensitive, never extractable, and it can
+    only unwrap (no sign, no decrypt)."""
+    return {
+        Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+        Attribute.KEY_TYPE: KeyType.RSA,
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.LABEL: IMPORT_WRAPPING_LABEL,
+        Attribute.ID: cka_id,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.SIGN: False,
+        Attribute.SIGN_RECOVER: False,
+        Attribute.DECRYPT: False,
+        Attribute.UNWRAP: True,
+        Attribute.DERIVE: False,
+    }
+
+
+#: The ephemeral AES key of a wrapped import, as C_UnwrapKey makes it: a session object
+#: (CKA_TOKEN=false), sensitive, not extractable, that can only unwrap; destroyed at once.
+IMPORT_AES_TEMPLATE: Final[Mapping[Attribute, Any]] = MappingProxyType(
+    {
+        Attribute.CLASS: ObjectClass.SECRET_KEY,
+        Attribute.KEY_TYPE: KeyType.AES,
+        Attribute.TOKEN: False,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.ENCRYPT: False,
+        Attribute.DECRYPT: False,
+        Attribute.SIGN: False,
+        Attribute.VERIFY: False,
+        Attribute.WRAP: False,
+        Attribute.UNWRAP: True,
         Attribute.DERIVE: False,
     }
 )

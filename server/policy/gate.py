@@ -92,6 +92,8 @@ RPCS: dict[str, tuple[KeyCheck, ...]] = {
     # Making a version primary is set_primary, whichever call does it.
     "RotateKey": (KeyCheck(_O.ROTATE, "name"), KeyCheck(_O.SET_PRIMARY, "name", "make_primary")),
     "ImportKey": (KeyCheck(_O.IMPORT, "name"), KeyCheck(_O.SET_PRIMARY, "name", "make_primary")),
+    # The wrapping key names no key: it is for whoever may import some key.
+    "GetImportWrappingKey": (KeyCheck(_O.IMPORT, None),),
     # ListKeys answers only the keys the caller may list (``permits``).
     "ListKeys": (KeyCheck(_O.LIST, None),),
     "GetKey": (KeyCheck(_O.GET, "name"),),

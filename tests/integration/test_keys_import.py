@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.hashes import SHA256
 
-from hsmsign import keyformats
+from hsmsign import key_wrap, keyformats
 from hsmsign.admin import KeyAdmin
 from hsmsign.client import Client
 from hsmsign.errors import RemoteError
@@ -168,9 +168,20 @@ def test_import_refusals(
     assert r.returncode != 0 and message in r.stderr.decode()
     r2 = hsmsignd(config, "keys", "import", str(f), "--name", "refused", check=False)
     assert r2.returncode != 0 and "Traceback" not in r2.stderr
-    # The daemon refuses too, whatever a client sends.
+    # The daemon refuses too, whatever a client sends (wrapped, with the key's own SPKI).
     with Client(daemon.address) as c, pytest.raises(RemoteError) as e:
-        KeyAdmin(c).import_key("refused", der)
+        spki = (
+            keyformats.spki_der(key.public_key())
+            if isinstance(key, rsa.RSAPrivateKey)
+            else (
+                key.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            )
+        )
+        wrapped = key_wrap.wrap_pkcs8(der, spki, KeyAdmin(c).import_wrapping_key())
+        req = pb.ImportKeyRequest(name="refused", purpose=pb.KEY_PURPOSE_SIGN, wrapped=wrapped)
+        c.call(lambda: c.admin.ImportKey(req, timeout=60))
     assert e.value.status_name == "INVALID_ARGUMENT"
     with Client(daemon.address) as c, pytest.raises(RemoteError) as e:
         KeyAdmin(c).get_key("refused")

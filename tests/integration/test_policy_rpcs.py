@@ -64,8 +64,10 @@ def policy_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         tmp / "c.toml",
         token,
         policy=POLICY,
-        # One serving process: limits are per process, and one token login is quicker.
-        extra="[server]\nprocesses = 1\n[keyring]\nmin_destruction_delay_hours = 0\n"
+        # One serving process: limits are per process, and one token login is quicker. The
+        # plaintext ImportKey (loopback) keeps the import checks short.
+        extra="[server]\nprocesses = 1\nallow_plaintext_import = true\n"
+        "[keyring]\nmin_destruction_delay_hours = 0\n"
         "dev_unsafe_allow_short_destruction_delay = true\n",
     )
     d = start_daemon(cfg, tmp / "d")
@@ -277,6 +279,32 @@ def test_create_import_and_list(policy_daemon: Daemon) -> None:
     with grpc.insecure_channel(policy_daemon.address) as ch:
         listed = pb_grpc.KeyAdminStub(ch).ListKeys(pb.ListKeysRequest(), timeout=30)
     assert [k.name for k in listed.keys] == ["granted"]
+
+
+def test_import_wrapping_key_needs_import_on_some_key(
+    token: TokenDir, tmp_path: Path, policy_daemon: Daemon
+) -> None:
+    """GetImportWrappingKey names no key: a caller that may import some key gets it, one
+    that may import none is PERMISSION_DENIED."""
+    request = pb.GetImportWrappingKeyRequest()
+    assert _call(policy_daemon, "KeyAdmin", "GetImportWrappingKey", request) == (OK, "")
+    no_import = """
+[identities.local]
+enabled = true
+[[policy.grant]]
+identities = ["local"]
+keys = ["*"]
+operations = ["create", "get", "list"]
+"""
+    cfg = write_config(
+        tmp_path / "c.toml", token, policy=no_import, extra="[server]\nprocesses = 1\n"
+    )
+    d = start_daemon(cfg, tmp_path / "d")
+    try:
+        code, details = _call(d, "KeyAdmin", "GetImportWrappingKey", request)
+    finally:
+        d.stop()
+    assert code == DENIED and "may not import keys" in details, details
 
 
 def test_per_identity_rate_limit(token: TokenDir, tmp_path: Path) -> None:
