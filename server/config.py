@@ -9,8 +9,6 @@ variable or a systemd credential.
 from __future__ import annotations
 
 import os
-import platform
-import sysconfig
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
@@ -22,12 +20,9 @@ from server import cpus, pinsource
 from server.errors import ConfigError
 from server.policy.config import TABLES as ACCESS_TABLES
 from server.policy.config import AccessConfig, load_access
+from server.tomltable import Table
 
 ThreadingMode = Literal["parallel", "serialized"]
-
-#: Debian's multiarch triplet (x86_64-linux-gnu, aarch64-linux-gnu, ...): ``${MULTIARCH}`` in
-#: a config path, so that one config names /usr/lib/<triplet>/ on every architecture.
-MULTIARCH = sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
 
 #: Modules known to initialise the real module with OS locking whatever the caller passes to
 #: C_Initialize (docs/design-facts.md, fact 1), so that several sessions may be used at once.
@@ -268,70 +263,7 @@ def default_of(cls: type, name: str) -> Any:
     raise KeyError(f"{cls.__name__}.{name} has no static default")
 
 
-class _Table:
-    """A TOML table that remembers its dotted name, for error messages."""
-
-    def __init__(self, path: Path, name: str, data: Mapping[str, Any]) -> None:
-        self.path, self.name, self.data = path, name, data
-        self.used: set[str] = set()
-
-    def _key(self, key: str) -> str:
-        return f"{self.name}.{key}" if self.name else key
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.path}: {self._key(key)}: {message}")
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any, allowed: str) -> Any:
-        self.used.add(key)
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            raise self.error(key, f"got {value!r}; allowed: {allowed}")
-        return value
-
-    def table(self, key: str) -> _Table:
-        self.used.add(key)
-        value = self.data.get(key, {})
-        if not isinstance(value, dict):
-            raise self.error(key, "must be a table")
-        return _Table(self.path, self._key(key), value)
-
-    def path_value(self, key: str) -> Path | None:
-        """A file path; relative to the config file's directory; ``${MULTIARCH}`` stands for
-        Debian's multiarch directory name (for PKCS#11 modules under /usr/lib/<triplet>/)."""
-        value = self.get(key, str, None, "a file path")
-        if value is None:
-            return None
-        p = Path(value.replace("${MULTIARCH}", MULTIARCH))
-        return p if p.is_absolute() else (self.path.parent / p).resolve()
-
-    def required_path(self, key: str) -> Path:
-        value = self.path_value(key)
-        if value is None:
-            raise self.error(key, "is required (a file path)")
-        return value
-
-    def positive(self, key: str, kind: type, default: Any, maximum: float) -> Any:
-        value = self.get(key, kind, default, f"a number from 1 to {maximum:g}")
-        if not 0 < value <= maximum:
-            raise self.error(
-                key, f"got {value!r}; allowed: a number above 0 and at most {maximum:g}"
-            )
-        return value
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.error(
-                unknown[0], f"unknown key; allowed here: {', '.join(sorted(self.used))}"
-            )
-
-
-def _parse_uri(table: _Table, uri: str) -> tuple[str | None, str | None]:
+def _parse_uri(table: Table, uri: str) -> tuple[str | None, str | None]:
     """Token label and serial from an RFC 7512 PKCS#11 URI such as ``pkcs11:token=Prod%20HSM``."""
     if not uri.startswith("pkcs11:"):
         raise table.error("uri", f"got {uri!r}; allowed: an RFC 7512 URI starting with 'pkcs11:'")
@@ -350,7 +282,7 @@ def _parse_uri(table: _Table, uri: str) -> tuple[str | None, str | None]:
     return label, serial
 
 
-def _token(root: _Table) -> TokenConfig:
+def _token(root: Table) -> TokenConfig:
     t = root.table("token")
     module = t.required_path("module")
     label = t.get("label", str, default_of(TokenConfig, "label"), "the token label")
@@ -402,7 +334,7 @@ def _token(root: _Table) -> TokenConfig:
     )
 
 
-def _threads(s: _Table, sessions: int) -> int:
+def _threads(s: Table, sessions: int) -> int:
     """server.threads, or its former name server.workers (still read; not both)."""
     if "workers" in s.data:
         if "threads" in s.data:
@@ -411,7 +343,7 @@ def _threads(s: _Table, sessions: int) -> int:
     return int(s.positive("threads", int, default_threads(sessions), 1024))
 
 
-def _server(root: _Table, sessions: int) -> ServerConfig:
+def _server(root: Table, sessions: int) -> ServerConfig:
     s = root.table("server")
     listen = s.get("listen", str, default_of(ServerConfig, "listen"), '"HOST:PORT"')
     host, sep, port = listen.rpartition(":")
@@ -471,7 +403,7 @@ _LIMIT_MAXIMA: Final[dict[str, float]] = {
 }
 
 
-def _limits(s: _Table) -> ConnectionLimits:
+def _limits(s: Table) -> ConnectionLimits:
     t = s.table("limits")
     values = {}
     for f in fields(ConnectionLimits):
@@ -489,7 +421,7 @@ def _limits(s: _Table) -> ConnectionLimits:
     return limits
 
 
-def _processes(s: _Table) -> int:
+def _processes(s: Table) -> int:
     allowed = (
         f'"auto" (one per CPU, at most {MAX_AUTO_PROCESSES}) or a number from 1 to {MAX_PROCESSES}'
     )
@@ -508,7 +440,7 @@ DESTRUCTION_DELAY_FLOOR_HOURS = 24
 SHORT_DESTRUCTION_DELAY_KEY = "dev_unsafe_allow_short_destruction_delay"
 
 
-def _keyring(root: _Table) -> KeyRingConfig:
+def _keyring(root: Table) -> KeyRingConfig:
     k = root.table("keyring")
     refresh = k.positive(
         "refresh_seconds", float, default_of(KeyRingConfig, "refresh_seconds"), 3600
@@ -541,7 +473,7 @@ def _keyring(root: _Table) -> KeyRingConfig:
     )
 
 
-def _keys(root: _Table) -> dict[str, KeyOptions]:
+def _keys(root: Table) -> dict[str, KeyOptions]:
     keys = root.table("keys")
     out: dict[str, KeyOptions] = {}
     for name in list(keys.data):
@@ -564,7 +496,7 @@ def load(path: Path) -> Config:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    root = _Table(path.resolve(), "", raw)
+    root = Table(path.resolve(), "", raw)
     allowed_levels = "DEBUG, INFO, WARNING or ERROR"
     level = root.get("log_level", str, default_of(Config, "log_level"), allowed_levels).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):

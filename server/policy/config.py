@@ -15,7 +15,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from server.errors import ConfigError
 from server.identity.model import (
     CERT_FIELDS,
     CertField,
@@ -25,6 +24,7 @@ from server.identity.model import (
     OidcIssuer,
 )
 from server.policy.model import ALL_OPERATIONS, Grant, Limit, Operation, Policy
+from server.tomltable import Table
 
 #: The top-level tables read here.
 TABLES = frozenset({"identities", "policy"})
@@ -39,75 +39,7 @@ class AccessConfig:
     policy: Policy = field(default_factory=Policy)
 
 
-class _Reader:
-    def __init__(self, path: Path, name: str, data: Any) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: {name}: must be a table")
-        self.path, self.name, self.data = path, name, data
-        self.used: set[str] = set()
-
-    def _key(self, key: str) -> str:
-        return f"{self.name}.{key}" if self.name else key
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.path}: {self._key(key)}: {message}")
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any, allowed: str) -> Any:
-        self.used.add(key)
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise self.error(key, f"got {value!r}; allowed: {allowed}")
-        return value
-
-    def text(self, key: str, allowed: str) -> str:
-        value = self.get(key, str, None, allowed)
-        if not value:
-            raise self.error(key, f"is required: {allowed}")
-        return str(value)
-
-    def strings(self, key: str, allowed: str) -> tuple[str, ...]:
-        value = self.get(key, list, None, allowed)
-        if not value or not all(isinstance(v, str) and v for v in value):
-            raise self.error(key, f"got {value!r}; allowed: {allowed}")
-        return tuple(value)
-
-    def path_value(self, key: str) -> Path | None:
-        value = self.get(key, str, None, "a file path")
-        if value is None:
-            return None
-        p = Path(value)
-        return p if p.is_absolute() else (self.path.parent / p).resolve()
-
-    def number(self, key: str, default: float | None, allowed: str) -> float | None:
-        value = self.get(key, float, default, allowed)
-        if value is not None and not 0 < value <= 1e9:
-            raise self.error(key, f"got {value!r}; allowed: {allowed}")
-        return float(value) if value is not None else None
-
-    def sub(self, key: str) -> _Reader:
-        self.used.add(key)
-        return _Reader(self.path, self._key(key), self.data.get(key, {}))
-
-    def tables(self, key: str) -> list[_Reader]:
-        self.used.add(key)
-        value = self.data.get(key, [])
-        if not isinstance(value, list):
-            raise self.error(key, f"must be an array of tables: [[{self._key(key)}]]")
-        return [_Reader(self.path, f"{self._key(key)}[{i}]", v) for i, v in enumerate(value)]
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.error(
-                unknown[0], f"unknown key; allowed here: {', '.join(sorted(self.used))}"
-            )
-
-
-def _cert_rule(t: _Reader) -> CertRule:
+def _cert_rule(t: Table) -> CertRule:
     name = t.text("name", "the identity name grants refer to")
     ca = t.path_value("ca")
     if ca is None:
@@ -125,7 +57,7 @@ def _cert_rule(t: _Reader) -> CertRule:
     return CertRule(name=name, field=given[0][0], value=given[0][1], ca=ca)
 
 
-def _oidc_issuer(t: _Reader) -> OidcIssuer:
+def _oidc_issuer(t: Table) -> OidcIssuer:
     name = t.text("name", "the identity name grants refer to")
     issuer = t.text("issuer", "the exact iss claim, an https URL")
     audience = t.text("audience", "the aud claim tokens must carry")
@@ -155,9 +87,9 @@ def _oidc_issuer(t: _Reader) -> OidcIssuer:
     return out
 
 
-def _identities(root: _Reader) -> IdentityConfig:
-    t = root.sub("identities")
-    local = t.sub("local")
+def _identities(root: Table) -> IdentityConfig:
+    t = root.table("identities")
+    local = t.table("local")
     enabled = local.get("enabled", bool, False, "true or false")
     local.finish()
     mtls = tuple(_cert_rule(r) for r in t.tables("mtls"))
@@ -171,7 +103,7 @@ def _identities(root: _Reader) -> IdentityConfig:
     return IdentityConfig(mtls=mtls, oidc=oidc, local=LocalIdentity(enabled), client_crl=crl)
 
 
-def _operations(t: _Reader) -> frozenset[Operation]:
+def _operations(t: Table) -> frozenset[Operation]:
     allowed = '"*" or ' + ", ".join(o.value for o in Operation)
     names = t.strings("operations", allowed)
     if "*" in names:
@@ -183,11 +115,11 @@ def _operations(t: _Reader) -> frozenset[Operation]:
         raise t.error("operations", f"got {bad!r}; allowed: {allowed}") from None
 
 
-def _grant(t: _Reader) -> Grant:
+def _grant(t: Table) -> Grant:
     identities = t.strings("identities", 'identity names, or "*" for any identity')
     keys = t.strings("keys", 'key names or globs such as "release-*"')
     operations = _operations(t)
-    claims_t = t.sub("claims")
+    claims_t = t.table("claims")
     claims: dict[str, str] = {}
     for k in list(claims_t.data):
         claims[k] = claims_t.text(k, "the claim's value or a glob")
@@ -196,7 +128,7 @@ def _grant(t: _Reader) -> Grant:
     return Grant(identities, keys, operations, MappingProxyType(claims))
 
 
-def _limit(t: _Reader) -> Limit:
+def _limit(t: Table) -> Limit:
     rate = t.number("rate", None, "calls per second above 0")
     burst = t.number("burst", None, "calls above 0")
     concurrent = t.get("concurrent", int, None, "a number of calls from 1")
@@ -208,8 +140,8 @@ def _limit(t: _Reader) -> Limit:
     return Limit(rate=rate, burst=burst, concurrent=concurrent)
 
 
-def _policy(root: _Reader) -> Policy:
-    t = root.sub("policy")
+def _policy(root: Table) -> Policy:
+    t = root.table("policy")
     file = t.path_value("file")
     if file is not None:
         if set(t.data) - {"file"}:
@@ -220,11 +152,11 @@ def _policy(root: _Reader) -> Policy:
             raise t.error("file", f"cannot read {file}: {e.strerror}") from None
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise t.error("file", f"{file} is not valid TOML: {e}") from None
-        t = _Reader(file, "policy", raw)
+        t = Table(file, "policy", raw)
     grants = tuple(_grant(g) for g in t.tables("grant"))
-    default = _limit(t.sub("default_limit"))
-    limits_t = t.sub("limits")
-    limits = {name: _limit(limits_t.sub(name)) for name in list(limits_t.data)}
+    default = _limit(t.table("default_limit"))
+    limits_t = t.table("limits")
+    limits = {name: _limit(limits_t.table(name)) for name in list(limits_t.data)}
     limits_t.finish()
     t.finish()
     return Policy(grants, default, MappingProxyType(limits))
@@ -233,7 +165,7 @@ def _policy(root: _Reader) -> Policy:
 def load_access(path: Path, raw: Mapping[str, Any]) -> AccessConfig:
     """``[identities]`` and ``[policy]`` of the config document ``raw`` (read from ``path``).
     Raises ConfigError naming the file and key."""
-    root = _Reader(path, "", dict(raw))
+    root = Table(path, "", dict(raw))
     identities = _identities(root)
     policy = _policy(root)
     return AccessConfig(identities, policy)

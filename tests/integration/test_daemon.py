@@ -19,7 +19,7 @@ from hsmsign.client import Client, TlsOptions
 from hsmsign.errors import RemoteError
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
-from server.config import MULTIARCH
+from server.tomltable import MULTIARCH
 from tests.conftest import HSMSIGN, Daemon, TokenDir, hsmsignd, start_daemon, write_config
 from tests.harness.pki import add_server_tls as _with_server_tls
 from tests.harness.pki import make_cert as _cert
