@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from server.audit import config as audit_config
 from server.errors import ConfigError
 
 ThreadingMode = Literal["parallel", "serialized"]
@@ -172,6 +173,7 @@ class Config:
     keyring: KeyRingConfig
     keys: Mapping[str, KeyOptions] = field(default_factory=dict)
     log_level: str = "INFO"
+    audit: audit_config.AuditConfig = field(default_factory=audit_config.AuditConfig)
 
     def key_options(self, name: str) -> KeyOptions:
         return self.keys.get(name, KeyOptions())
@@ -446,6 +448,7 @@ def load(path: Path) -> Config:
         keyring=_keyring(root),
         keys=_keys(root),
         log_level=level,
+        audit=audit_config.parse(root.table("audit").data, root.path),
     )
     root.finish()
     return config

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hsmsign import keyformats
+from server.audit import trail as audit
 from server.config import Config
 from server.errors import (
     FailedPrecondition,
@@ -621,6 +622,15 @@ class KeyRing:
                     v.describe(),
                     v.fingerprint,
                     n,
+                )
+                audit.event(
+                    "DestroyKeyVersion",
+                    key=v.name,
+                    version=v.version,
+                    fingerprint=v.fingerprint,
+                    outcome="ok",
+                    status="OK",
+                    detail={"objects_removed": n, "reason": "scheduled"},
                 )
 
             def mark(state: RingState) -> None:

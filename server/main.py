@@ -29,6 +29,7 @@ from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from server import accesslog, keys_cli, rpc, supervisor
 from server import config as config_mod
 from server.admin_service import AdminAccess
+from server.audit import serving as audit_serving
 from server.config import Config
 from server.errors import ConfigError, ServerError, StartupError, TokenNotFound
 from server.keyring import KeyRing
@@ -226,6 +227,7 @@ def serve(
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        audit_serving.start(cfg, token, worker.index if worker else 1, health_servicer)
         server.start()
         for name in ("", "hsmsign.v1.Signer"):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -235,6 +237,7 @@ def serve(
             if cfg.server.key_admin
             else health_pb2.HealthCheckResponse.NOT_SERVING,
         )
+        audit_serving.apply_health()
         if worker is not None:
             worker.watch_lifeline(stop)
             log.info("%s ready on %s (pid %d)", worker.name, bound, os.getpid())
@@ -259,6 +262,7 @@ def serve(
             log.info("stopped")
         return 0
     finally:
+        audit_serving.stop()
         if ring is not None:
             ring.stop()
         token.close()

@@ -23,6 +23,7 @@ import grpc
 from hsmsign.v1 import hsmsign_pb2 as pb
 from server import operations
 from server.accesslog import access
+from server.audit import trail as audit
 from server.errors import InvalidArgument, KeyObjectGone, ServerError
 from server.keyring import KeyReference, KeyVersion
 
@@ -91,9 +92,10 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
         status = "OK"
         used: list[str] = []
         _keys_used.set(used)
+        record = audit.begin(handler.__name__, request, context)  # type: ignore[arg-type]
         try:
             try:
-                return handler(self, request, context)
+                result = handler(self, request, context)
             except KeyObjectGone:
                 # Another process destroyed the version between this process's last read of
                 # the ring and the token call: re-read and answer as the ring now says (the
@@ -104,15 +106,19 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
                     raise
                 ring.refresh()
                 used.clear()
-                return handler(self, request, context)
+                result = handler(self, request, context)
+            record.commit()  # fail-closed: AuditUnavailable withholds the result
+            return result
         except ServerError as e:
-            status = e.code.name
-            context.abort(e.code, str(e))
+            answer = record.refused(e)
+            status = answer.code.name
+            context.abort(answer.code, str(answer))
         except Exception:
             incident = uuid.uuid4().hex[:12]
-            status = "INTERNAL"
             log.exception("internal error in %s (incident %s)", handler.__name__, incident)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
+            answer = record.refused(ServerError(f"internal error (incident {incident})"))
+            status = answer.code.name
+            context.abort(answer.code, str(answer))
         finally:
             access.line(
                 handler.__name__,
@@ -153,6 +159,7 @@ def used_key(v: KeyVersion) -> pb.UsedKey:
     used = _keys_used.get(None)
     if used is not None:
         used.append(f"{v.name}@{v.version}")
+        audit.note_key(v.name, v.version, v.fingerprint)
     return pb.UsedKey(
         name=v.name,
         version=v.version,
