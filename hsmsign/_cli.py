@@ -17,13 +17,13 @@ from pathlib import Path
 # (GRPC_VERBOSITY=ERROR). Set before grpc is imported.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from hsmsign import _cli_basic, _cli_bundle, _cli_keys, _cli_unwrap
+from hsmsign import _cli_audit, _cli_basic, _cli_bundle, _cli_keys, _cli_unwrap
 from hsmsign.client import DEFAULT_SERVER, Client, TlsOptions
 from hsmsign.errors import HsmsignError, UsageError, VerificationError
 
 #: Modules that add command groups: each has ``register(subparsers)``; the parser's
 #: ``func`` default is called with (args, connect).
-COMMAND_MODULES = [_cli_basic, _cli_bundle, _cli_keys, _cli_unwrap]
+COMMAND_MODULES = [_cli_basic, _cli_bundle, _cli_keys, _cli_unwrap, _cli_audit]
 
 Connect = Callable[[], Client]
 

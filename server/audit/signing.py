@@ -66,6 +66,7 @@ def audit_key(token: Token, label: str, directory: Path) -> tuple[Checkpointer, 
             return s.sign(cka_id, RSA_PSS_SHA256, digest)
 
     _write_public_key(directory / PUBLIC_KEY_FILE, keyformats.spki_pem(public_key))
+    log.info("audit key %r: sha256:%s (checkpoints are signed with it)", label, fingerprint)
     return Checkpointer(fingerprint, sign), public_key
 
 
