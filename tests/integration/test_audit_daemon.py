@@ -1,0 +1,388 @@
+"""The audit trail of a real daemon on a real SoftHSM2 token: what is recorded, fail-closed
+writes, recovery without restart, SIGKILL under load, and a human log that never blocks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hsmsign.v1 import hsmsign_pb2 as pb
+from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
+from tests.conftest import HSMSIGN, HSMSIGND, TokenDir, hsmsignd, make_token, write_config
+
+SHA256 = pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture(scope="module")
+def audit_token(tmp_path_factory: pytest.TempPathFactory) -> TokenDir:
+    """A token of this module's own (its audit key is made by the first daemon)."""
+    t = make_token(tmp_path_factory.mktemp("audit-token"))
+    hsmsignd(write_config(t.path / "plain.toml", t), "keys", "create", "demo")
+    return t
+
+
+def audit_config(
+    tmp: Path, token: TokenDir, *, audit: str = "", server: str = "processes = 1"
+) -> Path:
+    path = write_config(tmp / "hsmsignd.toml", token)
+    path.write_text(
+        path.read_text()
+        + f'\n[server]\n{server}\n\n[audit]\npath = "{tmp / "audit"}"\nretry_seconds = 0.5\n{audit}\n'
+    )
+    return path
+
+
+class Running:
+    def __init__(self, proc: subprocess.Popen[bytes], address: str, tmp: Path) -> None:
+        self.proc, self.address, self.tmp = proc, address, tmp
+        self.channel = grpc.insecure_channel(address)
+        self.signer = pb_grpc.SignerStub(self.channel)
+        self.admin = pb_grpc.KeyAdminStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def sign(self, digest: bytes = b"\x01" * 32, request_id: str | None = None) -> Any:
+        md = [("x-request-id", request_id)] if request_id else []
+        return self.signer.SignDigest.with_call(
+            pb.SignDigestRequest(key=pb.KeyRef(name="demo"), algorithm=SHA256, digest=digest),
+            metadata=md,
+            timeout=10,
+        )
+
+    def status(self, service: str = "") -> int:
+        r = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return int(r.status)
+
+    def wait_status(self, want: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while self.status() != want:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"health never became {want}")
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start(
+    config: Path,
+    tmp: Path,
+    *,
+    stderr: int | IO[bytes] | None = None,
+    prefix: tuple[str, ...] = (),
+) -> Running:
+    """hsmsignd on a free loopback port; stderr to the daemon.log file unless given."""
+    ready = tmp / "ready.json"
+    ready.unlink(missing_ok=True)
+    log = open(tmp / "daemon.log", "ab")  # noqa: SIM115  (kept by the subprocess)
+    proc = subprocess.Popen(
+        [
+            *prefix,
+            HSMSIGND,
+            "--config",
+            str(config),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--ready-file",
+            str(ready),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=stderr if stderr is not None else log,
+    )
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"hsmsignd exited {proc.returncode}: {daemon_log(tmp)}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"not ready: {daemon_log(tmp)}")
+        time.sleep(0.05)
+    return Running(proc, json.loads(ready.read_text())["address"], tmp)
+
+
+def daemon_log(tmp: Path) -> str:
+    p = tmp / "daemon.log"
+    return p.read_text(errors="replace") if p.exists() else ""
+
+
+def records(tmp: Path) -> list[dict[str, Any]]:
+    out = []
+    for f in sorted((tmp / "audit").glob("audit-*.jsonl")):
+        if ".checkpoints." not in f.name:
+            out += [json.loads(line) for line in f.read_text().splitlines()]
+    return out
+
+
+def verify(tmp: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [HSMSIGN, "audit", "verify", str(tmp / "audit"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture()
+def running(audit_token: TokenDir, tmp_path: Path) -> Iterator[Running]:
+    d = start(audit_config(tmp_path, audit_token, audit="checkpoint_records = 5"), tmp_path)
+    yield d
+    d.stop()
+
+
+def test_every_call_is_recorded_with_its_request_id_and_no_secret(
+    running: Running, tmp_path: Path, audit_token: TokenDir
+) -> None:
+    digest = os.urandom(32)
+    _, call = running.sign(digest, request_id="build-42")
+    assert ("x-request-id", "build-42") in tuple(call.trailing_metadata())
+    batch = [os.urandom(32) for _ in range(3)]
+    running.signer.SignDigests(
+        pb.SignDigestsRequest(key=pb.KeyRef(name="demo"), algorithm=SHA256, digests=batch)
+    )
+    session_key = os.urandom(16)
+    running.signer.SealSessionKey(
+        pb.SealSessionKeyRequest(key=pb.KeyRef(name="demo"), session_key=session_key)
+    )
+    with pytest.raises(grpc.RpcError) as missing:
+        running.signer.SignDigest(
+            pb.SignDigestRequest(key=pb.KeyRef(name="nope"), algorithm=SHA256, digest=digest)
+        )
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    generated = dict(missing.value.trailing_metadata())["x-request-id"]
+    with pytest.raises(grpc.RpcError) as bad:
+        running.signer.SignDigest(
+            pb.SignDigestRequest(key=pb.KeyRef(name="demo"), algorithm=SHA256, digest=b"short")
+        )
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    running.admin.ListKeys(pb.ListKeysRequest())
+    running.stop()
+
+    recs = [r for r in records(tmp_path) if r["kind"] == "call"]
+    by_id = {r["request_id"]: r for r in recs}
+    signed = by_id["build-42"]
+    assert signed["op"] == "SignDigest" and signed["outcome"] == "ok"
+    assert (signed["key"], signed["version"]) == ("demo", 1)
+    assert len(signed["fingerprint"]) == 64
+    assert signed["inputs"]["digest"] == "sha256:" + __import__("hashlib").sha256(digest).hexdigest()
+    assert signed["time"].endswith("Z") and signed["peer"].startswith("ipv4:127.0.0.1:")
+    assert signed["identity"]["kind"] == "anonymous"
+    batch_rec = next(r for r in recs if r["op"] == "SignDigests")
+    assert len(batch_rec["inputs"]["digests"]) == 3
+    refused = by_id[generated]
+    assert (refused["outcome"], refused["status"], refused["key"]) == ("refused", "NOT_FOUND", "nope")
+    assert any(r["status"] == "INVALID_ARGUMENT" for r in recs)
+    assert any(r["op"] == "ListKeys" and r["outcome"] == "ok" for r in recs)
+
+    v = verify(tmp_path)
+    assert v.returncode == 0, v.stdout + v.stderr
+    # No secret in any audit file or log line: PIN, session key, digests in any encoding.
+    text = "".join(p.read_text(errors="replace") for p in (tmp_path / "audit").glob("*.jsonl"))
+    text += daemon_log(tmp_path)
+    for secret in (session_key, digest, *batch):
+        for form in (secret.hex(), base64.b64encode(secret).decode(), repr(secret)):
+            assert form not in text
+    assert audit_token.pin not in text
+
+
+def test_key_admin_turned_off_refusal_is_recorded(audit_token: TokenDir, tmp_path: Path) -> None:
+    d = start(
+        audit_config(tmp_path, audit_token, server="processes = 1\nkey_admin = false"), tmp_path
+    )
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            d.admin.CreateKey(pb.CreateKeyRequest(name="x", purpose=pb.KEY_PURPOSE_SIGN))
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        d.stop()
+    rec = next(r for r in records(tmp_path) if r.get("op") == "CreateKey")
+    assert (rec["outcome"], rec["status"], rec["key"]) == ("refused", "PERMISSION_DENIED", "x")
+
+
+def test_two_serving_processes_keep_one_chain_each(audit_token: TokenDir, tmp_path: Path) -> None:
+    d = start(audit_config(tmp_path, audit_token, server="processes = 2"), tmp_path)
+    try:
+        for _ in range(20):
+            grpc.insecure_channel(d.address)  # new connections spread over the processes
+            d.sign()
+    finally:
+        d.stop()
+    assert {r["chain"] for r in records(tmp_path)} == {"1", "2"}
+    v = verify(tmp_path)
+    assert v.returncode == 0, v.stdout
+    assert sum(c["records"] for c in json.loads(v.stdout)["chains"]) >= 20
+
+
+def _watch_health(d: Running) -> list[int]:
+    seen: list[int] = []
+
+    def run() -> None:
+        try:
+            for r in d.health.Watch(health_pb2.HealthCheckRequest(service="")):
+                seen.append(int(r.status))
+        except grpc.RpcError:
+            pass
+
+    threading.Thread(target=run, daemon=True).start()
+    time.sleep(0.3)
+    return seen
+
+
+def test_audit_on_dev_full_fails_closed_and_recovers(audit_token: TokenDir, tmp_path: Path) -> None:
+    audit_dir = tmp_path / "audit"
+    audit_dir.mkdir()
+    (audit_dir / "audit-1.jsonl").symlink_to("/dev/full")
+    d = start(audit_config(tmp_path, audit_token), tmp_path)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            d.sign()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "audit" in (e.value.details() or "")
+        assert d.status() == NOT_SERVING
+        assert d.status("hsmsign.v1.Signer") == NOT_SERVING
+        (audit_dir / "audit-1.jsonl").unlink()
+        d.wait_status(SERVING)
+        _, call = d.sign(request_id="after-recovery")
+    finally:
+        d.stop()
+    assert any(r.get("request_id") == "after-recovery" for r in records(tmp_path))
+    assert verify(tmp_path).returncode == 0
+
+
+def test_audit_file_removed_under_the_daemon(audit_token: TokenDir, tmp_path: Path) -> None:
+    d = start(audit_config(tmp_path, audit_token), tmp_path)
+    try:
+        d.sign(request_id="before")
+        seen = _watch_health(d)
+        (tmp_path / "audit" / "audit-1.jsonl").unlink()
+        with pytest.raises(grpc.RpcError) as e:
+            d.sign(request_id="withheld")
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        d.wait_status(SERVING)
+        d.sign(request_id="after")
+        time.sleep(0.3)
+        assert NOT_SERVING in seen and seen[-1] == SERVING
+    finally:
+        d.stop()
+    recs = records(tmp_path)
+    assert recs[0]["op"] == "audit_resumed" and "gone" in recs[0]["detail"]["after"]
+    assert any(r.get("request_id") == "after" for r in recs)
+    # The removed file held the chain's start: the verifier says records are missing.
+    v = verify(tmp_path)
+    assert v.returncode == 3 and "missing" in v.stdout
+
+
+def test_read_only_audit_directory_fails_closed_then_recovers(
+    audit_token: TokenDir, tmp_path: Path
+) -> None:
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) not installed")
+    audit_dir = tmp_path / "audit"
+    audit_dir.mkdir()
+    audit_dir.chmod(0o500)
+    # Root ignores file modes (DESIGN fact 10): drop the capabilities that let it.
+    drop = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all")
+    d = start(audit_config(tmp_path, audit_token), tmp_path, prefix=drop)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            d.sign()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert d.status() == NOT_SERVING
+        audit_dir.chmod(0o700)
+        d.wait_status(SERVING)
+        d.sign(request_id="writable-again")
+    finally:
+        audit_dir.chmod(0o700)
+        d.stop()
+    assert any(r.get("request_id") == "writable-again" for r in records(tmp_path))
+
+
+def test_sigkill_under_load_loses_no_answered_record(audit_token: TokenDir, tmp_path: Path) -> None:
+    config = audit_config(tmp_path, audit_token)
+    d = start(config, tmp_path)
+    answered: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            rid = uuid.uuid4().hex
+            try:
+                d.sign(request_id=rid)
+                answered.append(rid)
+            except grpc.RpcError:
+                return  # the daemon is gone
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while len(answered) < 300 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(answered) >= 100
+    again = start(config, tmp_path)
+    again.sign(request_id="after-restart")
+    again.stop()
+    ids = {r.get("request_id") for r in records(tmp_path)}
+    assert set(answered) <= ids
+    v = verify(tmp_path)
+    assert v.returncode == 0, v.stdout
+
+
+def test_stderr_to_a_pipe_nobody_reads_does_not_stall_serving(
+    audit_token: TokenDir, tmp_path: Path
+) -> None:
+    read_end, write_end = os.pipe()
+    try:
+        d = start(audit_config(tmp_path, audit_token), tmp_path, stderr=write_end)
+        try:
+            for i in range(1500):  # the pipe (64 KiB) fills after about 500 access lines
+                d.sign(request_id=f"pipe-{i}")
+        finally:
+            d.stop()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    ids = {r.get("request_id") for r in records(tmp_path)}
+    assert {f"pipe-{i}" for i in range(1500)} <= ids
+
+
+def test_stderr_on_dev_full_keeps_serving_and_auditing(
+    audit_token: TokenDir, tmp_path: Path
+) -> None:
+    with open("/dev/full", "wb") as full:
+        d = start(audit_config(tmp_path, audit_token), tmp_path, stderr=full)
+        try:
+            for i in range(200):
+                d.sign(request_id=f"full-{i}")
+        finally:
+            d.stop()
+    ids = {r.get("request_id") for r in records(tmp_path)}
+    assert {f"full-{i}" for i in range(200)} <= ids
+    assert verify(tmp_path).returncode == 0
