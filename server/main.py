@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from hsmsign import tlsfiles
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
-from server import accesslog, keys_cli, rpc, supervisor
+from server import accesslog, keys_cli, logsink, rpc, supervisor
 from server import config as config_mod
 from server.admin_service import AdminAccess
 from server.audit import serving as audit_serving
@@ -108,7 +108,7 @@ def _setup_logging(level: str, tag: str = "") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(logsink.TextStream(logsink.sink(sys.stderr.fileno())))
     handler.setFormatter(_Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level), handlers=[handler])
     accesslog.access.configure(sys.stderr.fileno(), tag)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from server import accesslog, main
+from server import accesslog, logsink, main
 
 LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO \[1/2\] hsmsign\.access: "
@@ -36,6 +36,7 @@ class DaemonStderr:
         main._setup_logging(level, tag)
 
     def read(self) -> str:
+        logsink.sink(self.w).flush(5)  # lines reach stderr from the sink's thread
         return os.read(self.r, 65536).decode()
 
 
@@ -93,6 +94,7 @@ def test_lines_from_many_threads_stay_whole(stderr: DaemonStderr) -> None:
         t.start()
     for t in threads:
         t.join()
+    logsink.sink(stderr.w).flush(5)
     os.set_blocking(stderr.r, False)
     chunks = []
     with contextlib.suppress(BlockingIOError):

@@ -4,6 +4,7 @@ writes, recovery without restart, SIGKILL under load, and a human log that never
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -43,7 +44,8 @@ def audit_config(
     path = write_config(tmp / "hsmsignd.toml", token)
     path.write_text(
         path.read_text()
-        + f'\n[server]\n{server}\n\n[audit]\npath = "{tmp / "audit"}"\nretry_seconds = 0.5\n{audit}\n'
+        + f"\n[server]\n{server}\n\n[audit]\n"
+        + f'path = "{tmp / "audit"}"\nretry_seconds = 0.5\n{audit}\n'
     )
     return path
 
@@ -186,13 +188,17 @@ def test_every_call_is_recorded_with_its_request_id_and_no_secret(
     assert signed["op"] == "SignDigest" and signed["outcome"] == "ok"
     assert (signed["key"], signed["version"]) == ("demo", 1)
     assert len(signed["fingerprint"]) == 64
-    assert signed["inputs"]["digest"] == "sha256:" + __import__("hashlib").sha256(digest).hexdigest()
+    assert signed["inputs"]["digest"] == "sha256:" + hashlib.sha256(digest).hexdigest()
     assert signed["time"].endswith("Z") and signed["peer"].startswith("ipv4:127.0.0.1:")
     assert signed["identity"]["kind"] == "anonymous"
     batch_rec = next(r for r in recs if r["op"] == "SignDigests")
     assert len(batch_rec["inputs"]["digests"]) == 3
     refused = by_id[generated]
-    assert (refused["outcome"], refused["status"], refused["key"]) == ("refused", "NOT_FOUND", "nope")
+    assert (refused["outcome"], refused["status"], refused["key"]) == (
+        "refused",
+        "NOT_FOUND",
+        "nope",
+    )
     assert any(r["status"] == "INVALID_ARGUMENT" for r in recs)
     assert any(r["op"] == "ListKeys" and r["outcome"] == "ok" for r in recs)
 
@@ -264,7 +270,7 @@ def test_audit_on_dev_full_fails_closed_and_recovers(audit_token: TokenDir, tmp_
         assert d.status("hsmsign.v1.Signer") == NOT_SERVING
         (audit_dir / "audit-1.jsonl").unlink()
         d.wait_status(SERVING)
-        _, call = d.sign(request_id="after-recovery")
+        d.sign(request_id="after-recovery")
     finally:
         d.stop()
     assert any(r.get("request_id") == "after-recovery" for r in records(tmp_path))
