@@ -59,7 +59,9 @@ class Running:
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def sign(self, digest: bytes = b"\x01" * 32, request_id: str | None = None) -> Any:
-        md = [("x-request-id", request_id)] if request_id else []
+        md: tuple[tuple[str, str | bytes], ...] = (
+            (("x-request-id", request_id),) if request_id else ()
+        )
         return self.signer.SignDigest.with_call(
             pb.SignDigestRequest(key=pb.KeyRef(name="demo"), algorithm=SHA256, digest=digest),
             metadata=md,
@@ -173,7 +175,7 @@ def test_every_call_is_recorded_with_its_request_id_and_no_secret(
             pb.SignDigestRequest(key=pb.KeyRef(name="nope"), algorithm=SHA256, digest=digest)
         )
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-    generated = dict(missing.value.trailing_metadata())["x-request-id"]
+    generated = {m.key: m.value for m in missing.value.trailing_metadata()}["x-request-id"]
     with pytest.raises(grpc.RpcError) as bad:
         running.signer.SignDigest(
             pb.SignDigestRequest(key=pb.KeyRef(name="demo"), algorithm=SHA256, digest=b"short")
