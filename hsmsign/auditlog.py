@@ -147,7 +147,9 @@ def _read_lines(path: Path) -> Iterator[Line]:
         data = path.read_bytes()
     except OSError as e:
         raise AuditFileError(f"cannot read {path}: {e.strerror}") from None
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    pieces = data.split(b"\n")
+    torn = pieces.pop()  # after the last newline: empty unless a write was cut short
+    for number, raw in enumerate(pieces, start=1):
         if not raw:
             continue
         record: dict[str, Any] | None
@@ -157,9 +159,9 @@ def _read_lines(path: Path) -> Iterator[Line]:
         except (UnicodeDecodeError, ValueError):
             record = None
         yield Line(path, number, raw, record)
-    if data and not data.endswith(b"\n"):
+    if torn:
         # A last line without its newline: a write cut short. Marked by a sentinel record.
-        yield Line(path, -1, b"", None)
+        yield Line(path, -1, torn, None)
 
 
 @dataclass
