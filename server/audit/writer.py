@@ -96,6 +96,7 @@ class ChainWriter:
         #: Records written and failures seen, for metrics and tests.
         self.records_written = 0
         self.failures = 0
+        self.fsyncs = 0  # commits made by append (group commit: one per many records)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -225,6 +226,7 @@ class ChainWriter:
                 if fd is None:
                     raise OSError(errno.EBADF, "not open")
                 os.fsync(fd)
+                self.fsyncs += 1
             except OSError as e:
                 self._fail(f"fsync of {self.path} failed: {_describe(e)}")
                 raise AuditUnavailable("the audit trail cannot be written; retry") from None
