@@ -93,9 +93,11 @@ def identity_from_context(context: grpc.ServicerContext) -> dict[str, Any]:
 
     common = values("x509_common_name")
     if common:
-        return identity_fields(
-            "x509", common[0], None, {"san": values("x509_subject_alternative_name")}
-        )
+        claims: dict[str, Any] = {"san": values("x509_subject_alternative_name")}
+        subject = values("x509_subject")
+        if subject:
+            claims["subject"] = subject[0]
+        return identity_fields("x509", common[0], None, claims)
     return identity_fields("anonymous", "", None, {})
 
 
