@@ -107,7 +107,7 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
                 ring.refresh()
                 used.clear()
                 result = handler(self, request, context)
-            record.commit()  # fail-closed: AuditUnavailable withholds the result
+            record.commit(result)  # fail-closed: AuditUnavailable withholds the result
             return result
         except ServerError as e:
             answer = record.refused(e)

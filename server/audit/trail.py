@@ -49,6 +49,9 @@ _REFUSALS = frozenset(
     }
 )
 
+#: KeyAdmin calls that make a key version: their record names the version made.
+_MAKES_A_VERSION = frozenset({"CreateKey", "RotateKey", "ImportKey"})
+
 _writer: ChainWriter | None = None
 _current: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
     "audit_call", default=None
@@ -197,10 +200,14 @@ class CallRecord:
             fields["message"] = message
         return fields
 
-    def commit(self) -> None:
+    def commit(self, result: object = None) -> None:
         """Writes the record of a call that succeeded. Raises AuditUnavailable: the result
         must then be withheld."""
         self.done = True
+        versions = getattr(result, "versions", None)
+        if self.method in _MAKES_A_VERSION and versions:
+            made = max(versions, key=lambda v: v.version)
+            self.keys.append((getattr(result, "name", ""), made.version, made.fingerprint))
         writer = _writer
         if writer is not None:
             writer.append(self._fields("OK", None))
@@ -226,7 +233,7 @@ class _Unaudited:
 
     __slots__ = ()
 
-    def commit(self) -> None:
+    def commit(self, result: object = None) -> None:
         pass
 
     def refused(self, error: ServerError) -> ServerError:

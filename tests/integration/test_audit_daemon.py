@@ -472,3 +472,40 @@ def test_the_client_certificate_names_the_caller(audit_token: TokenDir, tmp_path
         d.stop()
     rec = next(r for r in records(tmp_path) if r.get("request_id") == "tls-1")
     assert rec["identity"]["kind"] == "x509" and rec["identity"]["name"] == "build-agent-1"
+
+
+def test_a_destruction_the_daemon_carries_out_is_recorded(
+    audit_token: TokenDir, tmp_path: Path
+) -> None:
+    config = audit_config(tmp_path, audit_token)
+    config.write_text(
+        config.read_text() + "\n[keyring]\nrefresh_seconds = 0.5\nmin_destruction_delay_hours = 0\n"
+    )
+    d = start(config, tmp_path)
+    name = f"doomed-{uuid.uuid4().hex[:6]}"
+    try:
+        d.admin.CreateKey(
+            pb.CreateKeyRequest(
+                name=name, purpose=pb.KEY_PURPOSE_SIGN, algorithm=pb.KEY_ALGORITHM_RSA_2048
+            ),
+            timeout=60,
+        )
+        d.admin.RotateKey(pb.RotateKeyRequest(name=name, make_primary=True), timeout=60)
+        request = pb.ScheduleDestructionRequest(name=name, version=1)
+        request.delay.FromSeconds(1)
+        d.admin.ScheduleKeyVersionDestruction(request, timeout=30)
+        deadline = time.monotonic() + 30
+        while not any(
+            r.get("op") == "DestroyKeyVersion" and r.get("key") == name for r in records(tmp_path)
+        ):
+            assert time.monotonic() < deadline, "no destruction record"
+            time.sleep(0.2)
+    finally:
+        d.stop()
+    ops = [
+        (r["op"], r.get("key"), r.get("version")) for r in records(tmp_path) if r.get("key") == name
+    ]
+    assert ("CreateKey", name, 1) in ops and ("ScheduleKeyVersionDestruction", name, 1) in ops
+    destroyed = next(r for r in records(tmp_path) if r.get("op") == "DestroyKeyVersion")
+    assert destroyed["kind"] == "event" and destroyed["version"] == 1
+    assert verify(tmp_path).returncode == 0
