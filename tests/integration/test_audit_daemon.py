@@ -509,3 +509,46 @@ def test_a_destruction_the_daemon_carries_out_is_recorded(
     destroyed = next(r for r in records(tmp_path) if r.get("op") == "DestroyKeyVersion")
     assert destroyed["kind"] == "event" and destroyed["version"] == 1
     assert verify(tmp_path).returncode == 0
+
+
+def test_a_full_disk_fails_closed_and_recovers_with_a_clean_chain(
+    audit_token: TokenDir, tmp_path: Path
+) -> None:
+    audit_dir = tmp_path / "audit"
+    audit_dir.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(audit_dir)],
+        capture_output=True,
+        timeout=30,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN)")
+    try:
+        d = start(audit_config(tmp_path, audit_token), tmp_path)
+        try:
+            d.sign(request_id="before-full")
+            filler = audit_dir / "filler"
+            with open(filler, "wb", buffering=0) as f, pytest.raises(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+            refused = 0
+            for i in range(200):  # the chain file's last page may take a few records first
+                try:
+                    d.sign(request_id=f"while-full-{i}")
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE
+                    refused += 1
+                    break
+            assert refused == 1
+            assert d.status() == NOT_SERVING
+            filler.unlink()
+            d.wait_status(SERVING)
+            d.sign(request_id="after-full")
+        finally:
+            d.stop()
+        ids = {r.get("request_id") for r in records(tmp_path)}
+        assert {"before-full", "after-full"} <= ids
+        v = verify(tmp_path)
+        assert v.returncode == 0, v.stdout
+    finally:
+        subprocess.run(["umount", str(audit_dir)], capture_output=True, timeout=30)
