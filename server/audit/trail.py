@@ -154,7 +154,16 @@ def summarize(request: Message) -> tuple[dict[str, Any], dict[str, Any], dict[st
 class CallRecord:
     """The record of one call, written when the call ends."""
 
-    __slots__ = ("context", "done", "keys", "method", "request", "request_id", "started")
+    __slots__ = (
+        "context",
+        "done",
+        "identity",
+        "keys",
+        "method",
+        "request",
+        "request_id",
+        "started",
+    )
 
     def __init__(self, method: str, request: Message, context: grpc.ServicerContext) -> None:
         self.method, self.request, self.context = method, request, context
@@ -162,6 +171,7 @@ class CallRecord:
         context.set_trailing_metadata(((REQUEST_ID_HEADER, self.request_id),))
         self.started = time.perf_counter()
         self.keys: list[tuple[str, int, str]] = []
+        self.identity: dict[str, Any] | None = None  # set by note_identity (policy layer)
         self.done = False
 
     def _fields(self, status: str, message: str | None) -> dict[str, Any]:
@@ -173,7 +183,7 @@ class CallRecord:
             "kind": "call",
             "time": auditlog.utc_now(),
             "op": self.method,
-            "identity": identity_from_context(self.context),
+            "identity": self.identity or identity_from_context(self.context),
             "peer": self.context.peer(),
             "request_id": self.request_id,
             "outcome": outcome,
@@ -250,6 +260,14 @@ def begin(method: str, request: Message, context: grpc.ServicerContext) -> CallR
     record = CallRecord(method, request, context)
     _current.set(record)
     return record
+
+
+def note_identity(kind: str, name: str, issuer: str | None, claims: Mapping[str, Any]) -> None:
+    """Records the caller as the identity and policy layer established it (overrides what
+    the transport shows, ``identity_from_context``)."""
+    record = _current.get()
+    if record is not None and _writer is not None:
+        record.identity = identity_fields(kind, name, issuer, claims)
 
 
 def note_key(name: str, version: int, fingerprint: str) -> None:
