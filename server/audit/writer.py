@@ -88,6 +88,7 @@ class ChainWriter:
         self._uncovered = 0  # records since the last checkpoint
         self._uncovered_since = 0.0
         self._broken: str | None = None
+        self._logged_reason: str | None = None
         self._head_known = False
         self._lock_fd: int | None = None
         self._stop = threading.Event()
@@ -324,7 +325,9 @@ class ChainWriter:
         self.failures += 1
         if self._broken is None:
             self._broken = reason
-            log.error("audit trail broken, refusing calls until it can be written: %s", reason)
+            if reason != self._logged_reason:  # a retry that fails the same way: no new line
+                log.error("audit trail broken, refusing calls until it can be written: %s", reason)
+                self._logged_reason = reason
             self._on_health(False)
             self._wake.set()
 
@@ -356,6 +359,7 @@ class ChainWriter:
                 self._broken = str(e)
             return
         log.warning("audit trail writable again (after: %s)", reason)
+        self._logged_reason = None
         self._on_health(True)
         with contextlib.suppress(AuditUnavailable):
             self.checkpoint("resumed")
