@@ -552,3 +552,22 @@ def test_a_full_disk_fails_closed_and_recovers_with_a_clean_chain(
         assert v.returncode == 0, v.stdout
     finally:
         subprocess.run(["umount", str(audit_dir)], capture_output=True, timeout=30)
+
+
+def test_a_call_the_client_abandoned_is_recorded_as_abandoned(
+    running: Running, tmp_path: Path
+) -> None:
+    digests = [os.urandom(32) for _ in range(2000)]  # a second or more of signing
+    with pytest.raises(grpc.RpcError) as e:
+        running.signer.SignDigests(
+            pb.SignDigestsRequest(key=pb.KeyRef(name="demo"), algorithm=SHA256, digests=digests),
+            metadata=(("x-request-id", "gave-up"),),
+            timeout=0.2,
+        )
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 30
+    while not any(r.get("request_id") == "gave-up" for r in records(tmp_path)):
+        assert time.monotonic() < deadline, "no record of the abandoned call"
+        time.sleep(0.2)
+    rec = next(r for r in records(tmp_path) if r.get("request_id") == "gave-up")
+    assert (rec["outcome"], rec["status"]) == ("abandoned", "OK")  # signed, never delivered
