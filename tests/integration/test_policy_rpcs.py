@@ -65,7 +65,8 @@ def policy_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         token,
         policy=POLICY,
         # One serving process: limits are per process, and one token login is quicker.
-        extra="[server]\nprocesses = 1\n[keyring]\nmin_destruction_delay_hours = 0\n",
+        extra="[server]\nprocesses = 1\n[keyring]\nmin_destruction_delay_hours = 0\n"
+        "dev_unsafe_allow_short_destruction_delay = true\n",
     )
     d = start_daemon(cfg, tmp / "d")
     yield d

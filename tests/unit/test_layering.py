@@ -34,6 +34,7 @@ SHARED_LAYER: Final = frozenset(
         "hsmsign.tlsfiles",
         "hsmsign.capgo.format",
         "hsmsign.keycommands",
+        "hsmsign.auditlog",
     }
 )
 #: What the shared layer itself may import from hsmsign/ besides itself.

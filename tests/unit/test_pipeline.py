@@ -20,7 +20,7 @@ from server.policy import gate
 class _Servicer:
     @pipeline.rpc
     def Echo(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        pipeline.note_key_used("demo", 3)
+        pipeline.note_key_used("demo", 3, "ab" * 32)
         if request == b"invalid":
             raise InvalidArgument("digest is 3 bytes; it must be 32")
         if request == b"precondition":
@@ -136,5 +136,5 @@ def test_a_draining_process_refuses_new_calls(channel: grpc.Channel) -> None:
 
 def test_the_stages_are_named_in_order() -> None:
     names = [name for name, _stage in pipeline.STAGES]
-    assert names == ["access_log", "status", "well_formed", "access", "admission"]
+    assert names == ["access_log", "status", "audit", "well_formed", "access", "admission"]
     assert issubclass(InvalidArgument, ServerError)
