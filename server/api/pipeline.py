@@ -32,9 +32,9 @@ out through them in reverse. Today's stages:
     runs the servicer's method; a Signer call whose key object another process destroyed
     meanwhile is answered again after a re-read of the ring (``retry_ring``).
 
-A stage is a function ``(call, proceed) -> response`` that may read
-and annotate the ``Call``: add it to ``STAGES`` with its name. Raise a ``ServerError`` to
-refuse a call; never abort it directly (``status`` is the one place that does).
+A stage is a function ``(call, proceed) -> response`` that may read and annotate the
+``Call``: add it to ``STAGES`` with its name. Raise a ``ServerError`` to refuse a call; never
+abort it directly (``status`` is the one place that does).
 """
 
 from __future__ import annotations
