@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEB_PACKAGES := softhsm2 p11-kit-modules opensc openssl nghttp2-client
 CONFIG ?= hsm_config/dev.toml
 
-.PHONY: run test test-unit test-integration test-compat lint bench bench-long bench-unwrap protos check-protos deps deb venv dev-token clean-dev-token
+.PHONY: run test test-unit test-integration test-compat lint bench bench-long bench-unwrap bench-audit protos check-protos deps deb venv dev-token clean-dev-token
 
 ## run: install, create the SoftHSM2 dev token and its demo key, start hsmsignd in the foreground
 run: deps dev-token
@@ -41,6 +41,10 @@ bench: deps
 
 bench-long: deps
 	$(BIN)/python -m bench.long_run
+
+## bench-audit: audit trail off vs on, unary and batch, and the group commit
+bench-audit: deps
+	$(BIN)/python -m bench.bench_audit
 
 ## bench-unwrap: timing of valid vs invalid PKCS#1 v1.5 unwraps (implicit rejection)
 bench-unwrap: deps

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from server import cpus, pinsource
+from server.audit import config as audit_config
 from server.errors import ConfigError
 from server.policy.config import TABLES as ACCESS_TABLES
 from server.policy.config import AccessConfig, load_access
@@ -248,6 +249,8 @@ class Config:
     log_level: str = "INFO"
     #: [identities] and [policy]: who callers are and what they may do (server/policy).
     access: AccessConfig = field(default_factory=AccessConfig)
+    #: [audit]: the durable audit trail (server/audit; none without ``[audit] path``).
+    audit: audit_config.AuditConfig = field(default_factory=audit_config.AuditConfig)
 
     def key_options(self, name: str) -> KeyOptions:
         return self.keys.get(name, KeyOptions())
@@ -510,6 +513,7 @@ def load(path: Path) -> Config:
         keys=_keys(root),
         log_level=level,
         access=load_access(root.path, raw),
+        audit=audit_config.parse(root.table("audit").data, root.path),
     )
     root.used |= ACCESS_TABLES
     root.finish()

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from server import config as config_mod
-from server import hardening, keys_cli, serve
+from server import hardening, keys_cli, logsink, serve
 from server.api import accesslog
 from server.errors import ConfigError, ServerError
 from server.supervisor import ServingProcessSpec
@@ -79,7 +79,7 @@ def _setup_logging(level: str, tag: str = "") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(logsink.TextStream(logsink.sink(sys.stderr.fileno())))
     handler.setFormatter(_Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level), handlers=[handler])
     accesslog.access.configure(sys.stderr.fileno(), tag)

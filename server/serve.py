@@ -30,6 +30,7 @@ from server.api import deadlines, limits, pipeline
 from server.api.admin import KeyAdminService
 from server.api.malformed import MalformedRequests
 from server.api.signer import SignerService
+from server.audit import serving as audit_serving
 from server.config import Config
 from server.errors import ConfigError, StartupError, TokenNotFound
 from server.keyring.ring import KeyRing
@@ -178,6 +179,9 @@ def listen_on(
 class ServingRole(Protocol):
     """What differs between a lone daemon and one of several serving processes."""
 
+    #: This serving process's number (1 for a lone daemon): its audit chain.
+    index: int
+
     def serving(self, bound: str, stop: threading.Event) -> None:
         """Called once the server has started: announce it."""
 
@@ -190,6 +194,8 @@ class ServingRole(Protocol):
 
 class _Standalone:
     """The daemon serving from its own process: it logs for itself, writes the ready file."""
+
+    index = 1
 
     def __init__(self, line: str, ready_file: Path | None) -> None:
         self.line, self.ready_file = line, ready_file
@@ -211,6 +217,7 @@ class _ServingProcess:
 
     def __init__(self, spec: ServingProcessSpec) -> None:
         self.spec = spec
+        self.index = spec.index
 
     def serving(self, bound: str, stop: threading.Event) -> None:
         self.spec.watch_lifeline(stop)
@@ -228,7 +235,9 @@ def serve_process(
     cfg: Config, token: Token, ring: KeyRing, server: grpc.Server, bound: str, role: ServingRole
 ) -> int:
     """Serves the Signer, KeyAdmin and health services (and reflection) on ``server`` until
-    SIGTERM or SIGINT, then drains the calls in flight. Returns the exit code (0)."""
+    SIGTERM or SIGINT, then drains the calls in flight; the audit trail (``[audit]``) is open
+    for as long as calls can be served. Returns the exit code (0). Raises StartupError when
+    the audit chain is held by another process or the audit key is unusable."""
     ring.start_background_refresh()
     pb_grpc.add_SignerServicer_to_server(SignerService(token, ring, cfg), server)
     pb_grpc.add_KeyAdminServicer_to_server(KeyAdminService(token, ring, cfg), server)
@@ -249,27 +258,33 @@ def serve_process(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server.start()
-    for name in ("", "hsmsign.v1.Signer"):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set(
-        "hsmsign.v1.KeyAdmin",
-        health_pb2.HealthCheckResponse.SERVING
-        if cfg.server.key_admin
-        else health_pb2.HealthCheckResponse.NOT_SERVING,
-    )
-    role.serving(bound, stop)
-    stop.wait()
-    health_servicer.enter_graceful_shutdown()
-    # Drain before stopping gRPC: new calls get UNAVAILABLE ("retry"), calls in flight
-    # finish, and their responses get a moment to leave. gRPC's own stop() closes the
-    # connections once the last call has handed its response to the transport, and a large
-    # response still waiting for the client's HTTP/2 flow-control credit was then cut off.
-    t0 = time.monotonic()
-    pipeline.calls.drain(cfg.server.grace_seconds)
-    time.sleep(DRAIN_LINGER_SECONDS)
-    left = max(0.0, cfg.server.grace_seconds - (time.monotonic() - t0))
-    server.stop(left).wait()
-    log.info("%s", deadlines.tally.summary())
-    role.stopped()
-    return 0
+    try:
+        # The trail before the server: no call is ever served unaudited.
+        audit_serving.start(cfg, token, role.index, health_servicer)
+        server.start()
+        for name in ("", "hsmsign.v1.Signer"):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_servicer.set(
+            "hsmsign.v1.KeyAdmin",
+            health_pb2.HealthCheckResponse.SERVING
+            if cfg.server.key_admin
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        audit_serving.apply_health()  # a trail that cannot be written: NOT_SERVING
+        role.serving(bound, stop)
+        stop.wait()
+        health_servicer.enter_graceful_shutdown()
+        # Drain before stopping gRPC: new calls get UNAVAILABLE ("retry"), calls in flight
+        # finish, and their responses get a moment to leave. gRPC's own stop() closes the
+        # connections once the last call has handed its response to the transport, and a large
+        # response still waiting for the client's HTTP/2 flow-control credit was then cut off.
+        t0 = time.monotonic()
+        pipeline.calls.drain(cfg.server.grace_seconds)
+        time.sleep(DRAIN_LINGER_SECONDS)
+        left = max(0.0, cfg.server.grace_seconds - (time.monotonic() - t0))
+        server.stop(left).wait()
+        log.info("%s", deadlines.tally.summary())
+        role.stopped()
+        return 0
+    finally:
+        audit_serving.stop()  # a last signed checkpoint, after the last call

@@ -20,7 +20,7 @@ from pathlib import Path
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 from hsmsign import keycommands, names
-from hsmsign._cli import basic, bundle, keys, unwrap
+from hsmsign._cli import audit, basic, bundle, keys, unwrap
 from hsmsign._internal import plaintext
 from hsmsign.client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client, TlsOptions
 from hsmsign.errors import (
@@ -33,7 +33,7 @@ from hsmsign.errors import (
 
 #: Modules that add command groups: each has ``register(subparsers)``; the parser's
 #: ``func`` default is called with (args, connect).
-COMMAND_MODULES = [basic, bundle, keys, unwrap]
+COMMAND_MODULES = [basic, bundle, keys, unwrap, audit]
 EXIT_INTERRUPTED = 130
 
 Connect = Callable[[], Client]

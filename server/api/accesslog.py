@@ -1,11 +1,11 @@
-"""The access log: one line per call, written with a single write(2).
+"""The access log: one line per call, handed to the non-blocking stderr sink.
 
 Every call writes one line, so this is the only output on the signing path. Through the
-logging module a line costs more than the rest of hsmsign's per-call Python (a LogRecord, the
-Formatter, the handler's lock held across the write; docs/performance.md), and under load the
-handler lock made the serving threads queue behind each other's writes. Here a line is one
-f-string and one ``os.write`` on stderr: no lock, because the kernel keeps one write of a
-short line whole, and nothing buffered, so a line survives a crash.
+logging module a line costs more than the rest of hsmsign's per-call Python (a LogRecord,
+the Formatter, the handler's lock held across the write; docs/performance.md). Here a line
+is one f-string handed to ``server.logsink``, whose thread writes it to stderr: a stderr
+nobody reads (a full pipe) or one that fails (/dev/full) drops and counts lines, and never
+stalls a call. The audit trail, not this log, is the record of calls.
 
 The line is the same as the logging format's (``server.main._setup_logging``)::
 
@@ -19,8 +19,9 @@ in-process still logs the usual way.
 from __future__ import annotations
 
 import logging
-import os
 import time
+
+from server import logsink
 
 LOGGER_NAME = "hsmsign.access"
 _logger = logging.getLogger(LOGGER_NAME)
@@ -61,11 +62,7 @@ class _Writer:
             f"{timestamp(time.time())}{self.prefix}{method} peer={peer} status={status} "
             f"key={keys} ms={ms:.1f}\n"
         ).encode()
-        try:
-            while data:
-                data = data[os.write(fd, data) :]
-        except OSError:
-            pass  # stderr gone (closed pipe): a lost log line must not fail the call
+        logsink.sink(fd).write(data)  # never blocks: a stalled stderr drops lines, not calls
 
 
 #: The daemon's access log.

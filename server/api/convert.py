@@ -46,8 +46,9 @@ def key_reference(ref: pb.KeyRef, field: str = "key") -> KeyReference:
 
 
 def used_key(v: KeyVersion) -> pb.UsedKey:
-    """The UsedKey of a response; also records the version for the call's access-log line."""
-    note_key_used(v.name, v.version)
+    """The UsedKey of a response; also records the version for the call's access-log line
+    and audit record."""
+    note_key_used(v.name, v.version, v.fingerprint)
     return pb.UsedKey(
         name=v.name,
         version=v.version,

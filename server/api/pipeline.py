@@ -10,6 +10,13 @@ out through them in reverse. Today's stages:
     the one place where errors become gRPC status codes: a ``ServerError`` ends the call with
     its ``code`` and its one-line message; anything else with INTERNAL and an incident id
     (the traceback stays in the daemon's log).
+``audit``
+    the call's durable audit record (``server.audit.trail``; nothing without ``[audit]``),
+    written when the call comes back: who called (``server.identity.current_identity()``),
+    the key versions used, digests of the inputs, the status. It sits outside every stage
+    that can refuse a call, so a call refused as malformed, by the policy, by a limit or
+    while draining is on the trail too. A record that cannot be written fails the call with
+    UNAVAILABLE (``AuditUnavailable``): a result is never returned unaudited.
 ``well_formed``
     refuses a request body that is not the method's message (``server.api.malformed``)
     with INVALID_ARGUMENT, and one over its method's size bound (``server.api.limits``)
@@ -31,10 +38,9 @@ out through them in reverse. Today's stages:
     runs the servicer's method; a Signer call whose key object another process destroyed
     meanwhile is answered again after a re-read of the ring (``retry_ring``).
 
-An audit stage goes between ``admission`` and ``handler``, so it sees the handler's result
-before it is returned. A stage is a function ``(call, proceed) -> response`` that may read
-and annotate the ``Call``: add it to ``STAGES`` with its name. Raise a ``ServerError`` to
-refuse a call; never abort it directly (``status`` is the one place that does).
+A stage is a function ``(call, proceed) -> response`` that may read and annotate the
+``Call``: add it to ``STAGES`` with its name. Raise a ``ServerError`` to refuse a call; never
+abort it directly (``status`` is the one place that does).
 """
 
 from __future__ import annotations
@@ -55,7 +61,9 @@ from server.api import deadlines
 from server.api.accesslog import access
 from server.api.limits import Oversized
 from server.api.malformed import MALFORMED
+from server.audit import trail as audit
 from server.errors import Busy, InvalidArgument, KeyObjectGone, ServerError, Unavailable
+from server.identity.model import set_current_identity
 from server.policy import gate
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,14 @@ class Call:
     #: Key versions the call used ("name@version"), for its log line and audit record.
     keys_used: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    #: The incident id of a call that failed unexpectedly (its log line and audit record).
+    incident: str | None = None
+
+    def new_incident(self) -> str:
+        """The call's incident id, made on first use."""
+        if self.incident is None:
+            self.incident = uuid.uuid4().hex[:12]
+        return self.incident
 
 
 #: What a stage calls to run the rest of the pipeline.
@@ -109,11 +125,13 @@ calls = _Calls()
 _current: contextvars.ContextVar[Call] = contextvars.ContextVar("call")
 
 
-def note_key_used(name: str, version: int) -> None:
-    """Records that the running call used a key version (``server.api.convert.used_key``)."""
+def note_key_used(name: str, version: int, fingerprint: str) -> None:
+    """Records that the running call used a key version (``server.api.convert.used_key``),
+    for its access-log line and its audit record."""
     call = _current.get(None)
     if call is not None:
         call.keys_used.append(f"{name}@{version}")
+        audit.note_key(name, version, fingerprint)
 
 
 # -- the stages -------------------------------------------------------------------------------
@@ -139,10 +157,31 @@ def status_stage(call: Call, proceed: Proceed) -> Any:
         call.status = e.code.name
         call.context.abort(e.code, str(e))
     except Exception:
-        incident = uuid.uuid4().hex[:12]
+        incident = call.new_incident()
         call.status = "INTERNAL"
         log.exception("internal error in %s (incident %s)", call.method, incident)
         call.context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
+
+
+def audit_stage(call: Call, proceed: Proceed) -> Any:
+    record = audit.begin(call.method, call.request, call.context)
+    try:
+        result = proceed(call)
+    except ServerError as e:
+        answer = record.refused(e)  # AuditUnavailable when the record cannot be written
+        if answer is e:
+            raise
+        raise answer from None
+    except Exception:
+        # Recorded with the incident id only: the details stay in the daemon's log, which
+        # the status stage writes under the same id.
+        answer = record.refused(ServerError(f"internal error (incident {call.new_incident()})"))
+        if isinstance(answer, Unavailable):
+            log.exception("internal error in %s (incident %s)", call.method, call.incident)
+            raise answer from None
+        raise
+    record.commit(result)  # AuditUnavailable: the result is withheld
+    return result
 
 
 def well_formed_stage(call: Call, proceed: Proceed) -> Any:
@@ -182,11 +221,11 @@ def admission_stage(call: Call, proceed: Proceed) -> Any:
 STAGES: Final[tuple[tuple[str, Stage], ...]] = (
     ("access_log", access_log_stage),
     ("status", status_stage),
+    ("audit", audit_stage),
     ("well_formed", well_formed_stage),
     ("access", access_stage),
     ("deadline", deadline_stage),
     ("admission", admission_stage),
-    # audit: here
 )
 
 
@@ -229,6 +268,7 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
     def wrapper(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
         call = Call(method, self, request, context)
         token = _current.set(call)
+        set_current_identity(None)  # until the access stage identifies this call's caller
         try:
             result: Resp = run(call)
             return result

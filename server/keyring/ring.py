@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+from server.audit import trail as audit
 from server.config import Config
 from server.errors import FailedPrecondition, KeyNotFound, ServerError, StartupError
 from server.keyring import state as state_doc
@@ -178,6 +179,15 @@ class KeyRing:
                     v.describe(),
                     v.fingerprint,
                     n,
+                )
+                audit.event(
+                    "DestroyKeyVersion",
+                    key=v.name,
+                    version=v.version,
+                    fingerprint=v.fingerprint,
+                    outcome="ok",
+                    status="OK",
+                    detail={"objects_removed": n, "reason": "scheduled"},
                 )
 
             def mark(state: RingState) -> None:

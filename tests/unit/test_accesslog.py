@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from server import main
+from server import logsink, main
 from server.api import accesslog
 
 LINE = re.compile(
@@ -37,6 +37,7 @@ class DaemonStderr:
         main._setup_logging(level, tag)
 
     def read(self) -> str:
+        logsink.sink(self.w).flush(5)  # lines reach stderr from the sink's thread
         return os.read(self.r, 65536).decode()
 
 
@@ -94,6 +95,7 @@ def test_lines_from_many_threads_stay_whole(stderr: DaemonStderr) -> None:
         t.start()
     for t in threads:
         t.join()
+    logsink.sink(stderr.w).flush(5)
     os.set_blocking(stderr.r, False)
     chunks = []
     with contextlib.suppress(BlockingIOError):

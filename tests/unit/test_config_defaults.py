@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from server import config
+from server.audit.config import AuditConfig
 from server.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,13 +33,19 @@ def _names(cls: type) -> set[str]:
 
 #: TOML table -> (dataclass, keys of the table that are not field names, fields not keys).
 TABLES: dict[str, tuple[type, set[str], set[str]]] = {
-    "": (config.Config, set(), {"path", "token", "server", "keyring", "keys", "access"}),
+    "": (
+        config.Config,
+        set(),
+        {"path", "token", "server", "keyring", "keys", "access", "audit"},
+    ),
     "token": (config.TokenConfig, {"pin_file", "pin_env", "pin_credential", "uri"}, {"pin"}),
     "server": (config.ServerConfig, set(), {"tls"}),
     "server.tls": (config.TlsConfig, set(), set()),
     "server.limits": (config.ConnectionLimits, set(), set()),
     "keyring": (config.KeyRingConfig, set(), set()),
     "keys.*": (config.KeyOptions, set(), set()),
+    # [audit] path and rotate_mb are the fields directory and rotate_bytes, in other units.
+    "audit": (AuditConfig, {"path", "rotate_mb"}, {"directory", "rotate_bytes"}),
 }
 #: Defaults that depend on other values: the example may mark only these literals.
 DERIVED_DEFAULTS: dict[tuple[str, str], Any] = {("server", "processes"): config.PROCESSES_AUTO}

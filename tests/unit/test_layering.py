@@ -35,6 +35,7 @@ SHARED_LAYER: Final = frozenset(
         "hsmsign.capgo.format",
         "hsmsign.keycommands",
         "hsmsign.key_wrap",
+        "hsmsign.auditlog",
     }
 )
 #: What the shared layer itself may import from hsmsign/ besides itself.

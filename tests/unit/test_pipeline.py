@@ -7,12 +7,16 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from hsmsign import auditlog
 from server.api import pipeline
+from server.audit import trail
+from server.audit.config import AuditConfig
 from server.errors import FailedPrecondition, InvalidArgument, ServerError
 from server.policy import gate
 
@@ -20,7 +24,7 @@ from server.policy import gate
 class _Servicer:
     @pipeline.rpc
     def Echo(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        pipeline.note_key_used("demo", 3)
+        pipeline.note_key_used("demo", 3, "ab" * 32)
         if request == b"invalid":
             raise InvalidArgument("digest is 3 bytes; it must be 32")
         if request == b"precondition":
@@ -139,9 +143,27 @@ def test_the_stages_are_named_in_order() -> None:
     assert names == [
         "access_log",
         "status",
+        "audit",
         "well_formed",
         "access",
         "deadline",
         "admission",
     ]
     assert issubclass(InvalidArgument, ServerError)
+
+
+def test_a_call_refused_before_the_handler_leaves_an_audit_record(
+    closed_channel: grpc.Channel, tmp_path: Path
+) -> None:
+    """The audit stage is outside the access stage: a call the policy refuses is recorded,
+    with no caller (none was identified) and the status it was answered with."""
+    trail.start(AuditConfig(directory=tmp_path), "1", None, lambda _ok: None)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            _call(closed_channel, b"hello")
+        assert e.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        trail.stop()
+    rec = next(r for r in auditlog.read([tmp_path]) if r.get("kind") == "call")
+    assert (rec["op"], rec["outcome"], rec["status"]) == ("Echo", "refused", "PERMISSION_DENIED")
+    assert rec["identity"] == {"kind": "unauthenticated"}
