@@ -5,12 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEB_PACKAGES := softhsm2 p11-kit-modules opensc openssl nghttp2-client
 CONFIG ?= hsm_config/dev.toml
+# make run LISTEN=127.0.0.1:50052: another address than the config's (say, 50051 is taken)
+LISTEN ?=
 
 .PHONY: run test test-unit test-integration test-compat lint bench bench-long bench-unwrap bench-audit protos check-protos deps deb venv dev-token clean-dev-token
 
 ## run: install, create the SoftHSM2 dev token and its demo key, start hsmsignd in the foreground
 run: deps dev-token
-	$(BIN)/hsmsignd --config $(CONFIG)
+	$(BIN)/hsmsignd --config $(CONFIG) serve $(if $(LISTEN),--listen $(LISTEN))
 
 ## test: install, then run the whole suite (unit, integration on real SoftHSM2 tokens, compat)
 test: deps

@@ -105,3 +105,11 @@ class ConfigError(StartupError):
 class TokenNotFound(StartupError):
     """No token matches the config's label, serial or URI (also seen for a moment while
     another process rewrites a SoftHSM2 token's files)."""
+
+
+def cannot_listen(address: str) -> StartupError:
+    """The one message for a listen address the daemon cannot bind."""
+    return StartupError(
+        f"cannot listen on {address} (in use, or not a local address?); "
+        "choose another with --listen HOST:PORT or server.listen"
+    )

@@ -32,7 +32,7 @@ from server.api.malformed import MalformedRequests
 from server.api.signer import SignerService
 from server.audit import serving as audit_serving
 from server.config import Config
-from server.errors import ConfigError, StartupError, TokenNotFound
+from server.errors import ConfigError, TokenNotFound, cannot_listen
 from server.keyring.ring import KeyRing
 from server.pkcs11.token import Token
 from server.policy import gate
@@ -172,7 +172,7 @@ def listen_on(
     except RuntimeError:
         port = 0
     if port == 0:
-        raise StartupError(f"cannot listen on {address} (in use, or not a local address?)")
+        raise cannot_listen(address)
     return server, f"{address.rpartition(':')[0]}:{port}"
 
 

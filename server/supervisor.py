@@ -41,7 +41,7 @@ from pathlib import Path
 
 from server import pinsource
 from server.config import Config
-from server.errors import ConfigError, StartupError
+from server.errors import ConfigError, StartupError, cannot_listen
 from server.ready import write_ready_file
 
 log = logging.getLogger("hsmsignd")
@@ -176,9 +176,7 @@ def reserve_port(listen: str) -> tuple[socket.socket, str]:
         try:
             probe.bind(address)
         except OSError:
-            raise StartupError(
-                f"cannot listen on {listen} (in use, or not a local address?)"
-            ) from None
+            raise cannot_listen(listen) from None
         chosen = probe.getsockname()[1]
     hold = socket.socket(family, socket.SOCK_STREAM)
     hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

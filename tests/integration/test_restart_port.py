@@ -75,7 +75,8 @@ def test_port_with_a_listener_is_refused(config: Path) -> None:
             errors = [line for line in r.stderr.splitlines() if "hsmsignd: error:" in line]
             expected = (
                 f"hsmsignd: error: cannot listen on 127.0.0.1:{port} "
-                "(in use, or not a local address?)"
+                "(in use, or not a local address?); choose another with --listen HOST:PORT or "
+                "server.listen"
             )
             assert errors == [expected], r.stderr
             assert "Traceback" not in r.stderr
