@@ -1,18 +1,19 @@
 """Conversions between API messages (``hsmsign.v1``) and the daemon's domain values.
 
-Each enum table is the daemon's one mapping for its concept; an unknown or unset value is an
-INVALID_ARGUMENT that lists what is allowed.
+Every enum mapping comes from the rows of :mod:`hsmsign.names` (the one vocabulary table per
+concept); an unknown or unset value is an INVALID_ARGUMENT that lists what is allowed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Final
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 import hsmsign.capgo.format as capgo
-from hsmsign import keyformats
+from hsmsign import keyformats, names
 from hsmsign.v1 import hsmsign_pb2 as pb
 from server.api.pipeline import note_key_used
 from server.errors import InvalidArgument
@@ -59,105 +60,76 @@ def used_key(v: KeyVersion) -> pb.UsedKey:
 
 
 # -- signature algorithms, unwrap schemes, checksum formats -----------------------------------
+# Every enum <-> name mapping is a row of hsmsign.names; the ops tables are keyed by those names.
 
-_SIGNATURE_ALGORITHMS: Final[dict[int, str]] = {
-    pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256: "rsa-pkcs1-sha256",
-    pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA384: "rsa-pkcs1-sha384",
-    pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA512: "rsa-pkcs1-sha512",
-    pb.SIGNATURE_ALGORITHM_RSA_PSS_SHA256: "rsa-pss-sha256",
-    pb.SIGNATURE_ALGORITHM_RSA_PSS_SHA384: "rsa-pss-sha384",
-    pb.SIGNATURE_ALGORITHM_RSA_PSS_SHA512: "rsa-pss-sha512",
-}
+
+def _allowed(table: Sequence[names.Named[int]], enum_name: Callable[[Any], str]) -> str:
+    """The enum names of a table's rows in enum order, for an INVALID_ARGUMENT message."""
+    return ", ".join(enum_name(v) for v in sorted(row.pb for row in table))
 
 
 def signature_scheme(algorithm: int) -> signing.SignatureScheme:
     """The signing scheme of a SignatureAlgorithm; INVALID_ARGUMENT when unset or unknown."""
-    name = _SIGNATURE_ALGORITHMS.get(algorithm)
-    if name is None:
-        allowed = ", ".join(pb.SignatureAlgorithm.Name(a) for a in _SIGNATURE_ALGORITHMS)  # type: ignore[arg-type]
+    row = names.by_pb(names.SIGNATURE_ALGORITHMS, algorithm)
+    if row is None:
+        allowed = _allowed(names.SIGNATURE_ALGORITHMS, pb.SignatureAlgorithm.Name)
         raise InvalidArgument(f"algorithm {algorithm} is not supported; allowed: {allowed}")
-    return signing.SCHEMES[name]
-
-
-_UNWRAP_SCHEMES: Final[dict[int, str]] = {
-    pb.UNWRAP_SCHEME_RSA_OAEP_SHA1: "rsa-oaep-sha1",
-    pb.UNWRAP_SCHEME_RSA_OAEP_SHA256: "rsa-oaep-sha256",
-    pb.UNWRAP_SCHEME_RSA_PKCS1_V15: "rsa-pkcs1v15",
-}
+    return signing.SCHEMES[row.name]
 
 
 def unwrap_scheme(value: int, field: str) -> unwrap.UnwrapScheme:
     """The domain scheme for an UnwrapScheme value; INVALID_ARGUMENT when unset or unknown."""
-    name = _UNWRAP_SCHEMES.get(value)
-    if name is None:
-        allowed = ", ".join(pb.UnwrapScheme.Name(v) for v in _UNWRAP_SCHEMES)  # type: ignore[arg-type]
+    row = names.by_pb(names.UNWRAP_SCHEMES, value)
+    if row is None:
+        allowed = _allowed(names.UNWRAP_SCHEMES, pb.UnwrapScheme.Name)
         raise InvalidArgument(f"{field} {value} is not supported; allowed: {allowed}")
-    return unwrap.SCHEMES[name]
-
-
-_CHECKSUM_FORMATS: Final[dict[int, capgo.ChecksumFormat]] = {
-    pb.CHECKSUM_FORMAT_UNSPECIFIED: capgo.ChecksumFormat.V3,
-    pb.CHECKSUM_FORMAT_V3: capgo.ChecksumFormat.V3,
-    pb.CHECKSUM_FORMAT_V2: capgo.ChecksumFormat.V2,
-}
-_CHECKSUM_FORMATS_PB: Final[dict[capgo.ChecksumFormat, pb.ChecksumFormat.ValueType]] = {
-    capgo.ChecksumFormat.V3: pb.CHECKSUM_FORMAT_V3,
-    capgo.ChecksumFormat.V2: pb.CHECKSUM_FORMAT_V2,
-}
+    return unwrap.SCHEMES[row.name]
 
 
 def checksum_format(value: int) -> capgo.ChecksumFormat:
     """The Capgo checksum format of a ChecksumFormat (unset: V3); INVALID_ARGUMENT if unknown."""
-    fmt = _CHECKSUM_FORMATS.get(value)
-    if fmt is None:
+    if value == pb.CHECKSUM_FORMAT_UNSPECIFIED:
+        return capgo.ChecksumFormat(names.DEFAULT_CHECKSUM_FORMAT)
+    row = names.by_pb(names.CHECKSUM_FORMATS, value)
+    if row is None:
         raise InvalidArgument(f"format {value} is not a ChecksumFormat; use V3 (current) or V2")
-    return fmt
+    return capgo.ChecksumFormat(row.name)
 
 
 def checksum_format_pb(fmt: capgo.ChecksumFormat) -> pb.ChecksumFormat.ValueType:
-    return _CHECKSUM_FORMATS_PB[fmt]
+    return names.by_name(names.CHECKSUM_FORMATS, fmt.value, "checksum format").pb
 
 
 # -- keys (KeyAdmin) ----------------------------------------------------------------------------
 
-_PURPOSES: Final[dict[pb.KeyPurpose.ValueType, Purpose]] = {
-    pb.KEY_PURPOSE_SIGN: Purpose.SIGN,
-    pb.KEY_PURPOSE_UNWRAP: Purpose.UNWRAP,
-}
-_PURPOSES_PB: Final = {v: k for k, v in _PURPOSES.items()}
-_KEY_ALGORITHMS: Final[dict[pb.KeyAlgorithm.ValueType, int]] = {
-    pb.KEY_ALGORITHM_RSA_2048: 2048,
-    pb.KEY_ALGORITHM_RSA_3072: 3072,
-    pb.KEY_ALGORITHM_RSA_4096: 4096,
-}
-_KEY_ALGORITHMS_PB: Final = {v: k for k, v in _KEY_ALGORITHMS.items()}
-_STATES_PB: Final[dict[State, pb.KeyVersionState.ValueType]] = {
-    State.ENABLED: pb.KEY_VERSION_STATE_ENABLED,
-    State.DISABLED: pb.KEY_VERSION_STATE_DISABLED,
-    State.DESTRUCTION_SCHEDULED: pb.KEY_VERSION_STATE_DESTRUCTION_SCHEDULED,
-    State.DESTROYED: pb.KEY_VERSION_STATE_DESTROYED,
-}
-
 
 def purpose(value: int, field: str = "purpose") -> Purpose:
     """The purpose of a KeyPurpose; INVALID_ARGUMENT when unset or unknown."""
-    try:
-        return _PURPOSES[pb.KeyPurpose.ValueType(value)]
-    except KeyError:
+    row = names.by_pb(names.PURPOSES, value)
+    if row is None:
         raise InvalidArgument(
             f"{field} must be KEY_PURPOSE_SIGN or KEY_PURPOSE_UNWRAP (got {value})"
-        ) from None
+        )
+    return Purpose(row.name)
 
 
 def key_bits(value: int) -> int:
     """The RSA size of a KeyAlgorithm; INVALID_ARGUMENT when unset or unknown."""
-    try:
-        return _KEY_ALGORITHMS[pb.KeyAlgorithm.ValueType(value)]
-    except KeyError:
+    row = names.by_pb(names.KEY_ALGORITHMS, value)
+    if row is None:
         raise InvalidArgument(
             "algorithm must be KEY_ALGORITHM_RSA_2048, _3072 or _4096 "
             f"(got {value}); Capgo needs RSA-2048"
-        ) from None
+        )
+    return row.bits
+
+
+def _key_algorithm_pb(bits: int) -> pb.KeyAlgorithm.ValueType:
+    """The KeyAlgorithm of an RSA size; UNSPECIFIED for a size hsmsign does not offer."""
+    for row in names.KEY_ALGORITHMS:
+        if row.bits == bits:
+            return row.pb
+    return pb.KEY_ALGORITHM_UNSPECIFIED
 
 
 def version_number(value: int) -> int:
@@ -179,7 +151,7 @@ def version_to_pb(v: KeyVersion) -> pb.KeyVersion:
     destroyed = v.state is State.DESTROYED
     out = pb.KeyVersion(
         version=v.version,
-        state=_STATES_PB[v.state],
+        state=names.by_name(names.KEY_VERSION_STATES, v.state.value, "key state").pb,
         fingerprint=v.fingerprint,
         capgo_key_id=v.capgo_key_id,
         provenance=pb.Provenance(
@@ -208,8 +180,8 @@ def version_to_pb(v: KeyVersion) -> pb.KeyVersion:
 def key_to_pb(key: Key) -> pb.Key:
     return pb.Key(
         name=key.name,
-        purpose=_PURPOSES_PB[key.purpose],
-        algorithm=_KEY_ALGORITHMS_PB.get(key.bits, pb.KEY_ALGORITHM_UNSPECIFIED),
+        purpose=names.by_name(names.PURPOSES, key.purpose.value, "purpose").pb,
+        algorithm=_key_algorithm_pb(key.bits),
         primary_version=key.primary.version if key.primary else 0,
         versions=[version_to_pb(v) for v in key.versions],
     )

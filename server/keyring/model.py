@@ -16,7 +16,7 @@ from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from hsmsign import keyformats
+from hsmsign import keyformats, names
 from server.errors import InvalidArgument, KeyNotFound
 from server.pkcs11.objects import KeyObjectInfo
 
@@ -28,10 +28,12 @@ NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 LABEL_RE: Final = re.compile(
     r"^hsmsign:(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,63}):v(?P<version>[1-9][0-9]{0,8})$"
 )
-#: RSA sizes hsmsign generates and imports.
-ALLOWED_BITS: Final = (2048, 3072, 4096)
+#: RSA sizes hsmsign generates and imports: the sizes of the KeyAlgorithm vocabulary rows.
+ALLOWED_BITS: Final = tuple(row.bits for row in names.KEY_ALGORITHMS)
 
 
+# The values of Purpose and State are the names of hsmsign.names.PURPOSES and
+# KEY_VERSION_STATES rows; their pb values are looked up there by name (server.api.convert).
 class Purpose(Enum):
     SIGN = "sign"
     UNWRAP = "unwrap"

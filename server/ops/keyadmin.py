@@ -48,7 +48,9 @@ MakeObjects = Callable[[Session, str, bytes], KeyObjectInfo]
 
 def _check_bits(bits: int) -> None:
     if bits not in ALLOWED_BITS:
-        raise InvalidArgument(f"RSA-{bits} is not offered; choose 2048, 3072 or 4096")
+        *others, last = ALLOWED_BITS
+        choices = f"{', '.join(str(b) for b in others)} or {last}"
+        raise InvalidArgument(f"RSA-{bits} is not offered; choose {choices}")
 
 
 def _record(state: RingState, name: str) -> KeyRecord:

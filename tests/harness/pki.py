@@ -1,11 +1,16 @@
-"""TLS certificates made by the test: a CA, server and client certificates (EC P-256), and
-the [server.tls] table that points a daemon config at them."""
+"""The test PKI: CAs, leaf certificates with chosen names, CRLs, and the daemon's TLS files.
+
+One implementation for every test that needs certificates (TLS, mTLS identities): everything
+is made here with cryptography (EC P-256, short lifetimes); nothing is read from disk. Files
+are written PEM, keys 0600, the way the daemon and the client read them.
+"""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -14,48 +19,111 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def make_cert(
-    subject: str,
-    issuer_key: ec.EllipticCurvePrivateKey | None = None,
-    issuer: x509.Name | None = None,
-    ca: bool = False,
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A new key and a certificate for ``subject`` (CN), valid for a day, signed by
-    ``issuer_key`` (self-signed without one). A leaf is for localhost and 127.0.0.1."""
+@dataclass(frozen=True)
+class Issued:
+    """A key and its certificate."""
+
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def write(self, stem: Path) -> tuple[Path, Path]:
+        """Writes STEM.crt and STEM.key (0600); returns their paths."""
+        crt, key = stem.with_suffix(".crt"), stem.with_suffix(".key")
+        crt.write_bytes(self.cert_pem)
+        key.write_bytes(
+            self.key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        os.chmod(key, 0o600)
+        return crt, key
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def make_ca(name: str) -> Issued:
+    """A self-signed CA certificate for ``name`` (CN), valid for a day."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = datetime.datetime.now(datetime.UTC)
-    b = (
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer or name)
+        .subject_name(subject)
+        .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .not_valid_before(_now() - datetime.timedelta(minutes=5))
+        .not_valid_after(_now() + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
     )
-    if not ca:
-        b = b.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return key, b.sign(issuer_key or key, hashes.SHA256())
+    return Issued(key, cert)
 
 
-def write_key_and_cert(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
-    """``path``.key (PKCS#8 PEM, mode 0600) and ``path``.crt (PEM)."""
-    path.with_suffix(".key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+def make_leaf(
+    ca: Issued,
+    cn: str | None = None,
+    *,
+    uri: str | None = None,
+    dns: str | None = None,
+    email: str | None = None,
+    server: bool = False,
+    expired: bool = False,
+) -> Issued:
+    """A certificate signed by ``ca`` carrying exactly the names given (``server``: also the
+    DNS name localhost and IP 127.0.0.1, for the daemon's own certificate)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []
+    attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hsmsign tests"))
+    sans: list[x509.GeneralName] = []
+    if uri:
+        sans.append(x509.UniformResourceIdentifier(uri))
+    if dns:
+        sans.append(x509.DNSName(dns))
+    if email:
+        sans.append(x509.RFC822Name(email))
+    if server:
+        sans += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    start = _now() - (datetime.timedelta(days=3) if expired else datetime.timedelta(minutes=5))
+    end = _now() - datetime.timedelta(days=1) if expired else _now() + datetime.timedelta(days=1)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(attrs))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
     )
-    os.chmod(path.with_suffix(".key"), 0o600)
-    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return Issued(key, b.sign(ca.key, hashes.SHA256()))
+
+
+def make_crl(ca: Issued, revoked: list[x509.Certificate]) -> bytes:
+    """A PEM CRL signed by ``ca`` listing ``revoked``."""
+    b = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(_now() - datetime.timedelta(minutes=5))
+        .next_update(_now() + datetime.timedelta(days=1))
+    )
+    for cert in revoked:
+        b = b.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(cert.serial_number)
+            .revocation_date(_now() - datetime.timedelta(minutes=1))
+            .build()
+        )
+    return b.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 def add_server_tls(cfg: Path, tmp_path: Path, extra: str = "") -> Path:
@@ -74,8 +142,8 @@ client_ca = "{tmp_path / "ca.crt"}"
 
 def write_tls_files(tmp_path: Path) -> None:
     """ca.crt/.key, server.crt/.key, client.crt/.key (one CA), other.crt/.key (another CA)."""
-    ca_key, ca = make_cert("hsmsign test CA", ca=True)
-    write_key_and_cert(tmp_path / "ca", ca_key, ca)
+    ca = make_ca("hsmsign test CA")
+    ca.write(tmp_path / "ca")
     for name in ("server", "client"):
-        write_key_and_cert(tmp_path / name, *make_cert("localhost", ca_key, ca.subject))
-    write_key_and_cert(tmp_path / "other", *make_cert("someone else's CA", ca=True))
+        make_leaf(ca, "localhost", server=True).write(tmp_path / name)
+    make_ca("someone else's CA").write(tmp_path / "other")

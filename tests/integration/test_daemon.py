@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hsmsign.client import Client, TlsOptions
@@ -22,8 +21,7 @@ from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from server.tomltable import MULTIARCH
 from tests.conftest import HSMSIGN, Daemon, TokenDir, hsmsignd, start_daemon, write_config
 from tests.harness.pki import add_server_tls as _with_server_tls
-from tests.harness.pki import make_cert as _cert
-from tests.harness.pki import write_key_and_cert as _write
+from tests.harness.pki import make_ca, make_leaf
 from tests.harness.pki import write_tls_files as _tls_files
 
 
@@ -206,14 +204,11 @@ def test_sigterm_drains_in_flight_calls(token: TokenDir, tmp_path: Path) -> None
 
 
 def test_mutual_tls(token: TokenDir, tmp_path: Path) -> None:
-    ca_key, ca = _cert("hsmsign test CA", ca=True)
-    srv_key, srv = _cert("localhost", ca_key, ca.subject)
-    cli_key, cli = _cert("build-agent-1", ca_key, ca.subject)
-    _, other_ca = _cert("someone else's CA", ca=True)
-    _write(tmp_path / "ca", ca_key, ca)
-    _write(tmp_path / "server", srv_key, srv)
-    _write(tmp_path / "client", cli_key, cli)
-    (tmp_path / "other.crt").write_bytes(other_ca.public_bytes(serialization.Encoding.PEM))
+    ca = make_ca("hsmsign test CA")
+    ca.write(tmp_path / "ca")
+    make_leaf(ca, "localhost", server=True).write(tmp_path / "server")
+    make_leaf(ca, "build-agent-1").write(tmp_path / "client")
+    (tmp_path / "other.crt").write_bytes(make_ca("someone else's CA").cert_pem)
     cfg = _with_server_tls(write_config(tmp_path / "c.toml", token, extra=""), tmp_path)
     d = start_daemon(cfg, tmp_path / "d")
     try:
@@ -356,11 +351,11 @@ def test_key_admin_only_for_named_client_certificates(token: TokenDir, tmp_path:
     """Typed mTLS rules and grants: build agents sign; only the security team's certificate
     may administer keys; a refused call is PERMISSION_DENIED, logged, and changes nothing.
     (More in tests/integration/test_mtls_identity.py.)"""
-    ca_key, ca = _cert("hsmsign test CA", ca=True)
-    _write(tmp_path / "ca", ca_key, ca)
-    _write(tmp_path / "server", *_cert("localhost", ca_key, ca.subject))
-    _write(tmp_path / "agent", *_cert("build-agent-1", ca_key, ca.subject))
-    _write(tmp_path / "admin", *_cert("security-team", ca_key, ca.subject))
+    ca = make_ca("hsmsign test CA")
+    ca.write(tmp_path / "ca")
+    make_leaf(ca, "localhost", server=True).write(tmp_path / "server")
+    make_leaf(ca, "build-agent-1").write(tmp_path / "agent")
+    make_leaf(ca, "security-team").write(tmp_path / "admin")
     rules = "".join(
         f'[[identities.mtls]]\nname = "{n}"\nca = "{tmp_path / "ca.crt"}"\nsubject_cn = "{n}"\n'
         for n in ("security-team", "build-agent-1")

@@ -13,7 +13,7 @@ from hsmsign.client import TlsOptions
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from tests.conftest import Daemon, TokenDir, hsmsignd, start_daemon, write_config
-from tests.harness.identity import Issued, make_ca, make_crl, make_leaf
+from tests.harness.pki import Issued, make_ca, make_crl, make_leaf
 
 OK = grpc.StatusCode.OK
 DENIED = grpc.StatusCode.PERMISSION_DENIED

@@ -10,7 +10,8 @@ import grpc
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from tests.conftest import TokenDir, hsmsignd, start_daemon, write_config
-from tests.harness.identity import TokenIssuer, make_ca, make_leaf
+from tests.harness.identity import TokenIssuer
+from tests.harness.pki import make_ca, make_leaf
 
 OK = grpc.StatusCode.OK
 DENIED = grpc.StatusCode.PERMISSION_DENIED
