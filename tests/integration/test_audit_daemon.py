@@ -4,9 +4,7 @@ writes, recovery without restart, SIGKILL under load, and a human log that never
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
-import ipaddress
 import json
 import os
 import shutil
@@ -21,15 +19,12 @@ from typing import IO, Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from tests.harness import HSMSIGN, HSMSIGND, TokenDir, hsmsignd, make_token, write_config
+from tests.harness.pki import make_ca, make_leaf
 
 SHA256 = pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -502,44 +497,10 @@ def test_stderr_on_dev_full_keeps_serving_and_auditing(
 
 def _pki(tmp: Path) -> None:
     """ca.crt, server.crt/.key (localhost, 127.0.0.1) and agent.crt/.key (build-agent-1)."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "audit test CA")])
-
-    def issue(name: str, key: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
-        subject = ca_name if ca else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        b = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if not ca:
-            b = b.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-        return b.sign(ca_key, hashes.SHA256())
-
-    (tmp / "ca.crt").write_bytes(issue("", ca_key, True).public_bytes(serialization.Encoding.PEM))
-    for who, cn in (("server", "localhost"), ("agent", "build-agent-1")):
-        key = ec.generate_private_key(ec.SECP256R1())
-        (tmp / f"{who}.key").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        os.chmod(tmp / f"{who}.key", 0o600)
-        cert = issue(cn, key, False)
-        (tmp / f"{who}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    ca = make_ca("audit test CA")
+    ca.write(tmp / "ca")
+    make_leaf(ca, "localhost", server=True).write(tmp / "server")
+    make_leaf(ca, "build-agent-1").write(tmp / "agent")
 
 
 def test_the_client_certificate_names_the_caller(audit_token: TokenDir, tmp_path: Path) -> None:
