@@ -641,4 +641,10 @@ def test_a_call_the_client_abandoned_is_recorded_as_abandoned(
         assert time.monotonic() < deadline, "no record of the abandoned call"
         time.sleep(0.2)
     rec = next(r for r in records(tmp_path) if r.get("request_id") == "gave-up")
-    assert (rec["outcome"], rec["status"]) == ("abandoned", "OK")  # signed, never delivered
+    # The batch stops between chunks once its caller's deadline passed (DEADLINE_EXCEEDED);
+    # if its last chunk was already signing, the record says the answer was never delivered.
+    # Either way it is never a plain "ok".
+    assert (rec["outcome"], rec["status"]) in (
+        ("error", "DEADLINE_EXCEEDED"),
+        ("abandoned", "OK"),
+    ), rec
