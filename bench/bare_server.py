@@ -208,10 +208,13 @@ def main() -> int:
     holder.bind(("127.0.0.1", 0))
     port = holder.getsockname()[1]
     cmd = [sys.executable, "-m", "bench.bare_server", *sys.argv[1:], "--one", "--port", str(port)]
-    children = [
-        subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(args.processes)
-    ]
-    for c in children:
+    # One at a time, each ready before the next starts: SoftHSM2 processes that load the
+    # module and log in at the same moment can miss the token or fail the login (hsmsignd's
+    # serving processes take a lock for the same reason, server/serve.py).
+    children: list[subprocess.Popen[str]] = []
+    for _ in range(args.processes):
+        c = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        children.append(c)
         assert c.stdout is not None
         if c.stdout.readline().strip() != "ready":
             for d in children:
