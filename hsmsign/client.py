@@ -7,16 +7,18 @@ message) instead of a raw ``grpc.RpcError``.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from hsmsign import connection, names
+from hsmsign._internal import plaintext
 from hsmsign.errors import RemoteError, UsageError
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
@@ -128,6 +130,74 @@ class TlsOptions:
         return grpc.ssl_channel_credentials(ca, key, cert)
 
 
+def read_token_file(path: Path) -> str:
+    """The OIDC ID token in ``path`` (CI systems write one per job), surrounding whitespace
+    removed. Raises UsageError, never naming the token, for an unreadable, empty or multi-line
+    file."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="strict")
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise UsageError(f"cannot read the OIDC token file {path}: {why}") from None
+    return check_token(text.strip(), f"the OIDC token file {path}")
+
+
+def check_token(token: str, source: str) -> str:
+    """``token`` if it can be sent as one ``authorization`` header; UsageError naming
+    ``source`` (never the token) otherwise."""
+    if not token:
+        raise UsageError(f"{source} is empty")
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise UsageError(f"{source} holds more than one token (whitespace inside)")
+    return token
+
+
+class _BearerInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer`` to every call on a plaintext channel to this machine;
+    gRPC's call credentials refuse to travel without TLS, which is right everywhere else."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [*(details.metadata or ()), self._header]
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_token(details), requests)
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
 def _call(fn: Callable[[], T], tls_hint: str = "") -> T:
     try:
         return fn()
@@ -157,10 +227,13 @@ class Client:
         target: str | None = None,
         tls: TlsOptions | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        oidc_token: str | None = None,
     ) -> None:
         """``target``: one address, several, or a DNS name (hsmsign.connection); ``timeout``:
-        the deadline of each call in seconds, retries included. Raises UsageError for a bad
-        target or TLS file."""
+        the deadline of each call in seconds, retries included; ``oidc_token``: a CI job's
+        OIDC ID token, sent as ``authorization: Bearer`` with every call. Raises UsageError
+        for a bad target or TLS file, and for a token on a plaintext channel to another
+        machine (a bearer token read on the way is a stolen identity)."""
         self.target = target or os.environ.get("HSMSIGN_SERVER") or DEFAULT_SERVER
         self.timeout = timeout
         #: No TLS: what the channel carries can be read on its way.
@@ -168,12 +241,28 @@ class Client:
         self._tls_hint = _tls_hint(tls)
         channel_target = connection.channel_target(self.target)
         options = connection.channel_options()
+        if oidc_token is not None:
+            check_token(oidc_token, "the OIDC token")
         if tls is not None:
             if tls.server_name:
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
-            self._channel = grpc.secure_channel(channel_target, tls.credentials(), options=options)
+            credentials = tls.credentials()
+            if oidc_token is not None:
+                credentials = grpc.composite_channel_credentials(
+                    credentials, grpc.access_token_call_credentials(oidc_token)
+                )
+            self._channel = grpc.secure_channel(channel_target, credentials, options=options)
         else:
+            if oidc_token is not None and not plaintext.is_local(self.target):
+                raise UsageError(
+                    f"refusing to send the OIDC token over plaintext to {self.target}, which "
+                    "is not this machine (even with --insecure): use TLS (--tls-ca)"
+                )
             self._channel = grpc.insecure_channel(channel_target, options=options)
+            if oidc_token is not None:
+                self._channel = grpc.intercept_channel(
+                    self._channel, _BearerInterceptor(oidc_token)
+                )
         self.signer = pb_grpc.SignerStub(self._channel)
         self.admin = pb_grpc.KeyAdminStub(self._channel)
 

@@ -144,7 +144,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         return keycommands.EXIT_USAGE
     token = Token(cfg.token)
     try:
-        out = command.run(OfflineKeyAdmin(token, KeyRing(token, cfg)))
+        out = command.run(OfflineKeyAdmin(token, KeyRing(token, cfg, destroys_due=True)))
     finally:
         token.close()
     return _write(out)

@@ -22,7 +22,14 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 from hsmsign import keycommands, names
 from hsmsign._cli import audit, basic, bundle, keys, unwrap
 from hsmsign._internal import plaintext
-from hsmsign.client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client, TlsOptions
+from hsmsign.client import (
+    DEFAULT_SERVER,
+    DEFAULT_TIMEOUT,
+    Client,
+    TlsOptions,
+    check_token,
+    read_token_file,
+)
 from hsmsign.errors import (
     EXIT_ERROR,
     EXIT_USAGE,
@@ -45,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Sign and seal with keys held in an HSM, through hsmsignd.",
         epilog="Key references: NAME (primary version), NAME@VERSION, sha256:FINGERPRINT, "
         "keyid:CAPGO_KEY_ID. Environment: HSMSIGN_SERVER, HSMSIGN_TIMEOUT, HSMSIGN_TLS_CA, "
-        "HSMSIGN_TLS_CERT, HSMSIGN_TLS_KEY, HSMSIGN_TLS_SERVER_NAME.",
+        "HSMSIGN_TLS_CERT, HSMSIGN_TLS_KEY, HSMSIGN_TLS_SERVER_NAME, HSMSIGN_OIDC_TOKEN_FILE, "
+        "HSMSIGN_OIDC_TOKEN.",
     )
     env = os.environ.get
     p.add_argument(
@@ -94,6 +102,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="expected name in the daemon's certificate, if not the host",
     )
+    # No default from the environment here: the token's source is resolved in _oidc_token,
+    # so that neither the token nor its file shows in --help.
+    p.add_argument(
+        "--oidc-token-file",
+        type=Path,
+        metavar="PATH",
+        help="send the CI job's OIDC ID token in PATH (read on each run) as the caller's "
+        "identity; else HSMSIGN_OIDC_TOKEN_FILE, else the token itself in HSMSIGN_OIDC_TOKEN. "
+        "Sent only over TLS or to this machine",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMAND_MODULES:
         module.register(sub)
@@ -110,9 +128,22 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _oidc_token(args: argparse.Namespace) -> str | None:
+    """The OIDC ID token to send, if any: --oidc-token-file, else HSMSIGN_OIDC_TOKEN_FILE,
+    else HSMSIGN_OIDC_TOKEN. Raises UsageError (never quoting the token) for a bad one."""
+    path = args.oidc_token_file or os.environ.get("HSMSIGN_OIDC_TOKEN_FILE")
+    if path:
+        return read_token_file(Path(path))
+    token = os.environ.get("HSMSIGN_OIDC_TOKEN")
+    if token is None:
+        return None
+    return check_token(token.strip(), "HSMSIGN_OIDC_TOKEN")
+
+
 def _connector(args: argparse.Namespace) -> Connect:
     def connect() -> Client:
         tls = None
+        oidc_token = _oidc_token(args)
         if args.tls_ca:
             tls = TlsOptions(
                 Path(args.tls_ca),
@@ -124,7 +155,7 @@ def _connector(args: argparse.Namespace) -> Connect:
             raise UsageError("--tls-cert/--tls-key need --tls-ca (the daemon's CA)")
         else:
             plaintext.check_plaintext(args.server, args.insecure)
-        return Client(args.server, tls, timeout=args.timeout)
+        return Client(args.server, tls, timeout=args.timeout, oidc_token=oidc_token)
 
     return connect
 

@@ -77,9 +77,20 @@ class KeyRing:
     destruction go through it).
     """
 
-    def __init__(self, token: Token, config: Config, siblings: ChangeCounter | None = None) -> None:
+    def __init__(
+        self,
+        token: Token,
+        config: Config,
+        siblings: ChangeCounter | None = None,
+        destroys_due: bool | None = None,
+    ) -> None:
+        """``destroys_due``: whether this ring carries out destructions whose time has come;
+        by default only a daemon allowed to administer keys (``server.key_admin``) does. The
+        others leave a due version in the token, unusable (it is not enabled), until an
+        admin daemon or ``hsmsignd keys`` destroys it."""
         self._token = token
         self._config = config
+        self._destroys_due = config.server.key_admin if destroys_due is None else destroys_due
         # Serving processes of one daemon share a counter that each bumps after changing the
         # ring, so a sibling re-reads before its next request (read-your-writes across them).
         self._siblings = siblings
@@ -118,7 +129,7 @@ class KeyRing:
         keys = build_keys(objects, state, self._config.key_options)
         now_mono = time.monotonic()
         self._snapshot = _Snapshot(keys=keys, loaded_at=now_mono, state=state, scanned_at=now_mono)
-        return due_for_destruction(keys, state)
+        return due_for_destruction(keys, state) if self._destroys_due else []
 
     def _check(self) -> None:
         """The background refresh. Reading every key object holds a session and the GIL for
@@ -140,7 +151,8 @@ class KeyRing:
                     snap.state.generation,
                     snap.state.writer,
                 )
-                if same and not due_for_destruction(snap.keys, snap.state):
+                due = self._destroys_due and due_for_destruction(snap.keys, snap.state)
+                if same and not due:
                     self._snapshot = _Snapshot(
                         keys=snap.keys,
                         loaded_at=time.monotonic(),
@@ -151,7 +163,8 @@ class KeyRing:
         self.refresh()
 
     def refresh(self, only_if_siblings_changed: bool = False) -> None:
-        """Re-reads the ring from the token, then destroys versions whose time has come.
+        """Re-reads the ring from the token, then (on a ring that ``destroys_due``) destroys
+        versions whose time has come.
 
         ``only_if_siblings_changed``: only if another serving process of this daemon changed
         the ring since this process last read it (threads that waited for the lock while one
