@@ -22,17 +22,16 @@ from typing import Protocol
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from hsmsign import tlsfiles
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
-from server import ready, supervisor
+from server import ready, reload, supervisor, tls
 from server.api import deadlines, limits, pipeline
 from server.api.admin import KeyAdminService
 from server.api.malformed import MalformedRequests
 from server.api.signer import SignerService
 from server.audit import serving as audit_serving
 from server.config import Config
-from server.errors import ConfigError, TokenNotFound, cannot_listen
+from server.errors import TokenNotFound, cannot_listen
 from server.keyring.ring import KeyRing
 from server.pkcs11.token import Token
 from server.policy import gate
@@ -45,31 +44,10 @@ DRAIN_LINGER_SECONDS = 1.0
 
 
 def credentials(cfg: Config) -> grpc.ServerCredentials | None:
-    """The server's TLS credentials (None: plaintext). Raises ConfigError for a TLS file that
+    """The server's TLS credentials (None: plaintext); a SIGHUP swaps their certificate and
+    client CA for new handshakes (``server.reload``). Raises ConfigError for a TLS file that
     cannot be read or does not match the others."""
-    tls = cfg.server.tls
-    if tls is None:
-        return None
-    try:
-        cert, key = tls.cert.read_bytes(), tls.key.read_bytes()
-        ca = tls.client_ca.read_bytes() if tls.client_ca else None
-    except OSError as e:
-        raise ConfigError(
-            f"{cfg.path}: server.tls: cannot read {e.filename}: {e.strerror}"
-        ) from None
-    problem = tlsfiles.problem(
-        ca,
-        cert,
-        key,
-        ca_name=f"client_ca {tls.client_ca}",
-        cert_name=f"cert {tls.cert}",
-        key_name=f"key {tls.key}",
-    )
-    if problem:
-        raise ConfigError(f"{cfg.path}: server.tls: {problem}")
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
-    )
+    return tls.credentials(tls.read_tls(cfg))
 
 
 def check_token(token: Token, ring: KeyRing) -> None:
@@ -86,6 +64,8 @@ def check_token(token: Token, ring: KeyRing) -> None:
 def run_daemon(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
     """Starts hsmsignd: TLS files, then the token, then the port; serves until SIGTERM or
     SIGINT. Raises ConfigError or StartupError (one line) when it cannot start."""
+    # A SIGHUP before serving (the reload is not set up yet) must not end the daemon.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     creds = credentials(cfg)
     address = listen or cfg.server.listen
     # Who may call, and a listener the config allows: stops a bad start before the token.
@@ -116,6 +96,7 @@ def run_daemon(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
 def run_serving_process(cfg: Config, listen: str, spec: ServingProcessSpec) -> int:
     """One of several serving processes started by the supervisor, which has checked the
     token and reserved the port already."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve_process can reload
     gate.install(gate.Gate(cfg.access, cfg, listen))
     siblings = SharedCounter(spec.counter_fd)
     # One serving process at a time loads the module and logs in: SoftHSM2 processes that do
@@ -258,6 +239,8 @@ def serve_process(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    reloader = reload.Reloader(cfg, bound)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: reloader.reload_in_background())
     try:
         # The trail before the server: no call is ever served unaudited.
         audit_serving.start(cfg, token, role.index, health_servicer)

@@ -11,7 +11,8 @@ With ``server.processes`` above 1 the process hsmsignd starts as becomes a small
 3. it starts the serving processes (``python -m server.main ... serve --serving-process
    SPEC``), each with its own PKCS#11 login, session pool and threads, all listening on the
    port with SO_REUSEPORT so the kernel spreads connections over them;
-4. it forwards SIGTERM/SIGINT (each process drains its calls), restarts a process that dies,
+4. it forwards SIGTERM/SIGINT (each process drains its calls) and SIGHUP (each reloads its
+   config, server/reload.py), restarts a process that dies,
    and gives up (exit 1) if they keep dying.
 
 The processes share one counter (a memfd) that each bumps after changing the key ring; the
@@ -292,8 +293,17 @@ class Supervisor:
                 )
             self.stop.set()
 
+        def on_reload(_signum: int, _frame: object) -> None:
+            # Each serving process re-reads the config itself (server/reload.py).
+            log.info("SIGHUP received: reloading the config in %d serving processes", self.count)
+            for w in self.processes:
+                if w.proc is not None and w.proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        w.proc.send_signal(signal.SIGHUP)
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_reload)
         try:
             for w in self.processes:
                 self._spawn(w)
