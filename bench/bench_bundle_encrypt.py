@@ -31,20 +31,6 @@ from hsmsign import capgo  # noqa: E402
 RATIO_TARGET = 0.90
 RSS_BUDGET_MIB = 32.0
 
-_CHILD = """
-import sys, time, json
-sys.path.insert(0, sys.argv[1])
-from pathlib import Path
-from hsmsign import capgo
-key, iv = bytes.fromhex(sys.argv[4]), bytes.fromhex(sys.argv[5])
-t = time.perf_counter()
-if sys.argv[2] != "-":
-    digest = capgo.encrypt_bundle(Path(sys.argv[2]), Path(sys.argv[3]), key, iv)
-seconds = time.perf_counter() - t
-hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
-print(json.dumps({"seconds": seconds, "hwm_kib": int(hwm)}))
-"""
-
 
 @dataclass
 class Run:
@@ -88,7 +74,8 @@ def bench_hsmsign(src: Path, dst: Path, key: bytes, iv: bytes, repeat: int) -> R
     best, rss = float("inf"), 0.0
     for _ in range(repeat):
         _, _, out = _wait(
-            [sys.executable, "-c", _CHILD, str(REPO), str(src), str(dst), key.hex(), iv.hex()]
+            [sys.executable, "-m", "bench.bundle_child", str(src), str(dst), key.hex(), iv.hex()],
+            cwd=REPO,
         )
         res = json.loads(out)
         best, rss = min(best, res["seconds"]), max(rss, res["hwm_kib"] / 1024)
@@ -96,7 +83,7 @@ def bench_hsmsign(src: Path, dst: Path, key: bytes, iv: bytes, repeat: int) -> R
 
 
 def idle_rss() -> float:
-    _, _, out = _wait([sys.executable, "-c", _CHILD, str(REPO), "-", "-", "00", "00"])
+    _, _, out = _wait([sys.executable, "-m", "bench.bundle_child", "-", "-", "00", "00"], cwd=REPO)
     return float(json.loads(out)["hwm_kib"]) / 1024
 
 
