@@ -10,9 +10,8 @@ import grpc
 import pytest
 
 from hsmsign.client import TlsOptions
-from hsmsign.v1 import hsmsign_pb2 as pb
-from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from tests.conftest import Daemon, TokenDir, hsmsignd, start_daemon, write_config
+from tests.harness.calls import sign_status
 from tests.harness.pki import Issued, make_ca, make_crl, make_leaf
 
 OK = grpc.StatusCode.OK
@@ -29,16 +28,7 @@ def _tls_section(tmp_path: Path, server: Issued, client_ca: Path) -> str:
 def _sign(d: Daemon, ca: Path, stem: Path) -> tuple[grpc.StatusCode, str]:
     tls = TlsOptions(ca, stem.with_suffix(".crt"), stem.with_suffix(".key"))
     with grpc.secure_channel(d.address, tls.credentials()) as ch:
-        request = pb.SignDigestRequest(
-            key=pb.KeyRef(name="demo"),
-            digest=b"\x01" * 32,
-            algorithm=pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256,
-        )
-        try:
-            pb_grpc.SignerStub(ch).SignDigest(request, timeout=30)
-        except grpc.RpcError as e:
-            return e.code(), e.details() or ""
-    return OK, ""
+        return sign_status(ch)
 
 
 @pytest.fixture(scope="module")

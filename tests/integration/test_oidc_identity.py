@@ -7,9 +7,8 @@ from pathlib import Path
 
 import grpc
 
-from hsmsign.v1 import hsmsign_pb2 as pb
-from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from tests.conftest import TokenDir, hsmsignd, start_daemon, write_config
+from tests.harness.calls import sign_status
 from tests.harness.identity import TokenIssuer
 from tests.harness.pki import make_ca, make_leaf
 
@@ -32,17 +31,8 @@ operations = ["sign_digest"]
 
 
 def _sign(channel: grpc.Channel, token: str | None) -> tuple[grpc.StatusCode, str]:
-    request = pb.SignDigestRequest(
-        key=pb.KeyRef(name="demo"),
-        digest=b"\x05" * 32,
-        algorithm=pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256,
-    )
     metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
-    try:
-        pb_grpc.SignerStub(channel).SignDigest(request, metadata=metadata, timeout=30)
-    except grpc.RpcError as e:
-        return e.code(), e.details() or ""
-    return OK, ""
+    return sign_status(channel, metadata=metadata)
 
 
 def test_tokens_over_tls(token: TokenDir, tmp_path: Path) -> None:

@@ -12,9 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from hsmsign.v1 import hsmsign_pb2 as pb
-from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from tests.conftest import Daemon, TokenDir, start_daemon, write_config
+from tests.harness.calls import sign_status
 from tests.harness.pki import Issued, make_ca, make_crl, make_leaf
 
 OK = grpc.StatusCode.OK
@@ -88,16 +87,7 @@ def _channel(d: Daemon, trust: Path, client: Path) -> grpc.Channel:
 
 
 def _sign_on(ch: grpc.Channel) -> tuple[grpc.StatusCode, str]:
-    request = pb.SignDigestRequest(
-        key=pb.KeyRef(name="demo"),
-        digest=b"\x01" * 32,
-        algorithm=pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256,
-    )
-    try:
-        pb_grpc.SignerStub(ch).SignDigest(request, timeout=10)
-    except grpc.RpcError as e:
-        return e.code(), e.details() or ""
-    return OK, ""
+    return sign_status(ch, timeout=10)
 
 
 def _sign(d: Daemon, trust: Path, client: Path) -> tuple[grpc.StatusCode, str]:
