@@ -102,6 +102,15 @@ class ConfigError(StartupError):
     exit_code = 2
 
 
+class PinRefused(StartupError):
+    """The token refused the user PIN: incorrect, locked or expired. Nothing ever tries that
+    PIN again (a real HSM locks the user after a few tries): not the daemon, not its
+    supervisor, and not systemd or Kubernetes, which are told by the exit code
+    (``RestartPreventExitStatus``). Exit code 77 (sysexits' EX_NOPERM)."""
+
+    exit_code = 77
+
+
 class TokenNotFound(StartupError):
     """No token matches the config's label, serial or URI (also seen for a moment while
     another process rewrites a SoftHSM2 token's files)."""

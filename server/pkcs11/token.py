@@ -24,7 +24,14 @@ import pkcs11
 import pkcs11.exceptions as p11e
 
 from server.config import TokenConfig
-from server.errors import Busy, ServerError, StartupError, TokenNotFound, TokenUnavailable
+from server.errors import (
+    Busy,
+    PinRefused,
+    ServerError,
+    StartupError,
+    TokenNotFound,
+    TokenUnavailable,
+)
 from server.pkcs11.errors import SESSION_LOST, classify
 from server.pkcs11.pool import SessionPool
 from server.pkcs11.session import Session
@@ -70,13 +77,15 @@ class Token:
             # Kept open for the life of the process: closing it would log every session out.
             self._login = self._token.open(user_pin=pin, rw=True)
         except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange):
-            raise StartupError(
+            raise PinRefused(
                 f"the token refused the PIN from {config.pin.describe()} (not retried, "
                 "to avoid locking the token)"
             ) from None
         except p11e.PinLocked:
-            raise StartupError(
-                "the token's user PIN is locked; unlock it with the SO PIN"
+            raise PinRefused("the token's user PIN is locked; unlock it with the SO PIN") from None
+        except p11e.PinExpired:
+            raise PinRefused(
+                "the token's user PIN has expired; set a new one with the token's tools"
             ) from None
         except p11e.PKCS11Error as e:
             raise StartupError(f"cannot log in to the token: {type(e).__name__}") from None

@@ -48,7 +48,7 @@ def test_a_wrong_pin_is_reported_even_when_the_port_is_busy(
 ) -> None:
     cfg = _wrong_pin(tmp_path, own_token, processes)
     r = hsmsignd(cfg, "serve", "--listen", held_port, check=False, timeout=60)
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 77, r.stderr
     assert "refused the PIN" in r.stderr
     assert "cannot listen" not in r.stderr
     assert "Traceback" not in r.stderr
