@@ -135,8 +135,9 @@ class Gate:
         self, access: AccessConfig, config: Config, address: str, previous: Gate | None = None
     ) -> None:
         """``previous``: the gate this one replaces on a reload (the limits callers have
-        used carry over). Raises ConfigError for a listener the config does not allow (plaintext beyond
-        this host, or without ``[identities.local]``) and for bad certificate files."""
+        used carry over). Raises ConfigError for a listener the config does not allow
+        (plaintext beyond this host, or without ``[identities.local]``) and for bad
+        certificate files."""
         tls = config.server.tls
         if tls is None:
             if not access.identities.local.enabled:
