@@ -152,7 +152,9 @@ class Gate:
                 )
         self.policy: Policy = access.policy
         self._identifier = Identifier(access.identities, tls.client_ca if tls else None)
-        self._limiter = Limiter(access.policy, previous=previous._limiter if previous else None)
+        self._limiter: Limiter = Limiter(
+            access.policy, previous=previous._limiter if previous else None
+        )
 
     def _check(
         self, identity: Identity, check: KeyCheck, request: Any, ring: Any, record: CallAccess
