@@ -111,6 +111,12 @@ class PinRefused(StartupError):
     exit_code = 77
 
 
+#: A serving process exits with this when a token call stays hung past its limit and
+#: token.stuck_exit_seconds (server/pkcs11/watchdog.py): restart it, the new process
+#: initialises the module again (sysexits' EX_TEMPFAIL).
+EXIT_TOKEN_HUNG = 75
+
+
 class TokenNotFound(StartupError):
     """No token matches the config's label, serial or URI (also seen for a moment while
     another process rewrites a SoftHSM2 token's files)."""

@@ -63,7 +63,7 @@ def test_a_refused_pin_is_tried_once_and_the_daemon_exits_77(tmp_path: Path) -> 
     assert code == 77, log[-3000:]
     # One replacement, one refused login: nothing tried the old PIN again.
     assert log.count("starting it again") == 1, log[-3000:]
-    assert len([ln for ln in log.splitlines() if "the token refused the PIN" in ln]) == 1
+    assert len([ln for ln in log.splitlines() if "the token refused the PIN from" in ln]) == 1
     errors = [ln for ln in log.splitlines() if ln.startswith("hsmsignd: error:")]
     assert "PIN" in errors[-1] and "not restarting" in errors[-1], log[-3000:]
     assert "Traceback" not in log
