@@ -44,7 +44,14 @@ from pathlib import Path
 
 from server import pinsource
 from server.config import Config
-from server.errors import EXIT_TOKEN_HUNG, ConfigError, PinRefused, StartupError, cannot_listen
+from server.errors import (
+    EXIT_PIN_REFUSED,
+    EXIT_TOKEN_HUNG,
+    ConfigError,
+    PinRefused,
+    StartupError,
+    cannot_listen,
+)
 from server.heartbeat import Heartbeats, start_beating
 from server.ready import write_ready_file
 
@@ -387,7 +394,7 @@ class Supervisor:
     def _refuse_pin_retry(self, w: _ServingProcess, code: int) -> None:
         """Raises PinRefused (exit 77, after ``run`` stops the other processes) when a
         serving process exited 77: another login with that PIN could lock the token's user."""
-        if code == PinRefused.exit_code:
+        if code == EXIT_PIN_REFUSED:
             raise PinRefused(
                 f"serving process {w.index}/{self.count} exited with code 77: the token refused "
                 "the PIN; not restarting it, stopping the other serving processes (a refused PIN "

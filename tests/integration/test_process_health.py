@@ -149,7 +149,7 @@ def test_a_stopped_serving_process_is_replaced_and_callers_move(tmp_path: Path) 
                 os.kill(victim, sig)
         d.stop()
     log = d.log()
-    assert replaced_at is not None, f"not replaced within {REPLACED_WITHIN_SECONDS} s:\n{log[-3000:]}"
+    assert replaced_at is not None, f"not replaced in {REPLACED_WITHIN_SECONDS} s:\n{log[-3000:]}"
     print(f"replaced {replaced_at - stopped_at:.1f} s after SIGSTOP")
     assert not failures, f"{len(failures)} failed calls, first: {failures[:3]}"
     assert len([t for t in answered if t > replaced_at]) > CALLERS, "no answers after it"
