@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from typing import Protocol
@@ -110,7 +111,8 @@ def run_serving_process(cfg: Config, listen: str, spec: ServingProcessSpec) -> i
         try:
             ring.check_config()  # the supervisor logged its warnings once
             server, bound = listen_on(cfg, listen, credentials(cfg), reuse_port=True)
-            return serve_process(cfg, token, ring, server, bound, _ServingProcess(spec))
+            role = _ServingProcess(spec, cfg, token.watchdog.alive)
+            return serve_process(cfg, token, ring, server, bound, role)
         finally:
             ring.stop()
     finally:
@@ -196,12 +198,13 @@ class _Standalone:
 class _ServingProcess:
     """One of several: the supervisor logs for the daemon and writes the ready file."""
 
-    def __init__(self, spec: ServingProcessSpec) -> None:
-        self.spec = spec
+    def __init__(self, spec: ServingProcessSpec, cfg: Config, check: Callable[[], bool]) -> None:
+        self.spec, self.cfg, self.check = spec, cfg, check
         self.index = spec.index
 
     def serving(self, bound: str, stop: threading.Event) -> None:
         self.spec.watch_lifeline(stop)
+        self.spec.start_heartbeat(self.cfg.server.heartbeat_seconds, self.check)
         log.info("%s ready on %s (pid %d)", self.spec.name, bound, os.getpid())
         self.spec.announce_ready()
 
@@ -210,6 +213,20 @@ class _ServingProcess:
 
     def stopped(self) -> None:
         pass
+
+
+def _token_health(cfg: Config, servicer: health.HealthServicer, ok: bool) -> None:
+    """A token call past its limit: NOT_SERVING until it returns (server/pkcs11/watchdog.py);
+    then SERVING again unless the audit trail says otherwise."""
+    status = (
+        health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ("", "hsmsign.v1.Signer") + (
+        ("hsmsign.v1.KeyAdmin",) if cfg.server.key_admin else ()
+    ):
+        servicer.set(name, status)
+    if ok:
+        audit_serving.apply_health()
 
 
 def serve_process(
@@ -254,6 +271,7 @@ def serve_process(
             else health_pb2.HealthCheckResponse.NOT_SERVING,
         )
         audit_serving.apply_health()  # a trail that cannot be written: NOT_SERVING
+        token.watchdog.on_health(lambda ok: _token_health(cfg, health_servicer, ok))
         role.serving(bound, stop)
         stop.wait()
         health_servicer.enter_graceful_shutdown()

@@ -45,6 +45,7 @@ from server.pkcs11.templates import (
     IMPORT_WRAPPING_BITS,
     IMPORT_WRAPPING_LABEL,
 )
+from server.pkcs11.watchdog import CallWatchdog, token_call
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,26 @@ _SCAN_ATTEMPTS = 5
 class Session:
     """One borrowed PKCS#11 session, with the private-key handles it has looked up."""
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, watchdog: CallWatchdog | None = None) -> None:
         self.raw = raw
         self._keys: dict[bytes, Any] = {}
         #: Handle of the implicit-rejection secret, looked up once per session.
         self._implicit_rejection_key: Any = None
+        self._watchdog = watchdog
+        self._timing = False
+        #: What the current borrower does with it (set by ``Token.session``, for log lines).
+        self.purpose = "a token call"
+
+    def timed(self, call: Callable[[], T], *, keygen: bool = False) -> T:
+        """Runs ``call`` (one operation) under the process's token-call limit
+        (``CallWatchdog.run``: raises CallOverdue when the limit passed)."""
+        if self._watchdog is None or self._timing:  # nested: the outer operation is timed
+            return call()
+        self._timing = True
+        try:
+            return self._watchdog.run(self.purpose, call, keygen=keygen)
+        finally:
+            self._timing = False
 
     def _private_key(self, cka_id: bytes) -> Any:
         key = self._keys.get(cka_id)
@@ -103,6 +119,7 @@ class Session:
 
     # -- signing ------------------------------------------------------------------------------
 
+    @token_call()
     def sign(self, cka_id: bytes, mech: Mech, data: bytes) -> bytes:
         """C_Sign with an explicit mechanism over ``data`` (already a digest or encoded block)."""
         return self._with_key(
@@ -110,6 +127,7 @@ class Session:
             lambda k: bytes(k.sign(data, mechanism=mech.mechanism, mechanism_param=mech.param)),
         )
 
+    @token_call()
     def sign_many(self, cka_id: bytes, mech: Mech, items: Sequence[bytes]) -> list[bytes]:
         """C_Sign of each item in order with one key lookup."""
 
@@ -135,6 +153,7 @@ class Session:
         except CIPHERTEXT_REJECTED:
             return None
 
+    @token_call()
     def decrypt_or_none(self, cka_id: bytes, mech: Mech, data: bytes) -> bytes | None:
         """C_Decrypt; None when the token rejects the ciphertext (any reason, not told apart).
 
@@ -146,6 +165,7 @@ class Session:
             lambda k: bytes(k.decrypt(data, mechanism=mech.mechanism, mechanism_param=mech.param)),
         )
 
+    @token_call()
     def unwrap_secret(self, cka_id: bytes, mech: Mech, wrapped: bytes) -> bytes | None:
         """The secret an RSA ciphertext carries; None when the token rejects the ciphertext.
 
@@ -206,6 +226,7 @@ class Session:
         self._implicit_rejection_key = key
         return key
 
+    @token_call()
     def implicit_rejection_mac(self, data: bytes) -> bytes:
         """HMAC-SHA-256 of ``data`` under the token's implicit-rejection secret.
 
@@ -224,6 +245,7 @@ class Session:
 
     # -- object management (key ring, key administration) -----------------------------------
 
+    @token_call()
     def find_key_objects(self, label_prefix: str) -> list[KeyObjectInfo]:
         """Every RSA private key whose label starts with ``label_prefix``, with its attributes."""
 
@@ -242,6 +264,7 @@ class Session:
 
         return _rescan_if_changed(scan)
 
+    @token_call(keygen=True)
     def generate_rsa_keypair(
         self, bits: int, label: str, cka_id: bytes, *, sign: bool, decrypt: bool
     ) -> KeyObjectInfo:
@@ -270,6 +293,7 @@ class Session:
             raise classify(e, f"generating an RSA-{bits} key pair") from None
         return _describe(priv)
 
+    @token_call()
     def destroy_key_objects(self, cka_id: bytes) -> int:
         """Destroys the private and public objects with this CKA_ID; returns how many."""
         n = 0
@@ -283,6 +307,7 @@ class Session:
         self.forget(cka_id)
         return n
 
+    @token_call()
     def data_objects(self, application: str) -> list[tuple[Any, str, bytes]]:
         """CKO_DATA objects of an application: (object, label, value)."""
 
@@ -296,10 +321,12 @@ class Session:
 
         return _rescan_if_changed(scan)
 
+    @token_call()
     def create_data_object(self, application: str, label: str, value: bytes) -> None:
         """Creates a CKO_DATA object on the token (``templates.data_object_template``)."""
         self.raw.create_object(templates.data_object_template(application, label, value))
 
+    @token_call()
     def destroy_object(self, obj: Any) -> None:
         """Destroys an object returned by ``data_objects`` (state kept in data objects is
         replaced, never edited: docs/design-facts.md fact 7). One already destroyed by another
@@ -307,6 +334,7 @@ class Session:
         with contextlib.suppress(*HANDLE_STALE):
             obj.destroy()
 
+    @token_call()
     def import_rsa_private_key(
         self,
         label: str,
@@ -353,12 +381,14 @@ class Session:
             raise classify(e, "importing an RSA private key") from None
         return _describe(priv)
 
+    @token_call()
     def random(self, n: int) -> bytes:
         """``n`` random bytes from the token's generator."""
         return bytes(self.raw.generate_random(n * 8))
 
     # -- key import without plaintext (server.ops.key_import) ---------------------------------
 
+    @token_call()
     def import_wrapping_keys(self) -> list[KeyObjectInfo]:
         """The token's import wrapping keys (normally one; two when processes raced)."""
 
@@ -375,6 +405,7 @@ class Session:
 
         return _rescan_if_changed(scan)
 
+    @token_call(keygen=True)
     def generate_import_wrapping_key(self) -> KeyObjectInfo:
         """An RSA key pair whose private half can only unwrap (CKA_UNWRAP, nothing else).
 
@@ -424,6 +455,7 @@ class Session:
                 f"({oaep.description})"
             ) from None
 
+    @token_call()
     def oaep_unwrap_works(self, wrapping_cka_id: bytes, oaep: Mech, wrapped_aes_key: bytes) -> bool:
         """Whether the token unwraps a (throwaway) AES key with ``oaep``; False when it
         refuses the mechanism or its parameters. Raises InvalidArgument when it refuses the
@@ -435,6 +467,7 @@ class Session:
         aes.destroy()
         return True
 
+    @token_call()
     def unwrap_rsa_private_key(
         self,
         wrapping_cka_id: bytes,

@@ -35,6 +35,7 @@ from server.errors import (
 from server.pkcs11.errors import SESSION_LOST, classify
 from server.pkcs11.pool import SessionPool
 from server.pkcs11.session import Session
+from server.pkcs11.watchdog import CallOverdue, CallWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ class Token:
         )
         self._pool: SessionPool[Session] = SessionPool()
         self._closed = False
+        #: Times every call on the pool's sessions (server/pkcs11/watchdog.py).
+        self.watchdog = CallWatchdog(
+            config.call_timeout_seconds, config.keygen_timeout_seconds, config.stuck_exit_seconds
+        )
         for k, v in config.environment.items():
             os.environ[k] = v
         if not config.module.exists():
@@ -92,7 +97,7 @@ class Token:
         finally:
             del pin
         for _ in range(config.sessions):
-            self._pool.put(Session(self._open_session()))
+            self._pool.put(Session(self._open_session(), self.watchdog))
         log.info(
             "token %s: %d sessions, threading=%s, module %s",
             config.describe_token(),
@@ -128,9 +133,13 @@ class Token:
                 f"{self.config.session_wait_seconds:g}s; retry later"
             ) from None
         lock = self._serial_lock or contextlib.nullcontext()
+        s.purpose = what
         try:
             with lock:
                 yield s
+        except CallOverdue:
+            s = self._replace(s)  # never lent again: the module may still be using it
+            raise
         except ServerError:
             raise
         except SESSION_LOST as e:
@@ -146,13 +155,14 @@ class Token:
         with contextlib.suppress(Exception):
             s.raw.close()
         try:
-            return Session(self._open_session())
+            return Session(self._open_session(), self.watchdog)
         except TokenUnavailable:
             return s
 
     def close(self) -> None:
         """Closes the pool's sessions, then the login session."""
         self._closed = True
+        self.watchdog.close()
         while True:
             try:
                 s = self._pool.get_nowait()
