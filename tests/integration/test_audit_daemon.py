@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
-from tests.harness import HSMSIGN, HSMSIGND, TokenDir, hsmsignd, make_token, write_config
+from tests.harness import HSMSIGN, HSMSIGND, TokenDir, hsmsignd, leaks, make_token, write_config
 from tests.harness.pki import make_ca, make_leaf
 
 SHA256 = pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256
@@ -175,6 +175,8 @@ def test_every_call_is_recorded_with_its_request_id_and_no_secret(
         pb.SignDigestsRequest(key=pb.KeyRef(name="demo"), algorithm=SHA256, digests=batch)
     )
     session_key = os.urandom(16)
+    for secret in (session_key, digest, *batch):
+        leaks.remember(secret, "a session key or digest of the audit test")
     running.signer.SealSessionKey(
         pb.SealSessionKeyRequest(key=pb.KeyRef(name="demo"), session_key=session_key)
     )
