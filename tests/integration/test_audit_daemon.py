@@ -650,3 +650,25 @@ def test_a_call_the_client_abandoned_is_recorded_as_abandoned(
         ("error", "DEADLINE_EXCEEDED"),
         ("abandoned", "OK"),
     ), rec
+
+
+def test_files_rotate_by_time_and_the_chain_verifies_across_them(
+    audit_token: TokenDir, tmp_path: Path
+) -> None:
+    d = start(audit_config(tmp_path, audit_token, audit='rotate_every = "1s"'), tmp_path)
+    try:
+        for i in range(3):
+            d.sign(request_id=f"timed-{i}")
+            time.sleep(1.2)  # the file's first record is over a second old: the next rotates
+        d.sign(request_id="timed-last")
+    finally:
+        d.stop()
+    rotated = sorted((tmp_path / "audit").glob("audit-1.0*.jsonl"))
+    assert len(rotated) >= 3, rotated
+    ids = {r.get("request_id") for r in records(tmp_path)}
+    assert {"timed-0", "timed-1", "timed-2", "timed-last"} <= ids
+    v = verify(tmp_path)
+    assert v.returncode == 0, v.stdout
+    rotated[1].unlink()  # a whole rotated file dropped: named as missing records
+    v = verify(tmp_path)
+    assert v.returncode == 3 and "rotated file dropped" in v.stdout
