@@ -20,7 +20,6 @@ command (``os_identity``).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import pwd
 import time
@@ -37,8 +36,6 @@ from server.audit.writer import AuditUnavailable, ChainWriter, Checkpointer
 from server.config import Config
 from server.errors import ServerError
 from server.pkcs11.token import Token
-
-log = logging.getLogger("hsmsign.audit")
 
 #: The chain of ``hsmsignd keys`` (serving processes' chains are numbered from 1).
 OFFLINE_CHAIN = "offline"
@@ -142,8 +139,7 @@ class OfflineTrail:
             self.unaudited.append(
                 f"{op} of {what} WAS MADE, but its outcome could not be written to the audit "
                 f"trail (it holds only the intent record): {e}"
-            )
-            log.error("%s", self.unaudited[-1])
+            )  # printed by hsmsignd keys after the result, with exit code 1
         return key
 
     def audited(self, backend: keycommands.KeyBackend) -> AuditedKeyAdmin:
