@@ -70,7 +70,9 @@ def _target(
 
 
 #: The rows each target reads (with settings=the default daemon, bits=2048).
-BATCH: dict[str, Any] = {"server": Server.HSMSIGND, "call": Call.BATCH, "callers": 4}
+BATCH: dict[str, Any] = {"server": Server.HSMSIGND, "call": Call.BATCH, "callers": 4, "batch": 64}
+#: bench.run.audit_rows: SignDigests x256 with the audit trail on, and off beside it.
+AUDIT_BATCH: dict[str, Any] = {"server": Server.HSMSIGND, "call": Call.BATCH, "batch": 256}
 UNARY_64: dict[str, Any] = {
     "server": Server.HSMSIGND,
     "call": Call.UNARY,
@@ -196,9 +198,38 @@ def targets(rows: list[AnyRow]) -> list[dict[str, Any]]:
             f"{paced.load if paced else '-'}{py}" + _floor_text(rows, 3.0),
         )
     )
+    out.append(_audit_target(rows, ratio))
     out += _bundle_targets(rows)
     out.append(_rss_target())
     return out
+
+
+def _audit_target(
+    rows: list[AnyRow], ratio: Callable[[CallRow | None], float | None]
+) -> dict[str, Any]:
+    """Batch signing with the audit trail on over the token limit measured around each row
+    (median of bench.run.audit_rows' rounds), with the same daemon's figure with audit off
+    beside it: the issue's ">= 95% of the token limit with audit on"."""
+    from bench.setup import DaemonSettings
+
+    on_settings = DaemonSettings(audit=True).describe()
+    on = _rounds(rows, {**AUDIT_BATCH, "settings": on_settings}, None, ratio)
+    off = _rounds(rows, {**AUDIT_BATCH, "settings": _default()}, None, ratio)
+    ons, offs = [h for h, _ in on if h is not None], [h for h, _ in off if h is not None]
+    detail = "SignDigests x256, 4 callers, RSA-2048, [audit] on (fsync before every answer)"
+    if ons:
+        detail += f"; rounds: audit on {_series(list(ons))}"
+    if offs:
+        detail += f", audit off {_series(list(offs))}, median {_median(list(offs)):.2f}x"
+        detail += f"; on / off {(_median(list(ons)) or 0) / (_median(list(offs)) or 1):.2f}"
+    return _target(
+        "batched signing, audit on / token limit",
+        _median(list(ons)),
+        0.95,
+        "x",
+        True,
+        detail if ons else "no audit rows in this run",
+    )
 
 
 def _reference(r: RateRow | None, tok_rate: float | None) -> float | None:

@@ -118,6 +118,8 @@ class CallRow(RateRow):
     callers: int
     load: Load
     bits: int = 2048
+    #: Digests per SignDigests call (1 for the other calls).
+    batch: int = 1
     paced: bool = False
     #: Calls/s of a paced row's schedule.
     rate: float | None = None

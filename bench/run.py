@@ -180,6 +180,7 @@ def daemon_row(name: str, spec: LoadSpec, pid: int) -> CallRow:
         callers=spec.callers,
         load=Load.PYTHON,
         bits=_bits(spec.key),
+        batch=spec.batch,
         paced=spec.rate is not None,
         rate=spec.rate,
         ops_per_s=r["ops_per_s"],
@@ -377,6 +378,53 @@ def daemon_rows(
     for row in rows:
         if isinstance(row, CallRow) and not row.settings:
             row.settings = s.describe()
+    return rows
+
+
+#: Digests per call of the audit rows: a build agent's batch.
+AUDIT_BATCH = 256
+
+
+def audit_rows(root: Path, token: TokenDir, duration: float, rounds: int) -> list[CallRow]:
+    """Part 3c: batch SignDigests x256 at 4 callers with the audit trail on, beside the same
+    daemon with it off, ``rounds`` interleaved rounds (which goes first alternates), each row
+    bracketed by the token: the issue's "batch signing >= 95% of the token limit with audit
+    on", and what audit costs a batch (bench.report's audit target)."""
+    daemons = {
+        audit: launch(root, token, DaemonSettings(audit=audit), f"daemon-audit-{audit}")
+        for audit in (False, True)
+    }
+    # A call of 256 signatures takes about a second at 4 callers: a row counts the calls that
+    # end inside its window, so the window is long enough for that to be a few percent.
+    window = max(3 * duration, 12.0)
+    rows: list[CallRow] = []
+    br = Bracket(token, duration)
+    try:
+        for k in range(1, rounds + 1):
+            for audit in (True, False) if k % 2 else (False, True):
+                d = daemons[audit]
+                spec = LoadSpec(
+                    d.address,
+                    "batch",
+                    KEY_2048,
+                    4,
+                    batch=AUDIT_BATCH,
+                    callers_per_connection=1,
+                    duration=window,
+                    warmup=2.0,
+                )
+                name = (
+                    f"round {k}, audit {'on' if audit else 'off'}: "
+                    f"batch SignDigests x{AUDIT_BATCH}, 4 callers"
+                )
+                r = br.around(functools.partial(daemon_row, name, spec, d.proc.pid))
+                r.round, r.settings = k, DaemonSettings(audit=audit).describe()
+                if r.measured and not r.calls_per_s:
+                    r.not_available = "no call completed in the window"
+                rows.append(r)
+    finally:
+        for d in daemons.values():
+            d.stop()
     return rows
 
 
@@ -767,6 +815,8 @@ def main() -> int:
             print("3b. the p99 floor: gRPC with no signing, the token beside it", flush=True)
             rows += p99_floor_rows(token, duration, paced.rate, rounds)
         rows += single_process_row(root, token, duration)
+        print("3c. batch signing with the audit trail on and off", flush=True)
+        rows += audit_rows(root, token, duration, rounds)
         # Again after the daemon rows: the machine is shared, so the reference drifts; the
         # targets use the mean of both token measurements.
         best = reference.threads

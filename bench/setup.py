@@ -30,6 +30,8 @@ class DaemonSettings:
     workers: int | None = None
     log_level: str = "INFO"
     processes: int | None = None
+    #: With the audit trail ([audit] path beside the config): every call fsync'd on record.
+    audit: bool = False
 
     def describe(self) -> str:
         def d(v: int | None) -> str:
@@ -38,7 +40,7 @@ class DaemonSettings:
         return (
             f"processes={d(self.processes)} sessions={d(self.sessions)} "
             f"workers={d(self.workers)} log={self.log_level}"
-        )
+        ) + (" audit=on" if self.audit else "")
 
 
 def write_bench_config(path: Path, token: TokenDir, s: DaemonSettings) -> Path:
@@ -66,6 +68,9 @@ keys = ["*"]
 operations = ["*"]
 """
     )
+    if s.audit:  # relative to the config file's directory
+        with path.open("a") as f:
+            f.write(f'\n[audit]\npath = "{path.stem}-audit"\n')
     return path
 
 

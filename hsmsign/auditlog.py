@@ -79,6 +79,15 @@ def decode_tail(line: bytes) -> int:
     return seq
 
 
+def record_time(line: bytes) -> float:
+    """The ``time`` of a record's line as POSIX seconds. Raises ValueError."""
+    value = json.loads(line)
+    text = value.get("time") if isinstance(value, dict) else None
+    if not isinstance(text, str):
+        raise ValueError("no time")
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 

@@ -5,7 +5,8 @@ the argument checks, the requests and the rendering are :mod:`hsmsign.keycommand
 same as ``hsmsign keys``, so both print the same thing; here the KeyAdmin calls are
 answered by :class:`OfflineKeyAdmin` from :mod:`server.ops.keyadmin` and the ring state in
 the token, so a daemon running on the same token picks the change up within
-``keyring.refresh_seconds``.
+``keyring.refresh_seconds``. With ``[audit] path``, every change is on the audit trail's
+``offline`` chain (intent, change, outcome: :mod:`server.audit.offline`).
 Arguments (and the key file of an import) are checked before the token is opened.
 """
 
@@ -22,6 +23,7 @@ from typing import Any, Final
 from hsmsign import keycommands, names
 from hsmsign.v1 import hsmsign_pb2 as pb
 from server.api.convert import key_to_pb
+from server.audit import offline as audit_offline
 from server.config import Config
 from server.errors import InvalidArgument
 from server.keyring.model import Purpose
@@ -144,7 +146,14 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         return keycommands.EXIT_USAGE
     token = Token(cfg.token)
     try:
-        out = command.run(OfflineKeyAdmin(token, KeyRing(token, cfg, destroys_due=True)))
+        # The trail before the ring: reading the ring may carry out a due destruction.
+        with audit_offline.opened(cfg, token) as trail:
+            backend = OfflineKeyAdmin(token, KeyRing(token, cfg, destroys_due=True))
+            out = command.run(trail.audited(backend) if trail is not None else backend)
     finally:
         token.close()
-    return _write(out)
+    code = _write(out)
+    for line in trail.unaudited if trail is not None else ():
+        print(f"hsmsignd: error: {line}", file=sys.stderr)
+        code = EXIT_ERROR
+    return code

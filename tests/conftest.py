@@ -28,6 +28,7 @@ from tests.harness import (
     DefaultPortGuard,
     TokenDir,
     hsmsignd,
+    leaks,
     make_token,
     start_daemon,
     write_config,
@@ -50,6 +51,19 @@ __all__ = [
     "start_daemon",
     "write_config",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """At the end of the run (set up first, so torn down last, after every daemon has
+    stopped): every daemon log, audit file and captured command output of the run is searched
+    for the run's token PINs and the secrets the tests remembered (tests/harness/leaks.py);
+    one found fails the run."""
+    yield
+    found = leaks.check_run(tmp_path_factory.getbasetemp())
+    if found:
+        shown = "\n  ".join(str(leak) for leak in found[:20])
+        pytest.fail(f"{len(found)} secret(s) in the run's logs or audit files:\n  {shown}")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,11 +3,12 @@ are signed. Parsed here from the raw TOML table; ``server.config.load`` calls ``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hsmsign import keycommands
 from server.errors import ConfigError
 
 
@@ -21,6 +22,10 @@ class AuditConfig:
     directory: Path | None = None
     #: A chain file moves on to a new file once it reaches this size.
     rotate_bytes: int = 64 * 1024 * 1024  # [audit] rotate_mb, in MiB
+    #: ... or once its first record is this many seconds old (``[audit] rotate_every``, e.g.
+    #: "1d" or "6h"); None: by size only. The age is taken from the first record's time, so
+    #: a restarted daemon keeps the schedule of the file it continues.
+    rotate_seconds: float | None = None
     #: A checkpoint is signed after this many records ...
     checkpoint_records: int = 1000
     #: ... or this many seconds after the first record not yet covered, whichever comes first.
@@ -41,6 +46,7 @@ _MIB = 1024 * 1024
 _ALLOWED = {
     "path": "a directory path",
     "rotate_mb": "megabytes, a number above 0",
+    "rotate_every": 'a duration from 1s to 366d, e.g. "1d", "6h", "30m", or seconds',
     "checkpoint_records": "a whole number from 1 to 1000000",
     "checkpoint_seconds": "seconds, a number above 0 and at most 86400",
     "retry_seconds": "seconds, a number above 0 and at most 60",
@@ -91,6 +97,7 @@ def parse(table: Mapping[str, Any], config_path: Path) -> AuditConfig:
     return AuditConfig(
         directory=directory,
         rotate_bytes=int(number("rotate_mb", d.rotate_bytes / _MIB, 1 << 20) * _MIB),
+        rotate_seconds=_rotate_seconds(table.get("rotate_every"), error),
         checkpoint_records=int(
             number("checkpoint_records", d.checkpoint_records, 1_000_000, whole=True)
         ),
@@ -98,3 +105,29 @@ def parse(table: Mapping[str, Any], config_path: Path) -> AuditConfig:
         retry_seconds=float(number("retry_seconds", d.retry_seconds, 60)),
         key_label=label,
     )
+
+
+#: ``rotate_every``'s bounds: a file a second is plenty for a test; a year, for anyone.
+_ROTATE_MIN_SECONDS = 1.0
+_ROTATE_MAX_SECONDS = 366 * 86400.0
+
+
+def _rotate_seconds(value: object, error: Callable[[str, object], ConfigError]) -> float | None:
+    """``rotate_every`` in seconds: "1d", "6h", "30m", "90s" or a number of seconds; None when
+    unset. Raises ConfigError."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise error("rotate_every", value)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = keycommands.parse_duration(value)
+        except keycommands.BadArguments:
+            raise error("rotate_every", value) from None
+    else:
+        raise error("rotate_every", value)
+    if not _ROTATE_MIN_SECONDS <= seconds <= _ROTATE_MAX_SECONDS:
+        raise error("rotate_every", value)
+    return seconds

@@ -113,6 +113,12 @@ def _request_id(context: grpc.ServicerContext) -> str:
     return uuid.uuid4().hex
 
 
+def outcome_of(status: str) -> str:
+    """A record's ``outcome`` for a gRPC status name: ok, refused (the request or the policy)
+    or error (a fault)."""
+    return "ok" if status == "OK" else "refused" if status in _REFUSALS else "error"
+
+
 def summarize(request: Message) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(key reference, input digests, other parameters) of a request message: every bytes
     field becomes its SHA-256, string and number fields are kept, nothing else."""
@@ -171,7 +177,7 @@ class CallRecord:
 
     def _fields(self, status: str, message: str | None) -> dict[str, Any]:
         ref, inputs, params = summarize(self.request)
-        outcome = "ok" if status == "OK" else "refused" if status in _REFUSALS else "error"
+        outcome = outcome_of(status)
         if status == "OK" and not self.context.is_active():
             outcome = "abandoned"  # computed, but the caller had gone (deadline, cancel)
         fields: dict[str, Any] = {

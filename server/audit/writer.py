@@ -82,6 +82,9 @@ class ChainWriter:
         self._fd: int | None = None
         self._ident: tuple[int, int] = (0, 0)
         self._size = 0
+        #: Wall-clock time at which the current file is due for rotation by age (its first
+        #: record's time + rotate_seconds); None while it is empty or with size-only rotation.
+        self._rotate_at: float | None = None
         self._seq = 0  # seq of the next record
         self._head = auditlog.GENESIS
         self._synced = -1  # highest seq known to be on disk
@@ -144,7 +147,7 @@ class ChainWriter:
 
     def append(self, fields: Mapping[str, Any]) -> None:
         """Writes one record and returns once it is on disk. Raises AuditUnavailable."""
-        if self._size >= self.config.rotate_bytes:
+        if self._rotation_due():
             self._rotate_if_due()
         with self._lock:
             seq = self._write(fields)
@@ -178,6 +181,9 @@ class ChainWriter:
         seq = self._seq
         self._seq += 1
         self._head = auditlog.line_hash(line)
+        if self._rotate_at is None and self.config.rotate_seconds is not None:
+            self._rotate_at = time.time() + self.config.rotate_seconds
+            self._wake.set()  # the background thread's wait must end by then (idle rotation)
         self.records_written += 1
         if counts:
             if self._uncovered == 0:
@@ -303,10 +309,15 @@ class ChainWriter:
             if self._uncovered:
                 age = time.monotonic() - self._uncovered_since
                 timeout = max(0.0, self.config.checkpoint_seconds - age)
+            rotate_at = self._rotate_at
+            if rotate_at is not None:  # an idle chain's file rotates on time too
+                timeout = max(0.0, min(timeout, rotate_at - time.time()))
             self._wake.wait(timeout)
             self._wake.clear()
             if self._stop.is_set():
                 return
+            if self._rotation_due():
+                self._rotate_if_due()
             due = self._uncovered >= self.config.checkpoint_records or (
                 self._uncovered
                 and time.monotonic() - self._uncovered_since >= self.config.checkpoint_seconds
@@ -443,6 +454,7 @@ class ChainWriter:
             os.close(fd)
             raise _Fault(f"{path}: the last record is not valid ({e})") from None
         self._fd, self._ident, self._size = fd, (st.st_dev, st.st_ino), size
+        self._rotate_at = self._file_due(fd, size)
         self._synced = self._seq - 1
         if torn:
             log.warning("audit: dropped %d bytes of a record cut short in %s", torn, path)
@@ -473,6 +485,26 @@ class ChainWriter:
                 return data
             chunk *= 4
 
+    def _file_due(self, fd: int, size: int) -> float | None:
+        """When the open file is due for rotation by age: its first record's time plus
+        ``rotate_seconds`` (now plus that, if the time cannot be read); None if empty."""
+        period = self.config.rotate_seconds
+        if period is None or size == 0:
+            return None
+        first = os.pread(fd, min(size, 1 << 16), 0).split(b"\n", 1)[0]
+        try:
+            started = auditlog.record_time(first)
+        except ValueError:
+            started = time.time()
+        return started + period
+
+    def _rotation_due(self) -> bool:
+        """The current file has reached ``rotate_bytes`` or, with ``rotate_seconds``, its age."""
+        if self._size >= self.config.rotate_bytes:
+            return True
+        rotate_at = self._rotate_at
+        return rotate_at is not None and time.time() >= rotate_at
+
     def _rotated(self) -> list[tuple[int, Path]]:
         out = []
         for p in self.directory.glob(f"audit-{self.chain}.*.jsonl"):
@@ -493,7 +525,7 @@ class ChainWriter:
 
     def _rotate_if_due(self) -> None:
         with self._sync_lock, self._lock:
-            if self._size < self.config.rotate_bytes or self._broken is not None:
+            if not self._rotation_due() or self._broken is not None or self._size == 0:
                 return
             try:
                 os.fsync(self._file())

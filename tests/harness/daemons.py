@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.harness import leaks
 from tests.harness.paths import HSMSIGN, HSMSIGND
 from tests.harness.tokens import TEST_LISTEN
 
@@ -44,6 +45,7 @@ def hsmsignd(
     r = subprocess.run(
         [HSMSIGND, "--config", str(config), *args], capture_output=True, text=True, timeout=timeout
     )
+    leaks.capture(f"hsmsignd {' '.join(args)}", r.stdout + r.stderr)
     if check and r.returncode != 0:
         raise AssertionError(f"hsmsignd {' '.join(args)} failed ({r.returncode}): {r.stderr}")
     return r
@@ -75,6 +77,7 @@ class Daemon:
             timeout=120,
             cwd=self.tmp,
         )
+        leaks.capture(f"hsmsign {' '.join(args)}", r.stderr)
         if check and r.returncode != 0:
             raise AssertionError(
                 f"hsmsign {' '.join(args)} failed ({r.returncode}): "
@@ -102,6 +105,7 @@ def start_daemon(
     ready = tmp / "ready.json"
     ready.unlink(missing_ok=True)
     log_path = tmp / "hsmsignd.log"
+    leaks.watch(log_path)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [

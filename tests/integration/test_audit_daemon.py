@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
-from tests.harness import HSMSIGN, HSMSIGND, TokenDir, hsmsignd, make_token, write_config
+from tests.harness import HSMSIGN, HSMSIGND, TokenDir, hsmsignd, leaks, make_token, write_config
 from tests.harness.pki import make_ca, make_leaf
 
 SHA256 = pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256
@@ -175,6 +175,8 @@ def test_every_call_is_recorded_with_its_request_id_and_no_secret(
         pb.SignDigestsRequest(key=pb.KeyRef(name="demo"), algorithm=SHA256, digests=batch)
     )
     session_key = os.urandom(16)
+    for secret in (session_key, digest, *batch):
+        leaks.remember(secret, "a session key or digest of the audit test")
     running.signer.SealSessionKey(
         pb.SealSessionKeyRequest(key=pb.KeyRef(name="demo"), session_key=session_key)
     )
@@ -648,3 +650,25 @@ def test_a_call_the_client_abandoned_is_recorded_as_abandoned(
         ("error", "DEADLINE_EXCEEDED"),
         ("abandoned", "OK"),
     ), rec
+
+
+def test_files_rotate_by_time_and_the_chain_verifies_across_them(
+    audit_token: TokenDir, tmp_path: Path
+) -> None:
+    d = start(audit_config(tmp_path, audit_token, audit='rotate_every = "1s"'), tmp_path)
+    try:
+        for i in range(3):
+            d.sign(request_id=f"timed-{i}")
+            time.sleep(1.2)  # the file's first record is over a second old: the next rotates
+        d.sign(request_id="timed-last")
+    finally:
+        d.stop()
+    rotated = sorted((tmp_path / "audit").glob("audit-1.0*.jsonl"))
+    assert len(rotated) >= 3, rotated
+    ids = {r.get("request_id") for r in records(tmp_path)}
+    assert {"timed-0", "timed-1", "timed-2", "timed-last"} <= ids
+    v = verify(tmp_path)
+    assert v.returncode == 0, v.stdout
+    rotated[1].unlink()  # a whole rotated file dropped: named as missing records
+    v = verify(tmp_path)
+    assert v.returncode == 3 and "rotated file dropped" in v.stdout

@@ -19,6 +19,7 @@ from hsmsign.client import Client
 from hsmsign.errors import RemoteError
 from hsmsign.unwrap_client import rewrap_session_key, unwrap_session_key
 from tests.conftest import Daemon
+from tests.harness import leaks
 from tests.harness.daemons import running_daemon
 from tests.harness.tokens import KeySpec, token_with_keys
 
@@ -59,6 +60,7 @@ def status(excinfo: pytest.ExceptionInfo[RemoteError]) -> tuple[str, str]:
 @pytest.mark.parametrize("length", [16, 24, 32])
 def test_oaep_sha1_round_trip(uc: Client, length: int) -> None:
     session_key = os.urandom(length)
+    leaks.remember(session_key, f"an unwrapped session key ({length} bytes)")
     wrapped = public_key(uc, "vault").encrypt(session_key, OAEP_SHA1)
     u = unwrap_session_key(uc, "vault", wrapped, "rsa-oaep-sha1")
     assert u.session_key == session_key

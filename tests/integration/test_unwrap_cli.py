@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from hsmsign.client import Client
 from tests.conftest import Daemon
+from tests.harness import leaks
 from tests.integration.test_unwrap import OAEP_SHA1, OAEP_SHA256, public_key, uc, unwrap_daemon
 
 __all__ = ["uc", "unwrap_daemon"]  # the fixtures, shared with test_unwrap
@@ -36,6 +37,7 @@ def make_v1_bundle(
 
 def test_unwrap_key_prints_the_session_key(uc: Client, unwrap_daemon: Daemon) -> None:
     session_key = os.urandom(16)
+    leaks.remember(session_key, "the session key hsmsign unwrap key prints")
     wrapped = public_key(uc, "vault").encrypt(session_key, OAEP_SHA1)
     b64 = base64.b64encode(wrapped).decode()
     r = unwrap_daemon.hsmsign(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,6 +76,71 @@ def test_rotation_keeps_one_chain_across_files(tmp_path: Path) -> None:
     first = json.loads(lines(rotated[1])[0])
     last_of_previous = lines(rotated[0])[-1].rstrip(b"\n")
     assert first["prev"] == auditlog.line_hash(last_of_previous)
+    assert report(tmp_path).intact
+
+
+def _append(w: ChainWriter, n: int) -> None:
+    for i in range(n):
+        w.append({"kind": "call", "op": "SignDigest", "time": auditlog.utc_now(), "n": i})
+
+
+def _time_writer(directory: Path, seconds: float) -> ChainWriter:
+    config = AuditConfig(directory=directory, checkpoint_records=10, rotate_seconds=seconds)
+    w = ChainWriter(config, "1", "test/1/0", checkpointer(), lambda ok: None)
+    w.start()
+    return w
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_rotation_by_time_keeps_one_chain_across_files(tmp_path: Path) -> None:
+    w = _time_writer(tmp_path, 1.0)
+    _append(w, 3)
+    time.sleep(1.1)
+    _append(w, 3)  # the file's first record is over a second old: a new file first
+    time.sleep(1.1)
+    _append(w, 3)
+    w.stop()
+    rotated = sorted(tmp_path.glob("audit-1.0*.jsonl"))
+    assert len(rotated) >= 2
+    first = json.loads(lines(rotated[1])[0])
+    assert first["prev"] == auditlog.line_hash(lines(rotated[0])[-1].rstrip(b"\n"))
+    r = report(tmp_path)
+    assert r.intact, r.to_json()
+    assert len([rec for rec in auditlog.read([tmp_path]) if rec["kind"] == "call"]) == 9
+
+
+def test_an_idle_chain_rotates_on_time_and_a_dropped_file_is_named(tmp_path: Path) -> None:
+    w = _time_writer(tmp_path, 1.0)
+    _append(w, 2)
+    # Nothing appended: the writer's own thread moves the file aside once it is due.
+    _wait_for(lambda: bool(list(tmp_path.glob("audit-1.000001.jsonl"))), "a rotation")
+    _append(w, 2)
+    _wait_for(lambda: bool(list(tmp_path.glob("audit-1.000002.jsonl"))), "a second rotation")
+    _append(w, 2)
+    w.stop()
+    assert report(tmp_path).intact
+    (tmp_path / "audit-1.000001.jsonl").unlink()
+    problem = only_problem(report(tmp_path))
+    assert "missing" in problem.message and "rotated file dropped" in problem.message
+
+
+def test_a_restarted_writer_keeps_the_files_age(tmp_path: Path) -> None:
+    w = _time_writer(tmp_path, 3600.0)
+    _append(w, 2)
+    w.stop()
+    time.sleep(1.1)
+    # The file it continues began over a second ago: due at once with a 1 s period.
+    w = _time_writer(tmp_path, 1.0)
+    _append(w, 1)
+    w.stop()
+    rotated = sorted(tmp_path.glob("audit-1.0*.jsonl"))
+    assert len(rotated) >= 1
     assert report(tmp_path).intact
 
 

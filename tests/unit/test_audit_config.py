@@ -25,8 +25,21 @@ def test_relative_path_is_relative_to_the_config_file() -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("1d", 86400.0), ("6h", 21600.0), ("30m", 1800.0), ("2s", 2.0), (90, 90.0), (None, None)],
+)
+def test_rotate_every_is_a_duration(value: object, seconds: float | None) -> None:
+    table = {"path": "a"} if value is None else {"path": "a", "rotate_every": value}
+    assert parse(table, CONFIG).rotate_seconds == seconds
+
+
+@pytest.mark.parametrize(
     ("table", "message"),
     [
+        ({"path": "a", "rotate_every": "soon"}, "audit.rotate_every: got 'soon'"),
+        ({"path": "a", "rotate_every": "0s"}, "audit.rotate_every: got '0s'"),
+        ({"path": "a", "rotate_every": "400d"}, "a duration from 1s to 366d"),
+        ({"path": "a", "rotate_every": True}, "audit.rotate_every: got True"),
         ({"rotate_mb": 1}, "audit.path: is required"),
         ({"path": ""}, "audit.path: got ''"),
         ({"path": "a", "checkpoint_records": 0}, "audit.checkpoint_records: got 0"),

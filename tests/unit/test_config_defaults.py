@@ -44,8 +44,13 @@ TABLES: dict[str, tuple[type, set[str], set[str]]] = {
     "server.limits": (config.ConnectionLimits, set(), set()),
     "keyring": (config.KeyRingConfig, set(), set()),
     "keys.*": (config.KeyOptions, set(), set()),
-    # [audit] path and rotate_mb are the fields directory and rotate_bytes, in other units.
-    "audit": (AuditConfig, {"path", "rotate_mb"}, {"directory", "rotate_bytes"}),
+    # [audit] path, rotate_mb and rotate_every are the fields directory, rotate_bytes and
+    # rotate_seconds, in other units.
+    "audit": (
+        AuditConfig,
+        {"path", "rotate_mb", "rotate_every"},
+        {"directory", "rotate_bytes", "rotate_seconds"},
+    ),
 }
 #: Defaults that depend on other values: the example may mark only these literals.
 DERIVED_DEFAULTS: dict[tuple[str, str], Any] = {("server", "processes"): config.PROCESSES_AUTO}
