@@ -74,6 +74,9 @@ class SoakSpec:
     max_seconds: float = 1800.0
     #: Seconds between progress lines; 0: none.
     progress_seconds: float = 10.0
+    #: The operations to make, by share; default MIX (``--only`` narrows it to find which
+    #: operation a growth comes from).
+    mix: tuple[tuple[str, int], ...] = MIX
 
 
 @dataclass
@@ -136,9 +139,9 @@ def _mb(kib: int) -> float:
     return round(kib / 1024, 1)
 
 
-def _schedule(seed: int = 17) -> list[str]:
-    """100 operation names in the MIX's proportions, shuffled: call n makes the (n % 100)th."""
-    names = [name for name, share in MIX for _ in range(share)]
+def _schedule(mix: tuple[tuple[str, int], ...], seed: int = 17) -> list[str]:
+    """Operation names in the mix's proportions, shuffled: call n makes the (n % len)th."""
+    names = [name for name, share in mix for _ in range(share)]
     random.Random(seed).shuffle(names)
     return names
 
@@ -231,8 +234,8 @@ def run_soak(spec: SoakSpec, root: Path, out: Callable[[str], None] = print) -> 
     raises for a failed call (those are counted)."""
     config = prepare(root, spec)
     daemon = start_daemon(config, root / "daemon", timeout=120)
-    result = SoakResult(spec, ops={name: OpStats() for name, _ in MIX})
-    schedule = _schedule()
+    result = SoakResult(spec, ops={name: OpStats() for name, _ in spec.mix})
+    schedule = _schedule(spec.mix)
     lock = threading.Lock()
     next_ticket = 0
     stop = threading.Event()
@@ -359,8 +362,12 @@ def main() -> int:
     p.add_argument("--rss-from", type=int, default=SoakSpec.rss_from, help="0: no RSS check")
     p.add_argument("--max-growth-mb", type=float, default=SoakSpec.max_growth_mb)
     p.add_argument("--max-seconds", type=float, default=SoakSpec.max_seconds)
+    p.add_argument(
+        "--only", action="append", choices=[n for n, _ in MIX], help="only these operations"
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "soak.json")
     a = p.parse_args()
+    mix = tuple((n, share) for n, share in MIX if not a.only or n in a.only)
     spec = SoakSpec(
         calls=a.calls,
         callers=a.callers,
@@ -368,8 +375,9 @@ def main() -> int:
         rss_from=a.rss_from or None,
         max_growth_mb=a.max_growth_mb,
         max_seconds=a.max_seconds,
+        mix=mix,
     )
-    print(f"soak: {spec.calls:,} calls from {spec.callers} callers, mix {dict(MIX)} (%)")
+    print(f"soak: {spec.calls:,} calls from {spec.callers} callers, mix {dict(mix)}")
     with tempfile.TemporaryDirectory(prefix="hsmsign-soak-") as tmp:
         result = run_soak(spec, Path(tmp))
     print(summary(result))
