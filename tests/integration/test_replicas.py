@@ -21,7 +21,9 @@ from hsmsign.client import Client
 from hsmsign.errors import RemoteError
 from tests.harness import HSMSIGN, Daemon, TokenDir, start_daemon, write_config
 
-CALLERS = 6
+#: Enough that a dozen or so calls are in flight on the replica that is killed: a client whose
+#: retry throttle stops retrying after 5 failures (maxTokens 10) failed some of them.
+CALLERS = 24
 #: Calls made (over every caller) before each step of the scenario.
 CALLS_PER_STEP = 60
 #: Seconds any step may take on a loaded machine before the test gives up.
