@@ -8,7 +8,7 @@ CONFIG ?= hsm_config/dev.toml
 # make run LISTEN=127.0.0.1:50052: another address than the config's (say, 50051 is taken)
 LISTEN ?=
 
-.PHONY: run test test-unit test-integration test-compat lint bench bench-long bench-unwrap bench-audit protos check-protos deps deb venv dev-token clean-dev-token
+.PHONY: run test test-unit test-integration test-compat lint bench bench-long soak bench-unwrap bench-audit protos check-protos deps deb venv dev-token clean-dev-token
 
 ## run: install, create the SoftHSM2 dev token and its demo key, start hsmsignd in the foreground
 run: deps dev-token
@@ -43,6 +43,10 @@ bench: deps
 
 bench-long: deps
 	$(BIN)/python -m bench.long_run
+
+## soak: 64 callers, 100,000 calls mixed over every operation, each verified; RSS growth < 20 MB
+soak: deps
+	$(BIN)/python -m bench.soak
 
 ## bench-audit: audit trail off vs on, unary and batch, and the group commit
 bench-audit: deps
