@@ -52,9 +52,10 @@ QUANTUM: Final = 16
 #: the whole call: the batches, so that they go back to the queue between chunks.
 PER_CHUNK_METHODS: Final = frozenset({"SignDigests", "SignChecksums"})
 
-#: Seconds between two looks at a waiting caller (has it gone?), and between two log lines
-#: saying calls are being shed.
-POLL_SECONDS: Final = 0.05
+#: Longest wait between two looks at a waiting caller (has it cancelled?; a deadline wakes
+#: it on time), and seconds between two log lines saying calls are being shed. Every waiting
+#: call has a thread, so looking often costs the GIL much.
+POLL_SECONDS: Final = 0.5
 SHED_LOG_SECONDS: Final = 10.0
 
 
@@ -233,16 +234,29 @@ class AdmissionController:
                 self._unqueue(w)
             return False
 
-    def acquire(self, ticket: Ticket, cost: int, check: Callable[[], None]) -> None:
+    def acquire(
+        self,
+        ticket: Ticket,
+        cost: int,
+        check: Callable[[], None],
+        deadline: float | None = None,
+    ) -> None:
         """Blocks until the call has a turn of ``cost`` units (give it back with ``release``).
 
-        ``check`` is called every ``POLL_SECONDS`` while waiting; whatever it raises (the
-        caller has gone: DeadlineExceeded, Cancelled) takes the call out of the queue and is
-        raised. Raises Shed when the call's place was given to another caller, or when no
+        ``check`` is called every ``POLL_SECONDS`` while waiting, and at ``deadline``
+        (``time.monotonic()`` seconds; when the caller's deadline passes); whatever it raises
+        (the caller has gone: DeadlineExceeded, Cancelled) takes the call out of the queue
+        and is raised. Raises Shed when the call's place was given to another caller, or when no
         turn came within ``max_wait_seconds``."""
         w = self.request(ticket, cost)
         end = time.monotonic() + self.max_wait_seconds
-        while not w.wake.wait(max(0.0, min(POLL_SECONDS, end - time.monotonic()))):
+        while True:
+            now = time.monotonic()
+            wake_at = min(end, now + POLL_SECONDS)
+            if deadline is not None and deadline > now:
+                wake_at = min(wake_at, deadline)
+            if w.wake.wait(max(0.0, wake_at - now)):
+                break
             try:
                 check()
             except BaseException:
@@ -365,6 +379,8 @@ class _CallTurns:
     controller: AdmissionController
     ticket: Ticket
     check: Callable[[], None]
+    #: When the caller's deadline passes (``time.monotonic()``), if it has one.
+    deadline: float | None
     #: The call holds one turn for its whole run (not a PER_CHUNK_METHODS call).
     whole_call: bool
 
@@ -373,7 +389,7 @@ class _CallTurns:
         if self.whole_call:  # its turn is held already
             yield
             return
-        _acquire(self.controller, self.ticket, cost, self.check)
+        _acquire(self.controller, self.ticket, cost, self.check, self.deadline)
         try:
             yield
         finally:
@@ -396,11 +412,17 @@ def installed() -> AdmissionController | None:
 
 
 @contextlib.contextmanager
-def admitted(method: str, identity: Identity | None, check: Callable[[], None]) -> Iterator[None]:
+def admitted(
+    method: str,
+    identity: Identity | None,
+    check: Callable[[], None],
+    time_remaining: float | None,
+) -> Iterator[None]:
     """Runs the ``with`` body as an admitted call of ``identity``: with a place, and,
     unless ``method`` is in PER_CHUNK_METHODS, one turn at the token for the whole body.
 
-    ``check`` raises once the caller has gone (``server.api.deadlines.batch_check()``).
+    ``check`` raises once the caller has gone (``server.api.deadlines.batch_check()``);
+    ``time_remaining`` is the caller's (seconds; None: no deadline).
     Raises Shed (RESOURCE_EXHAUSTED) when there
     is no room, whatever ``check`` raises when the caller goes while the call waits."""
     controller = _installed
@@ -420,11 +442,12 @@ def admitted(method: str, identity: Identity | None, check: Callable[[], None]) 
     except Shed as e:
         _shed_log.note(str(e))
         raise
-    turns = _CallTurns(controller, ticket, check, method not in PER_CHUNK_METHODS)
+    deadline = None if time_remaining is None else time.monotonic() + time_remaining
+    turns = _CallTurns(controller, ticket, check, deadline, method not in PER_CHUNK_METHODS)
     reset = _call.set(turns)
     try:
         if turns.whole_call:
-            _acquire(controller, ticket, 1, check)
+            _acquire(controller, ticket, 1, check, deadline)
             try:
                 yield
             finally:
@@ -437,10 +460,14 @@ def admitted(method: str, identity: Identity | None, check: Callable[[], None]) 
 
 
 def _acquire(
-    controller: AdmissionController, ticket: Ticket, cost: int, check: Callable[[], None]
+    controller: AdmissionController,
+    ticket: Ticket,
+    cost: int,
+    check: Callable[[], None],
+    deadline: float | None,
 ) -> None:
     try:
-        controller.acquire(ticket, cost, check)
+        controller.acquire(ticket, cost, check, deadline)
     except Shed as e:
         _shed_log.note(str(e))
         raise

@@ -212,7 +212,12 @@ def admission_stage(call: Call, proceed: Proceed) -> Any:
     if refused:
         raise Unavailable("hsmsignd is shutting down; retry")
     try:
-        with admission.admitted(call.method, current_identity(), deadlines.batch_check()):
+        with admission.admitted(
+            call.method,
+            current_identity(),
+            deadlines.batch_check(),
+            call.context.time_remaining(),
+        ):
             return proceed(call)
     finally:
         with calls.cond:

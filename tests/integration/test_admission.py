@@ -15,7 +15,7 @@ import json
 import re
 import statistics
 import subprocess
-import threading
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,7 +30,7 @@ from hsmsign.client import TlsOptions
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from tests.harness import TokenDir, hsmsignd, make_token, write_config
-from tests.harness.paths import HSMSIGND
+from tests.harness.paths import HSMSIGND, REPO
 from tests.harness.pki import make_ca, make_leaf
 
 SHA256 = pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256
@@ -189,43 +189,31 @@ def _access_lines(log: str, status: str) -> list[str]:
 
 
 def test_many_streams_from_one_identity_leave_room_for_another(daemon: Daemon) -> None:
-    streams, abuse_seconds = 400, 6.0
-    abuser, victim_channel = _warm(daemon, "abuser"), _warm(daemon, "victim")
-    stub = pb_grpc.SignerStub(abuser)
-    request = pb.SignDigestsRequest(
-        key=pb.KeyRef(name="demo"),
-        algorithm=SHA256,
-        digests=[hashlib.sha256(bytes([i])).digest() for i in range(16)],
+    streams, abuse_seconds = 400, 8.0
+    victim_channel = _warm(daemon, "victim")
+    tmp = daemon.tmp
+    # The abuser is a process of its own: its threads must not slow the measured caller's.
+    files = [str(tmp / name) for name in ("ca.crt", "abuser.crt", "abuser.key")]
+    abuser = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.harness.abuse",
+            daemon.address,
+            *files,
+            f"{streams}",
+            f"{abuse_seconds}",
+        ],
+        stdout=subprocess.PIPE,
+        cwd=REPO,
     )
-    outcomes: Counter[str] = Counter()
-    lock = threading.Lock()
-    stop_at = time.monotonic() + abuse_seconds
-    open_streams = threading.Semaphore(0)
-
-    def keep_one_stream() -> None:
-        # Each stream is sent again as soon as it is answered, until the abuse ends.
-        def done(f: grpc.Future) -> None:  # type: ignore[type-arg]
-            try:
-                f.result()
-                outcome = "OK"
-            except grpc.RpcError as e:
-                outcome = f"{e.code().name}: {e.details()}"
-            with lock:
-                outcomes[outcome] += 1
-            if time.monotonic() < stop_at:
-                keep_one_stream()
-            else:
-                open_streams.release()
-
-        stub.SignDigests.future(request, timeout=60).add_done_callback(done)
-
+    time.sleep(2.0)  # its imports done and its streams open
     victim = VictimCalls()
-    for _ in range(streams):
-        keep_one_stream()
-    victim.run(victim_channel, lambda: time.monotonic() < stop_at)
-    for _ in range(streams):
-        assert open_streams.acquire(timeout=120), "the abuser's streams never ended"
-    abuser.close()
+    stop_at = time.monotonic() + abuse_seconds - 3.0
+    victim.run(victim_channel, lambda: abuser.poll() is None and time.monotonic() < stop_at)
+    out, _ = abuser.communicate(timeout=abuse_seconds + 180)
+    assert abuser.returncode == 0
+    outcomes: dict[str, int] = json.loads(out)
     victim_channel.close()
     log = daemon.stop()
     print(victim.report(f"{streams} streams"), {o[:60]: n for o, n in outcomes.items()})
