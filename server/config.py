@@ -179,8 +179,8 @@ class ServerConfig:
     #: hsmsignd's queue, or not yet read by a serving thread); beyond it gRPC refuses
     #: ("Concurrent RPC limit exceeded!") before hsmsignd sees the call, so with no access-log
     #: line or audit record. A backstop for memory: hsmsignd's own bound
-    #: (server.limits.max_queued_calls) refuses first, and this must be above that bound plus
-    #: token.sessions plus threads, with room for a burst of refusals.
+    #: (server.limits.max_queued_calls) refuses first, and this must be above the threads a
+    #: serving process runs (threads + 2 x (token.sessions + max_queued_calls)).
     max_concurrent_calls: int = 4096
     #: Seconds SIGTERM waits for in-flight calls before cancelling them.
     grace_seconds: float = 10.0
@@ -374,12 +374,13 @@ def _server(root: Table, sessions: int) -> ServerConfig:
     limits = _limits(s)
     # gRPC must never refuse a call that hsmsignd's queue has room for (its refusal leaves
     # no trace): its bound is above every call hsmsignd may hold or be handing a thread.
-    below = sessions + limits.max_queued_calls + threads
+    below = threads + 2 * (sessions + limits.max_queued_calls)  # admission.serving_threads
     if max_calls <= below:
         raise s.error(
             "max_concurrent_calls",
-            f"got {max_calls}; allowed: above token.sessions + server.limits.max_queued_calls "
-            f"+ server.threads ({below}), so that hsmsignd refuses excess calls itself",
+            f"got {max_calls}; allowed: above server.threads + 2 x (token.sessions + "
+            f"server.limits.max_queued_calls) ({below}), so that hsmsignd refuses excess calls "
+            "itself",
         )
     allow_plaintext_import = s.get(
         "allow_plaintext_import",

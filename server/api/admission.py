@@ -501,7 +501,11 @@ def controller_for(cfg: Config) -> AdmissionController:
 
 
 def serving_threads(cfg: Config) -> int:
-    """Threads a serving process needs: server.threads, plus one for each call that may be
-    blocked in the controller (waiting for or holding a turn), so that calls waiting in the
-    queue never keep a new call (or a refusal) from being read."""
-    return cfg.server.threads + cfg.token.sessions + cfg.server.limits.max_queued_calls
+    """Threads a serving process needs: server.threads, one for each call that may be
+    blocked in the controller (waiting for or holding a turn), and as many again for the calls
+    beyond them that are being read and refused: gRPC's synchronous server gives a call its
+    thread when its headers arrive, and under abuse the excess arrives as fast as it is
+    refused. With fewer, another caller's call waited about 2 s for a thread behind 400 of one
+    identity's streams on this project's machine (docs/operations.md, Admission)."""
+    places = cfg.token.sessions + cfg.server.limits.max_queued_calls
+    return cfg.server.threads + 2 * places
