@@ -178,18 +178,20 @@ class AdmissionController:
             if inside <= share:
                 return False
             queue = self._queues.get(who, ())
-            for w in reversed(queue):
-                if not w.ticket.started:
-                    self._unqueue(w)
-                    w.ticket.shed = (
-                        f"refused to make room for another caller: {w.ticket.label} had "
-                        f"{inside} of this serving process's {self.places} calls (its share is "
-                        f"{share}); retry later"
-                    )
-                    self._leave_locked(w.ticket)
-                    self.counts.shed_pushed_out += 1
-                    w.wake.set()
-                    return True
+            victim = next((w.ticket for w in reversed(queue) if not w.ticket.started), None)
+            if victim is None:
+                continue
+            victim.shed = (
+                f"refused to make room for another caller: {victim.label} had {inside} of "
+                f"this serving process's {self.places} calls (its share is {share}); retry later"
+            )
+            # All of its waiting turns (a batch may wait on several threads at once).
+            for w in [w for w in queue if w.ticket is victim]:
+                self._unqueue(w)
+                w.wake.set()
+            self._leave_locked(victim)
+            self.counts.shed_pushed_out += 1
+            return True
         return False
 
     # -- turns --------------------------------------------------------------------------------
