@@ -35,7 +35,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from server.config import Config
@@ -85,7 +85,8 @@ class _Waiter:
     ticket: Ticket
     cost: int
     granted: bool = False
-    wake: threading.Event = field(default_factory=threading.Event)
+    #: Made only for a call that has to wait (the uncontended path makes none).
+    wake: threading.Event | None = None
 
 
 @dataclass
@@ -188,7 +189,8 @@ class AdmissionController:
             # All of its waiting turns (a batch may wait on several threads at once).
             for w in [w for w in queue if w.ticket is victim]:
                 self._unqueue(w)
-                w.wake.set()
+                if w.wake is not None:
+                    w.wake.set()
             self._leave_locked(victim)
             self.counts.shed_pushed_out += 1
             return True
@@ -209,6 +211,8 @@ class AdmissionController:
                 self._round.append(ticket.who)
             queue.append(w)
             self._dispatch()
+            if not w.granted:
+                w.wake = threading.Event()
             return w
 
     def release(self, ticket: Ticket) -> None:
@@ -251,6 +255,8 @@ class AdmissionController:
         and is raised. Raises Shed when the call's place was given to another caller, or when no
         turn came within ``max_wait_seconds``."""
         w = self.request(ticket, cost)
+        if w.wake is None:  # granted at once
+            return
         end = time.monotonic() + self.max_wait_seconds
         while True:
             now = time.monotonic()
@@ -310,7 +316,8 @@ class AdmissionController:
             w.ticket.held += 1
             w.ticket.started = True
             w.granted = True
-            w.wake.set()
+            if w.wake is not None:
+                w.wake.set()
 
     def _next(self, eligible: set[str]) -> _Waiter:
         """The waiting call whose turn it is (deficit round-robin, head of ``_round`` first)."""
