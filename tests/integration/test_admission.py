@@ -2,7 +2,8 @@
 
 Two mTLS identities with the same grants call one serving process. The abuser (a) keeps 400
 streams open on one connection, or (b) sends four 10,000-digest batches; meanwhile the other
-identity's calls must be served within a generous deadline (3 s: a bound, not a benchmark).
+identity's calls must be served within a generous deadline (5 s: a bound that holds on a
+loaded machine, not a benchmark).
 The abuser's excess is refused by hsmsignd itself, RESOURCE_EXHAUSTED with an access-log line
 and an audit record each, never by gRPC ("Concurrent RPC limit exceeded!", which leaves no
 trace). Every abuse is bounded in count and time and talks to loopback only.
@@ -35,7 +36,7 @@ from tests.harness.pki import make_ca, make_leaf
 
 SHA256 = pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256
 #: What the other identity's calls must be answered within while the abuse runs.
-VICTIM_DEADLINE = 3.0
+VICTIM_DEADLINE = 5.0
 #: gRPC's own refusal when maximum_concurrent_rpcs is reached (no log line, no audit record).
 GRPC_SHED_TEXT = "Concurrent RPC limit exceeded"
 
