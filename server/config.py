@@ -161,6 +161,13 @@ class ConnectionLimits:
     #: get ``max_connection_age_grace_seconds`` more to finish.
     max_connection_age_seconds: float = 1800.0
     max_connection_age_grace_seconds: float = 60.0
+    #: Calls that may wait for a token session in each serving process, beyond the
+    #: token.sessions calls that hold one (server.api.admission). An identity may fill places
+    #: nobody else wants, and gives its newest waiting call's place up to an identity with
+    #: fewer than its share (the places divided by the identities holding them). A call that
+    #: finds no place gets RESOURCE_EXHAUSTED at once; one that waits longer than
+    #: token.session_wait_seconds, or past its deadline, leaves the queue unrun.
+    max_queued_calls: int = 128
 
 
 @dataclass(frozen=True)
@@ -179,9 +186,13 @@ class ServerConfig:
     threads: int
     #: host:port to listen on; port 0 picks a free port (written to --ready-file).
     listen: str = "127.0.0.1:50051"
-    #: Calls admitted at once by each serving process; beyond that callers get
-    #: RESOURCE_EXHAUSTED.
-    max_concurrent_calls: int = 256
+    #: Calls gRPC itself holds at once in each serving process (running, waiting in
+    #: hsmsignd's queue, or not yet read by a serving thread); beyond it gRPC refuses
+    #: ("Concurrent RPC limit exceeded!") before hsmsignd sees the call, so with no access-log
+    #: line or audit record. A backstop for memory: hsmsignd's own bound
+    #: (server.limits.max_queued_calls) refuses first, and this must be above the threads a
+    #: serving process runs (threads + 2 x (token.sessions + max_queued_calls)).
+    max_concurrent_calls: int = 4096
     #: Seconds SIGTERM waits for in-flight calls before cancelling them.
     grace_seconds: float = 10.0
     #: Serve gRPC server reflection (for grpcurl and friends).
@@ -396,6 +407,16 @@ def _server(root: Table, sessions: int) -> ServerConfig:
             "heartbeat_timeout_seconds",
             f"got {heartbeat_timeout:g}; allowed: at least twice heartbeat_seconds ({heartbeat:g})",
         )
+    # gRPC must never refuse a call that hsmsignd's queue has room for (its refusal leaves
+    # no trace): its bound is above every call hsmsignd may hold or be handing a thread.
+    below = threads + 2 * (sessions + limits.max_queued_calls)  # admission.serving_threads
+    if max_calls <= below:
+        raise s.error(
+            "max_concurrent_calls",
+            f"got {max_calls}; allowed: above server.threads + 2 x (token.sessions + "
+            f"server.limits.max_queued_calls) ({below}), so that hsmsignd refuses excess calls "
+            "itself",
+        )
     allow_plaintext_import = s.get(
         "allow_plaintext_import",
         bool,
@@ -440,6 +461,7 @@ _LIMIT_MAXIMA: Final[dict[str, float]] = {
     "max_request_bytes": 2**31 - 1,
     "max_small_request_bytes": 2**31 - 1,
     "max_connection_age_seconds": 365 * 86400.0,
+    "max_queued_calls": 100_000,
 }
 
 

@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from server import ready, reload, supervisor, tls
-from server.api import deadlines, limits, pipeline
+from server.api import admission, deadlines, limits, pipeline
 from server.api.admin import KeyAdminService
 from server.api.malformed import MalformedRequests
 from server.api.signer import SignerService
@@ -142,7 +142,9 @@ def listen_on(
     port. Raises StartupError when the address cannot be bound.
     """
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=cfg.server.threads, thread_name_prefix="rpc"),
+        futures.ThreadPoolExecutor(
+            max_workers=admission.serving_threads(cfg), thread_name_prefix="rpc"
+        ),
         maximum_concurrent_rpcs=cfg.server.max_concurrent_calls,
         # Garbage bodies: INVALID_ARGUMENT; oversized requests and the answered-by mark.
         interceptors=[MalformedRequests(), limits.CallGate(cfg.server.limits)],
@@ -237,6 +239,7 @@ def serve_process(
     for as long as calls can be served. Returns the exit code (0). Raises StartupError when
     the audit chain is held by another process or the audit key is unusable."""
     ring.start_background_refresh()
+    admission.install(admission.controller_for(cfg))
     pb_grpc.add_SignerServicer_to_server(SignerService(token, ring, cfg), server)
     pb_grpc.add_KeyAdminServicer_to_server(KeyAdminService(token, ring, cfg), server)
     health_servicer = health.HealthServicer()
@@ -285,6 +288,7 @@ def serve_process(
         left = max(0.0, cfg.server.grace_seconds - (time.monotonic() - t0))
         server.stop(left).wait()
         log.info("%s", deadlines.tally.summary())
+        log.info("%s", admission.summary())
         role.stopped()
         return 0
     finally:

@@ -33,7 +33,10 @@ out through them in reverse. Today's stages:
     policy or rate-limit refusal is what such a caller would have been told.
 ``admission``
     refuses calls once the process is draining (SIGTERM) and counts the calls in flight, so
-    that draining can wait for them.
+    that draining can wait for them; then gives the call a place and its turns at the token
+    in fair order across identities, or refuses it with RESOURCE_EXHAUSTED when there is no
+    room (``server.api.admission``). Inside ``access`` (it needs the identity) and
+    ``deadline`` (a call whose caller goes while it waits leaves the queue unrun).
 ``handler``
     runs the servicer's method; a Signer call whose key object another process destroyed
     meanwhile is answered again after a re-read of the ring (``retry_ring``).
@@ -57,13 +60,13 @@ from typing import Any, Final, TypeVar
 
 import grpc
 
-from server.api import deadlines
+from server.api import admission, deadlines
 from server.api.accesslog import access
 from server.api.limits import Oversized
 from server.api.malformed import MALFORMED
 from server.audit import trail as audit
 from server.errors import Busy, InvalidArgument, KeyObjectGone, ServerError, Unavailable
-from server.identity.model import set_current_identity
+from server.identity.model import current_identity, set_current_identity
 from server.policy import gate
 
 log = logging.getLogger(__name__)
@@ -209,7 +212,13 @@ def admission_stage(call: Call, proceed: Proceed) -> Any:
     if refused:
         raise Unavailable("hsmsignd is shutting down; retry")
     try:
-        return proceed(call)
+        with admission.admitted(
+            call.method,
+            current_identity(),
+            deadlines.batch_check(),
+            call.context.time_remaining(),
+        ):
+            return proceed(call)
     finally:
         with calls.cond:
             calls.in_flight -= 1

@@ -12,7 +12,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from typing import Final
 
-from server.api import deadlines
+from server.api import admission, deadlines
 from server.errors import InvalidArgument
 from server.keyring.model import KeyVersion
 from server.pkcs11.mechanisms import RSA_PKCS, RSA_PSS_SHA256, RSA_PSS_SHA384, RSA_PSS_SHA512, Mech
@@ -113,16 +113,21 @@ def sign_blocks(
     sessions signing in parallel (one SoftHSM2 session signs on one core). Only the operations
     in ``server.ops`` call this, after checking every block's length. Stops between chunks of
     ``deadlines.CHECK_EVERY`` once the caller has gone (DeadlineExceeded, Cancelled:
-    server.api.deadlines)."""
+    server.api.deadlines); each chunk takes its own turn at the token (Shed when none comes:
+    server.api.admission)."""
     caller_gone = deadlines.batch_check()
+    turn = admission.chunk_turns()
 
     def sign_part(part: Sequence[bytes]) -> list[bytes]:
         out: list[bytes] = []
-        with token.session(what) as s:
-            for start in range(0, len(part), deadlines.CHECK_EVERY):
+        for start in range(0, len(part), deadlines.CHECK_EVERY):
+            chunk = part[start : start + deadlines.CHECK_EVERY]
+            # Each chunk waits for its turn (server.api.admission): a batch goes back to the
+            # queue between chunks, so other callers never wait behind a whole batch.
+            with turn(len(chunk)), token.session(what) as s:
                 caller_gone()
-                out += s.sign_many(key.cka_id, mech, part[start : start + deadlines.CHECK_EVERY])
-                deadlines.tally.signed(len(out) - start)
+                out += s.sign_many(key.cka_id, mech, chunk)
+            deadlines.tally.signed(len(chunk))
         return out
 
     lanes = min(_parallel_sessions(token), len(blocks) // MIN_DIGESTS_PER_SESSION)
