@@ -136,6 +136,10 @@ class Session:
     def _rsa_private_op(
         self, cka_id: bytes, mech: Mech, op: Callable[[Any], bytes]
     ) -> bytes | None:
+        # PKCS#1 v1.5 with implicit rejection: the answer must not depend on the padding in
+        # time either, so the known-answer check (below) runs for every ciphertext, valid or
+        # not, and decides a CKR_GENERAL_ERROR without running the operation again.
+        healthy = self._decrypts_known_answer(cka_id) if mech is RSA_PKCS else None
         try:
             return self._with_key(cka_id, op)
         except MECHANISM_REFUSED as e:
@@ -147,6 +151,10 @@ class Session:
         except AMBIGUOUS_REJECTION:
             if mech is RSA_X_509:
                 raise  # raw RSA below the modulus has no padding to reject: a device fault
+            if healthy is not None:
+                if healthy:
+                    return None
+                raise
             return self._rejected_or_fault(cka_id, op)
 
     def _rejected_or_fault(self, cka_id: bytes, op: Callable[[Any], bytes]) -> bytes | None:
