@@ -136,9 +136,8 @@ class Session:
     def _rsa_private_op(
         self, cka_id: bytes, mech: Mech, op: Callable[[Any], bytes]
     ) -> bytes | None:
-        # PKCS#1 v1.5 with implicit rejection: the answer must not depend on the padding in
-        # time either, so the known-answer check (below) runs for every ciphertext, valid or
-        # not, and decides a CKR_GENERAL_ERROR without running the operation again.
+        # v1.5 (implicit rejection): the work must not depend on the padding, so the check
+        # runs for every ciphertext and decides a GeneralError without a second try.
         healthy = self._decrypts_known_answer(cka_id) if mech is RSA_PKCS else None
         try:
             return self._with_key(cka_id, op)
@@ -172,9 +171,8 @@ class Session:
             raise
 
     def _decrypts_known_answer(self, cka_id: bytes) -> bool:
-        """Whether the token decrypts a fresh PKCS#1 v1.5 ciphertext of 16 random bytes to
-        the right value with this key. A refusal that is a request error (the key may not
-        decrypt, only unwrap) shows the token answering, so it counts as healthy."""
+        """Whether the token decrypts a fresh PKCS#1 v1.5 ciphertext of 16 random bytes right
+        with this key (a request refusal shows the token answering: healthy too)."""
         key = self._private_key(cka_id)
         try:
             n = int.from_bytes(bytes(key[Attribute.MODULUS]), "big")
