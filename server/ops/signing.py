@@ -6,6 +6,7 @@ python-pkcs11's defaults (docs/design-facts.md, fact 4).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from concurrent import futures
@@ -16,6 +17,7 @@ from server.api import admission, deadlines
 from server.errors import InvalidArgument
 from server.keyring.model import KeyVersion
 from server.pkcs11.mechanisms import RSA_PKCS, RSA_PSS_SHA256, RSA_PSS_SHA384, RSA_PSS_SHA512, Mech
+from server.pkcs11.session import Session
 from server.pkcs11.token import Token
 
 #: Most digests one batch call may carry.
@@ -87,9 +89,13 @@ def sign_digest(token: Token, key: KeyVersion, scheme: SignatureScheme, digest: 
     """Signs one digest. Raises InvalidArgument for a wrong length; token errors classified."""
     data = _check_digest(scheme, digest)
     caller_gone = deadlines.batch_check()
-    with token.session(f"signing with {scheme.mech.description}") as s:
+
+    def run(s: Session) -> bytes:
         caller_gone()  # it may have gone while the call waited for a session
-        signature = s.sign(key.cka_id, scheme.mech, data)
+        return s.sign(key.cka_id, scheme.mech, data)
+
+    # Signing has no side effects: a session or device fault is retried once (Token.run).
+    signature = token.run(f"signing with {scheme.mech.description}", run)
     deadlines.tally.signed(1)
     return signature
 
@@ -104,6 +110,10 @@ def sign_digests(
         raise InvalidArgument(f"{len(digests)} digests in one call; at most {MAX_BATCH:,} allowed")
     blocks = [_check_digest(scheme, d, f"digests[{i}]") for i, d in enumerate(digests)]
     return sign_blocks(token, key, scheme.mech, blocks, f"signing with {scheme.mech.description}")
+
+
+def _sign_chunk(key: KeyVersion, mech: Mech, chunk: Sequence[bytes], s: Session) -> list[bytes]:
+    return s.sign_many(key.cka_id, mech, chunk)
 
 
 def sign_blocks(
@@ -123,10 +133,11 @@ def sign_blocks(
         for start in range(0, len(part), deadlines.CHECK_EVERY):
             chunk = part[start : start + deadlines.CHECK_EVERY]
             # Each chunk waits for its turn (server.api.admission): a batch goes back to the
-            # queue between chunks, so other callers never wait behind a whole batch.
-            with turn(len(chunk)), token.session(what) as s:
+            # queue between chunks, so other callers never wait behind a whole batch. A chunk
+            # has no side effects, so a token fault is retried once (Token.run).
+            with turn(len(chunk)):
                 caller_gone()
-                out += s.sign_many(key.cka_id, mech, chunk)
+                out += token.run(what, functools.partial(_sign_chunk, key, mech, chunk))
             deadlines.tally.signed(len(chunk))
         return out
 

@@ -9,37 +9,43 @@ classifies them (``server.pkcs11.errors``).
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
+import os
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import pkcs11
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pkcs11 import Attribute, KeyType, ObjectClass
 
 from server.errors import InvalidArgument, KeyObjectGone, MechanismUnsupported
 from server.pkcs11 import templates
 from server.pkcs11.errors import (
-    ATTRIBUTE_UNREADABLE,
+    AMBIGUOUS_REJECTION,
     CIPHERTEXT_REJECTED,
     HANDLE_STALE,
     MECHANISM_REFUSED,
-    SCAN_COLLIDED,
     UNWRAP_NOT_OFFERED,
     WRAPPED_KEY_REFUSED,
     HalfWritten,
+    Outcome,
     PKCS11Error,
     classify,
+    outcome,
 )
 from server.pkcs11.mechanisms import (
     AES_KEY_WRAP_PAD,
     GENERIC_SECRET_KEY_GEN,
+    RSA_PKCS,
     RSA_PKCS_KEY_PAIR_GEN,
+    RSA_X_509,
     SHA256_HMAC,
     Mech,
 )
 from server.pkcs11.objects import KeyObjectInfo
+from server.pkcs11.scan import describe_key, rescan_if_changed
 from server.pkcs11.templates import (
     IMPLICIT_REJECTION_LABEL,
     IMPORT_WRAPPING_BITS,
@@ -54,15 +60,14 @@ T = TypeVar("T")
 #: Only one thread of a process creates the implicit-rejection secret.
 _IMPLICIT_REJECTION_LOCK = threading.Lock()
 
-#: A scan that keeps colliding with another process's writes is reported after this many.
-_SCAN_ATTEMPTS = 5
-
 
 class Session:
     """One borrowed PKCS#11 session, with the private-key handles it has looked up."""
 
-    def __init__(self, raw: Any, watchdog: CallWatchdog | None = None) -> None:
+    def __init__(self, raw: Any, watchdog: CallWatchdog | None = None, epoch: int = 0) -> None:
         self.raw = raw
+        #: The module initialisation it belongs to (``Token`` drops older ones).
+        self.epoch = epoch
         self._keys: dict[bytes, Any] = {}
         #: Handle of the implicit-rejection secret, looked up once per session.
         self._implicit_rejection_key: Any = None
@@ -144,6 +149,9 @@ class Session:
     def _rsa_private_op(
         self, cka_id: bytes, mech: Mech, op: Callable[[Any], bytes]
     ) -> bytes | None:
+        # v1.5 (implicit rejection): the work must not depend on the padding, so the check
+        # runs for every ciphertext and decides a GeneralError without a second try.
+        healthy = self._decrypts_known_answer(cka_id) if mech is RSA_PKCS else None
         try:
             return self._with_key(cka_id, op)
         except MECHANISM_REFUSED as e:
@@ -152,6 +160,42 @@ class Session:
             ) from None
         except CIPHERTEXT_REJECTED:
             return None
+        except AMBIGUOUS_REJECTION:
+            if mech is RSA_X_509:
+                raise  # raw RSA below the modulus has no padding to reject: a device fault
+            if healthy is not None:
+                if healthy:
+                    return None
+                raise
+            return self._rejected_or_fault(cka_id, op)
+
+    def _rejected_or_fault(self, cka_id: bytes, op: Callable[[Any], bytes]) -> bytes | None:
+        """After CKR_GENERAL_ERROR, which SoftHSM2 answers for a bad padding and a failing
+        device answers for anything: the operation once more (a transient fault gives the
+        real answer now; a rejection repeats), then a known-answer decryption with the same
+        key. If the token decrypts that correctly, it is healthy and the ciphertext was
+        rejected (None); otherwise the GeneralError is re-raised as the device fault it is
+        (docs/unwrap.md, "Token faults")."""
+        try:
+            return self._with_key(cka_id, op)
+        except AMBIGUOUS_REJECTION:
+            if self._decrypts_known_answer(cka_id):
+                return None
+            raise
+
+    def _decrypts_known_answer(self, cka_id: bytes) -> bool:
+        """Whether the token decrypts a fresh PKCS#1 v1.5 ciphertext of 16 random bytes right
+        with this key (a request refusal shows the token answering: healthy too)."""
+        key = self._private_key(cka_id)
+        try:
+            n = int.from_bytes(bytes(key[Attribute.MODULUS]), "big")
+            e = int.from_bytes(bytes(key[Attribute.PUBLIC_EXPONENT]), "big")
+            secret = os.urandom(16)
+            probe = rsa.RSAPublicNumbers(e, n).public_key().encrypt(secret, padding.PKCS1v15())
+            answer = bytes(key.decrypt(probe, mechanism=RSA_PKCS.mechanism))
+        except PKCS11Error as exc:
+            return outcome(exc) is Outcome.REQUEST
+        return hmac.compare_digest(answer, secret)
 
     @token_call()
     def decrypt_or_none(self, cka_id: bytes, mech: Mech, data: bytes) -> bytes | None:
@@ -256,13 +300,13 @@ class Session:
             ):
                 label = obj[Attribute.LABEL] or ""
                 if label.startswith(label_prefix):
-                    info = _describe(obj)
+                    info = describe_key(obj)
                     if info.modulus < 3 or info.public_exponent < 3:
                         raise HalfWritten  # another process is still creating it
                     out.append(info)
             return out
 
-        return _rescan_if_changed(scan)
+        return rescan_if_changed(scan)
 
     @token_call(keygen=True)
     def generate_rsa_keypair(
@@ -291,7 +335,7 @@ class Session:
             )
         except PKCS11Error as e:
             raise classify(e, f"generating an RSA-{bits} key pair") from None
-        return _describe(priv)
+        return describe_key(priv)
 
     @token_call()
     def destroy_key_objects(self, cka_id: bytes) -> int:
@@ -319,7 +363,7 @@ class Session:
                 )
             ]
 
-        return _rescan_if_changed(scan)
+        return rescan_if_changed(scan)
 
     @token_call()
     def create_data_object(self, application: str, label: str, value: bytes) -> None:
@@ -379,7 +423,7 @@ class Session:
                 with contextlib.suppress(PKCS11Error):
                     priv.destroy()
             raise classify(e, "importing an RSA private key") from None
-        return _describe(priv)
+        return describe_key(priv)
 
     @token_call()
     def random(self, n: int) -> bytes:
@@ -394,7 +438,7 @@ class Session:
 
         def scan() -> list[KeyObjectInfo]:
             return [
-                _describe(obj)
+                describe_key(obj)
                 for obj in self.raw.get_objects(
                     {
                         Attribute.CLASS: ObjectClass.PRIVATE_KEY,
@@ -403,7 +447,7 @@ class Session:
                 )
             ]
 
-        return _rescan_if_changed(scan)
+        return rescan_if_changed(scan)
 
     @token_call(keygen=True)
     def generate_import_wrapping_key(self) -> KeyObjectInfo:
@@ -423,7 +467,7 @@ class Session:
             )
         except PKCS11Error as e:
             raise classify(e, "generating the import wrapping key") from None
-        return _describe(priv)
+        return describe_key(priv)
 
     def _unwrap_aes_key(self, wrapping_cka_id: bytes, oaep: Mech, wrapped_aes_key: bytes) -> Any:
         """C_UnwrapKey of the ephemeral AES key into a session object that can only unwrap.
@@ -515,7 +559,7 @@ class Session:
             with contextlib.suppress(PKCS11Error):
                 aes.destroy()
         try:
-            info = _describe(priv)
+            info = describe_key(priv)
             self.raw.create_object(
                 _imported_public_template(
                     label,
@@ -542,43 +586,3 @@ def _imported_public_template(
         Attribute.MODULUS: modulus,
         Attribute.PUBLIC_EXPONENT: exponent,
     }
-
-
-def _rescan_if_changed(scan: Callable[[], T]) -> T:
-    """Runs an object scan again when another process changed the token's objects while it
-    read them (docs/design-facts.md fact 7: such changes are visible at once). A scan only
-    reads, so a retry is safe; the fifth collision in a row is reported."""
-    for attempt in range(_SCAN_ATTEMPTS):
-        try:
-            return scan()
-        except SCAN_COLLIDED:
-            if attempt == _SCAN_ATTEMPTS - 1:
-                raise
-            time.sleep(0.005 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-def _flag(obj: Any, attr: Attribute) -> bool:
-    try:
-        return bool(obj[attr])
-    except ATTRIBUTE_UNREADABLE:
-        return False
-
-
-def _describe(priv: Any) -> KeyObjectInfo:
-    modulus = int.from_bytes(bytes(priv[Attribute.MODULUS]), "big")
-    exponent = int.from_bytes(bytes(priv[Attribute.PUBLIC_EXPONENT]), "big")
-    return KeyObjectInfo(
-        cka_id=bytes(priv[Attribute.ID]),
-        label=priv[Attribute.LABEL] or "",
-        modulus=modulus,
-        public_exponent=exponent,
-        can_sign=_flag(priv, Attribute.SIGN),
-        can_decrypt=_flag(priv, Attribute.DECRYPT),
-        can_unwrap=_flag(priv, Attribute.UNWRAP),
-        local=_flag(priv, Attribute.LOCAL),
-        never_extractable=_flag(priv, Attribute.NEVER_EXTRACTABLE),
-        always_sensitive=_flag(priv, Attribute.ALWAYS_SENSITIVE),
-        extractable=_flag(priv, Attribute.EXTRACTABLE),
-        sensitive=_flag(priv, Attribute.SENSITIVE),
-    )
