@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pkcs11
 from pkcs11 import Attribute, KeyType, ObjectClass
 
-from server.errors import InvalidArgument, KeyObjectGone, MechanismUnsupported
+from server.errors import FailedPrecondition, InvalidArgument, KeyObjectGone, MechanismUnsupported
 from server.pkcs11 import templates
 from server.pkcs11.errors import (
     ATTRIBUTE_UNREADABLE,
@@ -98,6 +98,14 @@ class Session:
                 if attempt == 2:
                     raise KeyObjectGone(
                         "the key's private object is no longer in the token"
+                    ) from None
+            except AttributeError:
+                # python-pkcs11 gives a handle methods by the capabilities the key had when
+                # it was looked up: one found while disabled has no sign(); look it up again.
+                self.forget(cka_id)
+                if attempt == 2:
+                    raise FailedPrecondition(
+                        "the token refuses this key version: disabled (CKA_SIGN/CKA_DECRYPT off)"
                     ) from None
         raise AssertionError("unreachable")
 
@@ -282,6 +290,23 @@ class Session:
                     pass  # another process destroyed it first: the outcome is the same
         self.forget(cka_id)
         return n
+
+    def set_key_usage(self, cka_id: bytes, *, signs: bool, usable: bool) -> int:
+        """Allows or refuses the private key's one purpose in the token itself: CKA_SIGN for a
+        signing key (``signs``), CKA_DECRYPT and CKA_UNWRAP for an unwrap key, set with
+        C_SetAttributeValue. A disabled version is then refused by the token in every process
+        at once (docs/adr/0007-keyring-state-concurrency.md). Returns how many private objects
+        have the CKA_ID (0: the key is gone). Raises the classified token error when the token
+        refuses the change (FailedPrecondition for a read-only attribute)."""
+        attrs = (Attribute.SIGN,) if signs else (Attribute.DECRYPT, Attribute.UNWRAP)
+        found = list(
+            self.raw.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: cka_id})
+        )
+        for obj in found:
+            for attr in attrs:
+                if _flag(obj, attr) != usable:
+                    obj[attr] = usable
+        return len(found)
 
     def data_objects(self, application: str) -> list[tuple[Any, str, bytes]]:
         """CKO_DATA objects of an application: (object, label, value)."""
