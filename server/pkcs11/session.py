@@ -99,9 +99,11 @@ class Session:
                     raise KeyObjectGone(
                         "the key's private object is no longer in the token"
                     ) from None
-            except AttributeError:
+            except AttributeError as e:
                 # python-pkcs11 gives a handle methods by the capabilities the key had when
                 # it was looked up: one found while disabled has no sign(); look it up again.
+                if e.obj is not key:
+                    raise
                 self.forget(cka_id)
                 if attempt == 2:
                     raise FailedPrecondition(
