@@ -235,6 +235,9 @@ class KeyRingConfig:
     min_destruction_delay_hours: float = 24.0
     #: Allows a minimum below DESTRUCTION_DELAY_FLOOR_HOURS: development and tests only.
     dev_unsafe_allow_short_destruction_delay: bool = False
+    #: The file every hsmsign process on this host locks while it reads or changes the ring's
+    #: token objects (server.keyring.hostlock); empty: /run/lock/hsmsign-keyring-<token>.lock.
+    lock_file: str = ""
 
     @property
     def min_destruction_delay_seconds(self) -> float:
@@ -527,8 +530,10 @@ def _keyring(root: Table) -> KeyRingConfig:
             f"got {min_delay:g}, below the floor of {DESTRUCTION_DELAY_FLOOR_HOURS} hours; only "
             f"{SHORT_DESTRUCTION_DELAY_KEY} = true (development and tests) lowers it",
         )
+    lock_file = k.get("lock_file", str, default_of(KeyRingConfig, "lock_file"), "a file path")
     k.finish()
     return KeyRingConfig(
+        lock_file=lock_file,
         refresh_seconds=refresh,
         min_destruction_delay_hours=min_delay,
         dev_unsafe_allow_short_destruction_delay=short_ok,

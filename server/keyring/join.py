@@ -52,6 +52,16 @@ def purpose_of(info: KeyObjectInfo) -> Purpose | None:
     return None
 
 
+def usable_in_token(info: KeyObjectInfo, purpose: Purpose) -> bool:
+    """Whether the token lets the key object do its purpose (hsmsign turns CKA_SIGN, or
+    CKA_DECRYPT and CKA_UNWRAP, off for a version that is not enabled)."""
+    return info.can_sign if purpose is Purpose.SIGN else info.can_decrypt or info.can_unwrap
+
+
+def _no_capability(info: KeyObjectInfo) -> bool:
+    return not (info.can_sign or info.can_decrypt or info.can_unwrap)
+
+
 def objects_by_version(objects: list[KeyObjectInfo]) -> dict[str, dict[int, KeyObjectInfo]]:
     """Key objects whose label follows the scheme, by key name and version number."""
     out: dict[str, dict[int, KeyObjectInfo]] = {}
@@ -145,8 +155,11 @@ def build_keys(
                 state_ = State.DESTROYED
             else:
                 found_purpose = purpose_of(info)
+                if found_purpose is None and _no_capability(info) and key_purpose is not None:
+                    found_purpose = key_purpose  # disabled in the token itself
                 if found_purpose is None:
-                    log.warning("ignoring %s: it may both sign and decrypt", info.label)
+                    if not _no_capability(info):
+                        log.warning("ignoring %s: it may both sign and decrypt", info.label)
                     continue
                 if key_purpose is not None and found_purpose is not key_purpose:
                     log.warning(
@@ -163,6 +176,10 @@ def build_keys(
                 state_ = (
                     State(vr.state) if vr is not None and vr.state != PENDING else State.ENABLED
                 )
+                if state_ is State.ENABLED and not usable_in_token(info, purpose):
+                    # The token refuses it (a disable whose state write has not landed, or
+                    # was lost): list it as what it is.
+                    state_ = State.DISABLED
             refused = None
             if info.extractable and not key_options.allow_extractable:
                 refused = (
@@ -183,6 +200,7 @@ def build_keys(
                     destroy_at=vr.destroy_at if vr else None,
                     imported=vr.imported if vr else not info.local,
                     refused=refused,
+                    has_objects=n in objs,
                 )
             )
         if not versions or key_purpose is None:
@@ -220,8 +238,19 @@ def due_for_destruction(
                 and vr.destroy_at is not None
                 and vr.destroy_at <= now
             )
-            has_objects = v.info.can_sign or v.info.can_decrypt or v.info.can_unwrap
-            unfinished = vr.state == State.DESTROYED.value and has_objects
+            unfinished = vr.state == State.DESTROYED.value and v.has_objects
             if scheduled_due or unfinished:
                 due.append(v)
     return due
+
+
+def usable_against_state(keys: Mapping[str, Key]) -> list[KeyVersion]:
+    """Versions that are not enabled but whose key objects the token still lets do their
+    purpose: a disable from before the token enforced it, or an enable that lost to a
+    concurrent disable. Their capabilities are turned off (``KeyRing.update``)."""
+    return [
+        v
+        for key in keys.values()
+        for v in key.versions
+        if v.has_objects and v.state is not State.ENABLED and usable_in_token(v.info, v.purpose)
+    ]

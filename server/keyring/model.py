@@ -93,6 +93,8 @@ class KeyVersion:
     imported: bool = False
     #: Why this version may not be used even though its state allows it (extractable key).
     refused: str | None = None
+    #: Whether its key objects are in the token (False: destroyed, listed from the state).
+    has_objects: bool = True
 
     @property
     def bits(self) -> int:

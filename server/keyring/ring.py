@@ -12,15 +12,16 @@ and its residual race are written down in docs/adr/0002-key-ring-state.md.
 from __future__ import annotations
 
 import contextlib
-import copy
+import itertools
 import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from server.audit import trail as audit
 from server.config import Config
@@ -32,7 +33,8 @@ from server.errors import (
     TokenUnavailable,
 )
 from server.keyring import state as state_doc
-from server.keyring.join import adopt, build_keys, due_for_destruction
+from server.keyring.hostlock import HostLock, default_lock_file
+from server.keyring.join import adopt, build_keys, due_for_destruction, usable_against_state
 from server.keyring.model import LABEL_PREFIX, Key, KeyReference, KeyVersion, Purpose, State
 from server.keyring.state import STATE_APPLICATION, STATE_LABEL, RingState, read_states
 from server.keyring.vanished import lost_versions
@@ -46,6 +48,12 @@ T = TypeVar("T")
 
 #: Attempts at a state write that keeps colliding with another process's write.
 _WRITE_ATTEMPTS = 8
+
+#: How long scans of the state document are repeated when a scan finds less than this process
+#: saw before (it raced another process's write: docs/design-facts.md fact 12; measured on
+#: SoftHSM2, such a miss lasts milliseconds, sometimes over a second), or, for a writer, while
+#: several documents share the highest generation (writers colliding).
+READ_PATIENCE_SECONDS = 3.0
 
 #: The background check reads the key objects again at least this often even when the state
 #: document did not change: objects created or destroyed by other tools than hsmsign show up
@@ -110,7 +118,12 @@ class KeyRing:
         # ring, so a sibling re-reads before its next request (read-your-writes across them).
         self._siblings = siblings
         self._seen_change = siblings.read() if siblings else 0
+        lock_file = config.keyring.lock_file
+        self._host_lock = HostLock(Path(lock_file) if lock_file else default_lock_file(token.label))
         self._snapshot = _Snapshot()
+        #: The highest state generation this process has read or written: generations only
+        #: grow, so a scan that finds less raced a write or failed (never generation 0).
+        self._floor = 0
         self._lock = threading.RLock()  # guards reading + installing a snapshot
         self._write_lock = threading.RLock()  # one state writer per process
         self._stop = threading.Event()
@@ -130,13 +143,18 @@ class KeyRing:
     def config(self) -> Config:
         return self._config
 
-    def objects_exclusive(self) -> contextlib.AbstractContextManager[None]:
-        """Hold while reading or changing the token's key objects: the daemon's other serving
-        processes wait (SoftHSM2 fails reads that race with creation or destruction in another
-        process). A no-op for a daemon serving from one process."""
-        if self._siblings is None:
-            return contextlib.nullcontext()
-        return self._siblings.objects_exclusive()
+    @contextlib.contextmanager
+    def objects_exclusive(self) -> Iterator[None]:
+        """Hold while reading or changing the token's objects: every other hsmsign process on
+        this host waits (SoftHSM2 fails or misses reads that race with a creation, rewrite or
+        destruction in another process: server.keyring.hostlock), then this daemon's other
+        serving processes (always in this order, so no two processes wait for each other)."""
+        with self._host_lock.held():
+            if self._siblings is None:
+                yield
+            else:
+                with self._siblings.objects_exclusive():
+                    yield
 
     # -- reading --------------------------------------------------------------------------
 
@@ -145,7 +163,7 @@ class KeyRing:
         TokenUnavailable (marking the ring unreadable) when the read fails."""
 
         def read(s: Session) -> tuple[list[KeyObjectInfo], RingState]:
-            return s.find_key_objects(LABEL_PREFIX), state_doc.current(read_states(s))
+            return s.find_key_objects(LABEL_PREFIX), self._read_state(s)
 
         try:
             with self.objects_exclusive():
@@ -214,6 +232,10 @@ class KeyRing:
 
     def _on_token(self, state: TokenState, _why: str) -> None:
         if state is TokenState.USABLE:
+            # The module was re-initialised, perhaps on a token restored from an older copy:
+            # the generation seen before is no floor for it (set without the ring's lock,
+            # which a read waiting for this recovery may hold).
+            self._floor = 0
             self._wake.set()  # read the ring again now, not at the next interval
 
     def _check(self) -> None:
@@ -235,7 +257,7 @@ class KeyRing:
                     with self.objects_exclusive():
                         state = self._token.run(
                             "reading the key ring",
-                            lambda s: state_doc.current(read_states(s)),
+                            self._read_state,
                         )
                 except TokenUnavailable as e:
                     self._set_readable(False, str(e))
@@ -406,6 +428,71 @@ class KeyRing:
             )
         return matches[0] if matches else None
 
+    # -- the state document ---------------------------------------------------------------
+
+    def _read_state(self, s: Session, settled: bool = False) -> RingState:
+        """The current state document (highest generation; docs/adr/0007).
+
+        A scan that finds no document, or an older one, than this process read before raced
+        another process's write (docs/design-facts.md fact 12) and is repeated; a token with
+        hsmsign keys but no document is scanned again too before it counts as new. With
+        ``settled`` (writers), scans are repeated while several documents share the highest
+        generation, so that no write is built on a document about to be withdrawn. Raises
+        TokenUnavailable when the state keeps reading as older than seen."""
+        deadline = time.monotonic() + READ_PATIENCE_SECONDS
+        pause = 0.005
+        for scan in itertools.count():
+            states = read_states(s)
+            problem = state_doc.doubt(states, self._floor)
+            last = time.monotonic() > deadline
+            unsure = (not states and scan < 2) or (settled and len(state_doc.top(states)) > 1)
+            if problem is None and (last or not unsure):
+                current = state_doc.current(states)
+                self._floor = max(self._floor, current.generation)
+                return current
+            if problem is not None and last:
+                raise TokenUnavailable(f"{problem} (a scan raced a write, or the token fails)")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+        raise AssertionError("unreachable")
+
+    def reset_generation_floor(self) -> None:
+        """Forgets the highest generation seen: for the token-recovery path, after the module
+        was re-initialised on a token that may have been replaced (a restored copy may hold
+        an older generation)."""
+        with self._lock:
+            self._floor = 0
+
+    def _settle_write(self, s: Session, new: RingState) -> bool:
+        """After creating ``new``: whether it is accepted. Two scans, a moment apart, so a
+        rival that one misses the other sees. A rival of the same generation makes this
+        writer withdraw its document (both may; both then retry); a higher generation
+        accepts it only if that document was built on it (its ``applied`` names ``new``).
+        The accepted writer destroys the older documents."""
+        mine: list[Any] = []
+        for check in range(2):
+            if check:
+                time.sleep(random.uniform(0.005, 0.02))  # noqa: S311 (jitter)
+            states = read_states(s)
+            mine = [o for o, st in states if st.writer == new.writer]
+            higher = [st for _o, st in states if st.generation > new.generation]
+            rivals = [
+                st
+                for _o, st in states
+                if st.generation == new.generation and st.writer != new.writer
+            ]
+            if higher and any(new.writer in st.applied for st in higher):
+                return True  # built on: the later writer removes this document
+            if higher or rivals or not mine:
+                for obj in mine:
+                    s.destroy_object(obj)
+                log.info("key-ring write collided with another writer; retrying")
+                return False
+        for obj, st in read_states(s):
+            if st.generation < new.generation:
+                s.destroy_object(obj)
+        return True
+
     # -- writing --------------------------------------------------------------------------
 
     def update(self, mutate: Callable[[RingState], T]) -> T:
@@ -413,43 +500,39 @@ class KeyRing:
 
         ``mutate`` must only change the state it is given (it may run more than once when
         another process writes at the same moment) and may raise a ServerError to refuse.
-        Compare-and-swap in the token: write generation N+1, re-read; if another writer also
-        wrote N+1, withdraw ours and retry from what is there now. Raises TokenUnavailable
-        when the writes keep colliding.
+        Compare-and-swap over the token's data objects (docs/adr/0007): write generation N+1
+        on a settled generation N, check it (``_settle_write``), and retry from what is there
+        now unless it was accepted; a withdrawn attempt that a later write was built on counts
+        as done (never applied twice). Afterwards the token refuses every version that is not
+        enabled. Raises FailedPrecondition when the writes keep colliding, TokenUnavailable
+        when the state cannot be read.
         """
         with self._write_lock:
+            attempts: dict[str, T] = {}  # write id -> what mutate returned for it
+            accepted: str | None = None
             for attempt in range(_WRITE_ATTEMPTS):
                 with self.objects_exclusive(), self._token.session("updating the key ring") as s:
-                    current = state_doc.current(read_states(s))
+                    try:
+                        current = self._read_state(s, settled=True)
+                    except TokenUnavailable as e:
+                        if attempt == _WRITE_ATTEMPTS - 1:
+                            raise
+                        log.warning("key-ring write waits: %s", e)
+                        continue
+                    accepted = next((w for w in current.applied if w in attempts), None)
+                    if accepted is not None:
+                        break  # an earlier attempt was withdrawn, but built on
                     objects = s.find_key_objects(LABEL_PREFIX)
-                    new = copy.deepcopy(current)
+                    new = current.successor(os.urandom(8).hex())
                     adopt(new, objects)
-                    result = mutate(new)
-                    new.generation = current.generation + 1
-                    new.writer = os.urandom(8).hex()
+                    attempts[new.writer] = mutate(new)
                     s.create_data_object(STATE_APPLICATION, STATE_LABEL, new.to_bytes())
-                    states = read_states(s)
-                    mine = [o for o, st in states if st.writer == new.writer]
-                    rivals = [
-                        st
-                        for _o, st in states
-                        if st.generation == new.generation and st.writer != new.writer
-                    ]
-                    if rivals:
-                        # Someone else wrote the same generation: withdraw ours, retry.
-                        for obj in mine:
-                            with contextlib.suppress(Exception):
-                                s.destroy_object(obj)
-                        log.info("key-ring write collided with another writer; retrying")
-                    else:
-                        for obj, st in states:
-                            if st.generation < new.generation:
-                                with contextlib.suppress(Exception):
-                                    s.destroy_object(obj)
-                if not rivals:
-                    break
+                    if self._settle_write(s, new):
+                        accepted = new.writer
+                        self._floor = max(self._floor, new.generation)
+                        break
                 time.sleep(random.uniform(0.02, 0.2) * (attempt + 1))  # noqa: S311 (jitter)
-            else:
+            if accepted is None:
                 raise FailedPrecondition(
                     "the key-ring state kept changing under concurrent writers; retry"
                 )
@@ -460,7 +543,41 @@ class KeyRing:
             if change is not None:
                 self._seen_change = change
             self._reload()
-        return result
+            stale = usable_against_state(self._snapshot.keys)
+        for v in stale:
+            self.set_token_usage(v, usable=False)
+        return attempts[accepted]
+
+    def set_token_usage(self, v: KeyVersion, usable: bool) -> bool:
+        """Allows or refuses the version's purpose in the token itself (CKA_SIGN, or
+        CKA_DECRYPT and CKA_UNWRAP): a refused version fails in every process at once,
+        whatever its ring snapshot says. Returns False, with a warning, when the token does not
+        let hsmsign refuse it (the state alone then disables it, within
+        keyring.refresh_seconds). Raises FailedPrecondition when the token does not let it be
+        allowed again, TokenUnavailable when the token fails."""
+        what = f"{'enabling' if usable else 'disabling'} {v.describe()} in the token"
+        try:
+            with self.objects_exclusive(), self._token.session(what) as s:
+                s.set_key_usage(v.cka_id, signs=v.purpose is Purpose.SIGN, usable=usable)
+        except FailedPrecondition as e:
+            if usable:
+                raise
+            log.warning(
+                "%s: %s; the ring state alone disables it (every daemon within "
+                "keyring.refresh_seconds)",
+                what,
+                e,
+            )
+            return False
+        return True
+
+    def recorded_state(self, name: str, version: int) -> str | None:
+        """What the state document, as last read, records for a version (the listed state
+        also counts the token's refusal)."""
+        state = self._snapshot.state
+        rec = state.keys.get(name) if state is not None else None
+        vr = rec.versions.get(version) if rec is not None else None
+        return vr.state if vr is not None else None
 
     # -- daemon life ----------------------------------------------------------------------
 

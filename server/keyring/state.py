@@ -13,6 +13,7 @@ The document types are pure; ``read_states`` is the one reader of the objects.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Mapping
@@ -27,8 +28,11 @@ log = logging.getLogger(__name__)
 #: Where the ring state lives: a CKO_DATA object with this application and label.
 STATE_APPLICATION: Final = "hsmsign"
 STATE_LABEL: Final = "hsmsign:keyring"
-#: The document's format number; a document of another format is ignored.
+#: The document's format number; a document of another format is ignored. (Format 1 gained
+#: the optional ``applied`` list compatibly: older readers ignore it.)
 STATE_FORMAT: Final = 1
+#: How many write ids a document carries in ``applied``.
+APPLIED_WRITES: Final = 64
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -106,11 +110,24 @@ class KeyRecord:
 
 @dataclass
 class RingState:
-    """The whole ring state: one JSON document in one CKO_DATA object per generation."""
+    """The whole ring state: one JSON document in one CKO_DATA object per generation.
+
+    ``writer`` is the id of the write that made this document (random, one per attempt);
+    ``applied`` the ids of the last APPLIED_WRITES writes it includes, its own last, so that a
+    writer whose document was withdrawn learns whether a later write was built on it."""
 
     generation: int = 0
     writer: str = ""
     keys: dict[str, KeyRecord] = field(default_factory=dict)
+    applied: list[str] = field(default_factory=list)
+
+    def successor(self, writer: str) -> RingState:
+        """A copy to mutate into the next generation, written by ``writer``."""
+        new = copy.deepcopy(self)
+        new.generation = self.generation + 1
+        new.writer = writer
+        new.applied = [*self.applied, writer][-APPLIED_WRITES:]
+        return new
 
     def to_bytes(self) -> bytes:
         return json.dumps(
@@ -119,6 +136,7 @@ class RingState:
                 "generation": self.generation,
                 "writer": self.writer,
                 "keys": {n: k.to_json() for n, k in sorted(self.keys.items())},
+                "applied": self.applied,
             },
             sort_keys=True,
             separators=(",", ":"),
@@ -134,6 +152,7 @@ class RingState:
             generation=int(d["generation"]),
             writer=str(d.get("writer", "")),
             keys={n: KeyRecord.from_json(k) for n, k in d.get("keys", {}).items()},
+            applied=[str(w) for w in d.get("applied", [])],
         )
 
 
@@ -162,3 +181,27 @@ def current(states: list[tuple[Any, RingState]]) -> RingState:
     if not states:
         return RingState()
     return min((st for _obj, st in states), key=lambda st: (-st.generation, st.writer))
+
+
+def top(states: list[tuple[Any, RingState]]) -> list[RingState]:
+    """The documents at the highest generation: one when the state is settled, several while
+    writers collide (all but one are about to be withdrawn) or after a writer died mid-write."""
+    if not states:
+        return []
+    best = max(st.generation for _obj, st in states)
+    return [st for _obj, st in states if st.generation == best]
+
+
+def doubt(states: list[tuple[Any, RingState]], floor: int) -> str | None:
+    """Why a scan that found ``states`` cannot be the token's state, given that generation
+    ``floor`` was seen before (generations only grow); None when it can be. A scan that races
+    another process's write may miss objects (docs/design-facts.md fact 12): "no document"
+    after a document was seen is a collision or a fault, never the empty generation 0."""
+    if floor <= 0:
+        return None
+    if not states:
+        return f"no key-ring state document found, though generation {floor} was read before"
+    best = max(st.generation for _obj, st in states)
+    if best < floor:
+        return f"the key-ring state read as generation {best}, though {floor} was read before"
+    return None

@@ -10,13 +10,14 @@ one-line message, and token errors as classified by ``server.pkcs11.errors``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
 from datetime import timedelta
 
 from hsmsign import key_wrap, keyformats
-from server.errors import FailedPrecondition, InvalidArgument, KeyNotFound
+from server.errors import FailedPrecondition, InvalidArgument, KeyNotFound, ServerError
 from server.keyring.model import (
     ALLOWED_BITS,
     PENDING,
@@ -301,10 +302,35 @@ def set_primary(ring: KeyRing, name: str, version: int) -> Key:
     return ring.get(name)
 
 
+def _refuse_then_update(ring: KeyRing, v: KeyVersion, mutate: Callable[[RingState], None]) -> None:
+    """Refuses the version in the token first (every process, at once: docs/adr/0007), then
+    writes the state; if the write refuses or fails, the token's refusal is undone unless the
+    state (re-read) says the version is not enabled after all."""
+    ring.set_token_usage(v, usable=False)
+    try:
+        ring.update(mutate)
+    except BaseException:
+        # Left refused if this fails too: listed as disabled, which is what it then is.
+        with contextlib.suppress(ServerError):
+            ring.refresh()
+            if ring.recorded_state(v.name, v.version) == State.ENABLED.value:
+                ring.set_token_usage(v, usable=True)
+        raise
+
+
+def _refuse_primary(v: KeyVersion) -> None:
+    if v.primary:
+        raise FailedPrecondition(
+            f"{v.describe()} is the primary version; set another primary first"
+        )
+
+
 def disable_version(ring: KeyRing, name: str, version: int) -> Key:
+    """Disables a version: the token refuses it at once, then the state records it."""
     v = _live_version(ring, name, version)
     if v.state is State.DESTROYED:
         raise FailedPrecondition(f"{v.describe()} is destroyed")
+    _refuse_primary(v)
 
     def mutate(state: RingState) -> None:
         rec, vr = _version_record(state, name, version)
@@ -320,14 +346,24 @@ def disable_version(ring: KeyRing, name: str, version: int) -> Key:
         if vr.state != State.DESTROYED.value:
             vr.state = State.DISABLED.value
 
-    ring.update(mutate)
+    if v.state is State.DESTRUCTION_SCHEDULED:
+        ring.update(mutate)  # refuses, with the message
+    _refuse_then_update(ring, v, mutate)
     return ring.get(name)
 
 
 def enable_version(ring: KeyRing, name: str, version: int) -> Key:
+    """Enables a version: the token allows it again, then the state records it (in this
+    order, so that the state change makes every daemon read the key objects again; a disable
+    at the same moment wins when its state write comes last: ``KeyRing.update`` then refuses
+    the version in the token again)."""
     v = _live_version(ring, name, version)
     if v.state is State.DESTROYED:
         raise FailedPrecondition(f"{v.describe()} is destroyed and cannot be enabled")
+    if v.state is State.DESTRUCTION_SCHEDULED:
+        raise FailedPrecondition(
+            f"{v.describe()} is scheduled for destruction; cancel the destruction first"
+        )
 
     def mutate(state: RingState) -> None:
         _rec, vr = _version_record(state, name, version)
@@ -339,7 +375,15 @@ def enable_version(ring: KeyRing, name: str, version: int) -> Key:
             )
         vr.state = State.ENABLED.value
 
-    ring.update(mutate)
+    ring.set_token_usage(v, usable=True)
+    try:
+        ring.update(mutate)
+    except BaseException:
+        with contextlib.suppress(ServerError):
+            ring.refresh()
+            if ring.recorded_state(name, version) != State.ENABLED.value:
+                ring.set_token_usage(v, usable=False)
+        raise
     return ring.get(name)
 
 
@@ -392,7 +436,10 @@ def schedule_destruction(ring: KeyRing, name: str, version: int, delay: timedelt
         vr.state = State.DESTRUCTION_SCHEDULED.value
         vr.destroy_at = destroy_at
 
-    ring.update(mutate)
+    if v.state is State.DESTRUCTION_SCHEDULED:
+        ring.update(mutate)  # refuses, with the message
+    _refuse_primary(v)
+    _refuse_then_update(ring, v, mutate)
     log.warning("%s scheduled for destruction at %s", v.describe(), destroy_at.isoformat())
     # A zero delay destroys at once (the refresh that follows finds it due).
     ring.refresh()

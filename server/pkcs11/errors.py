@@ -140,6 +140,10 @@ del R, S, L, D, P
 
 def outcome(exc: BaseException) -> Outcome:
     """The outcome class of an exception raised by python-pkcs11 (anything else: DEVICE)."""
+    if key_function_not_permitted(exc):
+        # A bare PKCS11Error like the device faults, but the token refusing a disabled key
+        # (docs/adr/0007): a refusal of this request, never a reason to re-initialise.
+        return Outcome.REQUEST
     for cls in type(exc).__mro__:
         found = OUTCOMES.get(cls)
         if found is not None:
@@ -235,6 +239,16 @@ def pin_refused(exc: BaseException, where: str) -> PinRefused:
     )
 
 
+#: CKR_KEY_FUNCTION_NOT_PERMITTED, which python-pkcs11 0.10.1 does not map to a class: it
+#: raises a bare PKCS11Error "Unmapped error code 0x68".
+_KEY_FUNCTION_NOT_PERMITTED: Final = "0x68"
+
+
+def key_function_not_permitted(exc: BaseException) -> bool:
+    """Whether the token refused the key for this operation (CKA_SIGN or CKA_DECRYPT false)."""
+    return type(exc) is p11e.PKCS11Error and str(exc).endswith(_KEY_FUNCTION_NOT_PERMITTED)
+
+
 def classify(exc: BaseException, what: str) -> ServerError:
     """Maps a python-pkcs11 exception to a daemon error with a clear message: a REQUEST
     refusal to the status that says why, a PIN refusal to PinRefused, and every SESSION,
@@ -251,6 +265,9 @@ def classify(exc: BaseException, what: str) -> ServerError:
         return MechanismUnsupported(f"the token does not implement {what} ({name})")
     if isinstance(exc, p11e.DataLenRange | p11e.DataInvalid):
         return InvalidArgument(f"the token refused the input for {what} ({name})")
+    if key_function_not_permitted(exc):
+        # The key's CKA_SIGN/CKA_DECRYPT is false: hsmsign sets it so for a disabled version.
+        return FailedPrecondition(f"the token refuses this key version for {what}: disabled")
     if isinstance(exc, p11e.KeyTypeInconsistent | p11e.KeyIndigestible | p11e.FunctionRejected):
         return FailedPrecondition(f"the key cannot be used for {what} ({name})")
     if isinstance(exc, p11e.AttributeReadOnly):

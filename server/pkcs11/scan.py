@@ -31,8 +31,10 @@ def rescan_if_changed(scan: Callable[[], T]) -> T:
             time.sleep(0.005 * (attempt + 1))
     raise AssertionError("unreachable")
 
+    """A boolean attribute of an object; False when the token does not have or reveal it."""
 
-def _flag(obj: Any, attr: Attribute) -> bool:
+
+def flag(obj: Any, attr: Attribute) -> bool:
     try:
         return bool(obj[attr])
     except ATTRIBUTE_UNREADABLE:
@@ -47,12 +49,12 @@ def describe_key(priv: Any) -> KeyObjectInfo:
         label=priv[Attribute.LABEL] or "",
         modulus=modulus,
         public_exponent=exponent,
-        can_sign=_flag(priv, Attribute.SIGN),
-        can_decrypt=_flag(priv, Attribute.DECRYPT),
-        can_unwrap=_flag(priv, Attribute.UNWRAP),
-        local=_flag(priv, Attribute.LOCAL),
-        never_extractable=_flag(priv, Attribute.NEVER_EXTRACTABLE),
-        always_sensitive=_flag(priv, Attribute.ALWAYS_SENSITIVE),
-        extractable=_flag(priv, Attribute.EXTRACTABLE),
-        sensitive=_flag(priv, Attribute.SENSITIVE),
+        can_sign=flag(priv, Attribute.SIGN),
+        can_decrypt=flag(priv, Attribute.DECRYPT),
+        can_unwrap=flag(priv, Attribute.UNWRAP),
+        local=flag(priv, Attribute.LOCAL),
+        never_extractable=flag(priv, Attribute.NEVER_EXTRACTABLE),
+        always_sensitive=flag(priv, Attribute.ALWAYS_SENSITIVE),
+        extractable=flag(priv, Attribute.EXTRACTABLE),
+        sensitive=flag(priv, Attribute.SENSITIVE),
     )

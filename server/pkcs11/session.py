@@ -20,7 +20,7 @@ import pkcs11
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pkcs11 import Attribute, KeyType, ObjectClass
 
-from server.errors import InvalidArgument, KeyObjectGone, MechanismUnsupported
+from server.errors import FailedPrecondition, InvalidArgument, KeyObjectGone, MechanismUnsupported
 from server.pkcs11 import templates
 from server.pkcs11.errors import (
     AMBIGUOUS_REJECTION,
@@ -45,7 +45,7 @@ from server.pkcs11.mechanisms import (
     Mech,
 )
 from server.pkcs11.objects import KeyObjectInfo
-from server.pkcs11.scan import describe_key, rescan_if_changed
+from server.pkcs11.scan import describe_key, flag, rescan_if_changed
 from server.pkcs11.templates import (
     IMPLICIT_REJECTION_LABEL,
     IMPORT_WRAPPING_BITS,
@@ -119,6 +119,16 @@ class Session:
                 if attempt == 2:
                     raise KeyObjectGone(
                         "the key's private object is no longer in the token"
+                    ) from None
+            except AttributeError as e:
+                # python-pkcs11 gives a handle methods by the capabilities the key had when
+                # it was looked up: one found while disabled has no sign(); look it up again.
+                if e.obj is not key:
+                    raise
+                self.forget(cka_id)
+                if attempt == 2:
+                    raise FailedPrecondition(
+                        "the token refuses this key version: disabled (CKA_SIGN/CKA_DECRYPT off)"
                     ) from None
         raise AssertionError("unreachable")
 
@@ -350,6 +360,24 @@ class Session:
                     pass  # another process destroyed it first: the outcome is the same
         self.forget(cka_id)
         return n
+
+    @token_call()
+    def set_key_usage(self, cka_id: bytes, *, signs: bool, usable: bool) -> int:
+        """Allows or refuses the private key's one purpose in the token itself: CKA_SIGN for a
+        signing key (``signs``), CKA_DECRYPT and CKA_UNWRAP for an unwrap key, set with
+        C_SetAttributeValue. A disabled version is then refused by the token in every process
+        at once (docs/adr/0007-keyring-state-concurrency.md). Returns how many private objects
+        have the CKA_ID (0: the key is gone). Raises the classified token error when the token
+        refuses the change (FailedPrecondition for a read-only attribute)."""
+        attrs = (Attribute.SIGN,) if signs else (Attribute.DECRYPT, Attribute.UNWRAP)
+        found = list(
+            self.raw.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: cka_id})
+        )
+        for obj in found:
+            for attr in attrs:
+                if flag(obj, attr) != usable:
+                    obj[attr] = usable
+        return len(found)
 
     @token_call()
     def data_objects(self, application: str) -> list[tuple[Any, str, bytes]]:

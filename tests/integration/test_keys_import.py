@@ -213,8 +213,13 @@ def test_two_daemons_share_the_ring(shared: tuple[TokenDir, Path, Daemon], tmp_p
                     break
                 assert time.monotonic() < deadline, "daemon A never saw the disable"
                 time.sleep(0.1)
-            states = {v.version: v.state for v in KeyAdmin(ca).get_key("app").versions}
-            assert states[before] == pb.KEY_VERSION_STATE_DISABLED
+            # The token refuses it at once (docs/adr/0007); A lists it within refresh_seconds.
+            while True:
+                states = {v.version: v.state for v in KeyAdmin(ca).get_key("app").versions}
+                if states[before] == pb.KEY_VERSION_STATE_DISABLED:
+                    break
+                assert time.monotonic() < deadline, "daemon A never listed the disable"
+                time.sleep(0.1)
     finally:
         b.stop()
 
