@@ -62,3 +62,12 @@ def test_classify_gives_the_outcome_class_its_status(exc: type[p11e.PKCS11Error]
         assert isinstance(err, TokenFault) and err.code is grpc.StatusCode.UNAVAILABLE
         assert err.outcome is kind
     assert "\n" not in str(err)
+
+
+def test_a_disabled_key_refused_by_the_token_is_a_request_refusal_not_a_device_fault() -> None:
+    # python-pkcs11 0.10.1 raises CKR_KEY_FUNCTION_NOT_PERMITTED (a key whose CKA_SIGN a
+    # disable turned off, docs/adr/0007) as a bare PKCS11Error, like unknown device codes:
+    # counted as DEVICE it would re-initialise the module for every call to a disabled key.
+    refused = p11e.PKCS11Error("Unmapped error code 0x68")
+    assert outcome(refused) is Outcome.REQUEST
+    assert classify(refused, "signing").code == grpc.StatusCode.FAILED_PRECONDITION
