@@ -12,7 +12,6 @@ and its residual race are written down in docs/adr/0002-key-ring-state.md.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import random
@@ -21,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from server.audit import trail as audit
 from server.config import Config
@@ -32,11 +31,11 @@ from server.errors import (
     StartupError,
     TokenUnavailable,
 )
-from server.keyring import state as state_doc
 from server.keyring.hostlock import HostLock, default_lock_file
 from server.keyring.join import adopt, build_keys, due_for_destruction, usable_against_state
 from server.keyring.model import LABEL_PREFIX, Key, KeyReference, KeyVersion, Purpose, State
-from server.keyring.state import STATE_APPLICATION, STATE_LABEL, RingState, read_states
+from server.keyring.state import STATE_APPLICATION, STATE_LABEL, RingState
+from server.keyring.store import StateStore
 from server.keyring.vanished import lost_versions
 from server.pkcs11.objects import KeyObjectInfo
 from server.pkcs11.session import Session
@@ -48,12 +47,6 @@ T = TypeVar("T")
 
 #: Attempts at a state write that keeps colliding with another process's write.
 _WRITE_ATTEMPTS = 8
-
-#: How long scans of the state document are repeated when a scan finds less than this process
-#: saw before (it raced another process's write: docs/design-facts.md fact 12; measured on
-#: SoftHSM2, such a miss lasts milliseconds, sometimes over a second), or, for a writer, while
-#: several documents share the highest generation (writers colliding).
-READ_PATIENCE_SECONDS = 3.0
 
 #: The background check reads the key objects again at least this often even when the state
 #: document did not change: objects created or destroyed by other tools than hsmsign show up
@@ -123,7 +116,7 @@ class KeyRing:
         self._snapshot = _Snapshot()
         #: The highest state generation this process has read or written: generations only
         #: grow, so a scan that finds less raced a write or failed (never generation 0).
-        self._floor = 0
+        self._store = StateStore()
         self._lock = threading.RLock()  # guards reading + installing a snapshot
         self._write_lock = threading.RLock()  # one state writer per process
         self._stop = threading.Event()
@@ -163,7 +156,7 @@ class KeyRing:
         TokenUnavailable (marking the ring unreadable) when the read fails."""
 
         def read(s: Session) -> tuple[list[KeyObjectInfo], RingState]:
-            return s.find_key_objects(LABEL_PREFIX), self._read_state(s)
+            return s.find_key_objects(LABEL_PREFIX), self._store.read(s)
 
         try:
             with self.objects_exclusive():
@@ -233,9 +226,9 @@ class KeyRing:
     def _on_token(self, state: TokenState, _why: str) -> None:
         if state is TokenState.USABLE:
             # The module was re-initialised, perhaps on a token restored from an older copy:
-            # the generation seen before is no floor for it (set without the ring's lock,
-            # which a read waiting for this recovery may hold).
-            self._floor = 0
+            # the generation seen before is no floor for it (without the ring's lock, which a
+            # read waiting for this recovery may hold).
+            self._store.reset_floor()
             self._wake.set()  # read the ring again now, not at the next interval
 
     def _check(self) -> None:
@@ -257,7 +250,7 @@ class KeyRing:
                     with self.objects_exclusive():
                         state = self._token.run(
                             "reading the key ring",
-                            self._read_state,
+                            self._store.read,
                         )
                 except TokenUnavailable as e:
                     self._set_readable(False, str(e))
@@ -428,71 +421,6 @@ class KeyRing:
             )
         return matches[0] if matches else None
 
-    # -- the state document ---------------------------------------------------------------
-
-    def _read_state(self, s: Session, settled: bool = False) -> RingState:
-        """The current state document (highest generation; docs/adr/0007).
-
-        A scan that finds no document, or an older one, than this process read before raced
-        another process's write (docs/design-facts.md fact 12) and is repeated; a token with
-        hsmsign keys but no document is scanned again too before it counts as new. With
-        ``settled`` (writers), scans are repeated while several documents share the highest
-        generation, so that no write is built on a document about to be withdrawn. Raises
-        TokenUnavailable when the state keeps reading as older than seen."""
-        deadline = time.monotonic() + READ_PATIENCE_SECONDS
-        pause = 0.005
-        for scan in itertools.count():
-            states = read_states(s)
-            problem = state_doc.doubt(states, self._floor)
-            last = time.monotonic() > deadline
-            unsure = (not states and scan < 2) or (settled and len(state_doc.top(states)) > 1)
-            if problem is None and (last or not unsure):
-                current = state_doc.current(states)
-                self._floor = max(self._floor, current.generation)
-                return current
-            if problem is not None and last:
-                raise TokenUnavailable(f"{problem} (a scan raced a write, or the token fails)")
-            time.sleep(pause)
-            pause = min(pause * 2, 0.2)
-        raise AssertionError("unreachable")
-
-    def reset_generation_floor(self) -> None:
-        """Forgets the highest generation seen: for the token-recovery path, after the module
-        was re-initialised on a token that may have been replaced (a restored copy may hold
-        an older generation)."""
-        with self._lock:
-            self._floor = 0
-
-    def _settle_write(self, s: Session, new: RingState) -> bool:
-        """After creating ``new``: whether it is accepted. Two scans, a moment apart, so a
-        rival that one misses the other sees. A rival of the same generation makes this
-        writer withdraw its document (both may; both then retry); a higher generation
-        accepts it only if that document was built on it (its ``applied`` names ``new``).
-        The accepted writer destroys the older documents."""
-        mine: list[Any] = []
-        for check in range(2):
-            if check:
-                time.sleep(random.uniform(0.005, 0.02))  # noqa: S311 (jitter)
-            states = read_states(s)
-            mine = [o for o, st in states if st.writer == new.writer]
-            higher = [st for _o, st in states if st.generation > new.generation]
-            rivals = [
-                st
-                for _o, st in states
-                if st.generation == new.generation and st.writer != new.writer
-            ]
-            if higher and any(new.writer in st.applied for st in higher):
-                return True  # built on: the later writer removes this document
-            if higher or rivals or not mine:
-                for obj in mine:
-                    s.destroy_object(obj)
-                log.info("key-ring write collided with another writer; retrying")
-                return False
-        for obj, st in read_states(s):
-            if st.generation < new.generation:
-                s.destroy_object(obj)
-        return True
-
     # -- writing --------------------------------------------------------------------------
 
     def update(self, mutate: Callable[[RingState], T]) -> T:
@@ -501,7 +429,7 @@ class KeyRing:
         ``mutate`` must only change the state it is given (it may run more than once when
         another process writes at the same moment) and may raise a ServerError to refuse.
         Compare-and-swap over the token's data objects (docs/adr/0007): write generation N+1
-        on a settled generation N, check it (``_settle_write``), and retry from what is there
+        on a settled generation N, check it (``StateStore.settle``), and retry from what is there
         now unless it was accepted; a withdrawn attempt that a later write was built on counts
         as done (never applied twice). Afterwards the token refuses every version that is not
         enabled. Raises FailedPrecondition when the writes keep colliding, TokenUnavailable
@@ -513,7 +441,7 @@ class KeyRing:
             for attempt in range(_WRITE_ATTEMPTS):
                 with self.objects_exclusive(), self._token.session("updating the key ring") as s:
                     try:
-                        current = self._read_state(s, settled=True)
+                        current = self._store.read(s, settled=True)
                     except TokenUnavailable as e:
                         if attempt == _WRITE_ATTEMPTS - 1:
                             raise
@@ -527,9 +455,9 @@ class KeyRing:
                     adopt(new, objects)
                     attempts[new.writer] = mutate(new)
                     s.create_data_object(STATE_APPLICATION, STATE_LABEL, new.to_bytes())
-                    if self._settle_write(s, new):
+                    if self._store.settle(s, new):
                         accepted = new.writer
-                        self._floor = max(self._floor, new.generation)
+                        self._store.saw(new.generation)
                         break
                 time.sleep(random.uniform(0.02, 0.2) * (attempt + 1))  # noqa: S311 (jitter)
             if accepted is None:
@@ -547,6 +475,12 @@ class KeyRing:
         for v in stale:
             self.set_token_usage(v, usable=False)
         return attempts[accepted]
+
+    def reset_generation_floor(self) -> None:
+        """Forgets the highest generation seen: for the token-recovery path, after the module
+        was re-initialised on a token that may have been replaced (a restored copy may hold
+        an older generation)."""
+        self._store.reset_floor()
 
     def set_token_usage(self, v: KeyVersion, usable: bool) -> bool:
         """Allows or refuses the version's purpose in the token itself (CKA_SIGN, or

@@ -1,0 +1,100 @@
+"""Reading and writing the key-ring state document safely against other processes
+(docs/adr/0007-keyring-state-concurrency.md): the generation floor a process has seen, the
+patient read that never takes a missed document for generation 0, and the check after a
+write that withdraws it when it collided. ``server.keyring.ring.KeyRing.update`` runs the
+compare-and-swap loop with these.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from typing import Any
+
+from server.errors import TokenUnavailable
+from server.keyring import state as state_doc
+from server.keyring.state import RingState, read_states
+from server.pkcs11.session import Session
+
+log = logging.getLogger("server.keyring.ring")
+
+#: How long scans of the state document are repeated when a scan finds less than this process
+#: saw before (it raced another process's write: docs/design-facts.md fact 12; measured on
+#: SoftHSM2, such a miss lasts milliseconds, sometimes over a second), or, for a writer, while
+#: several documents share the highest generation (writers colliding).
+READ_PATIENCE_SECONDS = 3.0
+
+
+class StateStore:
+    """The state document as one process reads and writes it; thread-safe enough for the
+    ring's own locks (the floor only ever rises, except when reset after a recovery)."""
+
+    def __init__(self) -> None:
+        #: The highest generation this process has read or written.
+        self._floor = 0
+
+    def read(self, s: Session, settled: bool = False) -> RingState:
+        """The current state document (highest generation; docs/adr/0007).
+
+        A scan that finds no document, or an older one, than this process read before raced
+        another process's write (docs/design-facts.md fact 12) and is repeated; a token with
+        hsmsign keys but no document is scanned again too before it counts as new. With
+        ``settled`` (writers), scans are repeated while several documents share the highest
+        generation, so that no write is built on a document about to be withdrawn. Raises
+        TokenUnavailable when the state keeps reading as older than seen."""
+        deadline = time.monotonic() + READ_PATIENCE_SECONDS
+        pause = 0.005
+        for scan in itertools.count():
+            states = read_states(s)
+            problem = state_doc.doubt(states, self._floor)
+            last = time.monotonic() > deadline
+            unsure = (not states and scan < 2) or (settled and len(state_doc.top(states)) > 1)
+            if problem is None and (last or not unsure):
+                current = state_doc.current(states)
+                self.saw(current.generation)
+                return current
+            if problem is not None and last:
+                raise TokenUnavailable(f"{problem} (a scan raced a write, or the token fails)")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+        raise AssertionError("unreachable")
+
+    def saw(self, generation: int) -> None:
+        """Raises the floor to a generation this process wrote or read."""
+        self._floor = max(self._floor, generation)
+
+    def reset_floor(self) -> None:
+        """Forgets the highest generation seen (an int store: safe from any thread)."""
+        self._floor = 0
+
+    def settle(self, s: Session, new: RingState) -> bool:
+        """After creating ``new``: whether it is accepted. Two scans, a moment apart, so a
+        rival that one misses the other sees. A rival of the same generation makes this
+        writer withdraw its document (both may; both then retry); a higher generation
+        accepts it only if that document was built on it (its ``applied`` names ``new``).
+        The accepted writer destroys the older documents."""
+        mine: list[Any] = []
+        for check in range(2):
+            if check:
+                time.sleep(random.uniform(0.005, 0.02))  # noqa: S311 (jitter)
+            states = read_states(s)
+            mine = [o for o, st in states if st.writer == new.writer]
+            higher = [st for _o, st in states if st.generation > new.generation]
+            rivals = [
+                st
+                for _o, st in states
+                if st.generation == new.generation and st.writer != new.writer
+            ]
+            if higher and any(new.writer in st.applied for st in higher):
+                return True  # built on: the later writer removes this document
+            if higher or rivals or not mine:
+                for obj in mine:
+                    s.destroy_object(obj)
+                log.info("key-ring write collided with another writer; retrying")
+                return False
+        for obj, st in read_states(s):
+            if st.generation < new.generation:
+                s.destroy_object(obj)
+        return True
