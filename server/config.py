@@ -150,6 +150,16 @@ class ConnectionLimits:
     #: get ``max_connection_age_grace_seconds`` more to finish.
     max_connection_age_seconds: float = 1800.0
     max_connection_age_grace_seconds: float = 60.0
+    #: A call whose request has not fully arrived this long after its headers is ended with
+    #: DEADLINE_EXCEEDED: a stalled or trickling stream holds a coroutine, never a serving
+    #: thread, and not for longer than this (docs/adr/0007-serving-model.md).
+    max_request_receive_seconds: float = 10.0
+    #: Bytes of large requests (over max_small_request_bytes) each serving process holds at
+    #: once; a request that does not fit gets RESOURCE_EXHAUSTED at once ("retry").
+    max_bytes_in_flight: int = 32 * 1024 * 1024
+    #: Client connections each serving process accepts at once; gRPC closes further ones as
+    #: they arrive. Keep it under the process's descriptor limit (LimitNOFILE).
+    max_connections: int = 512
 
 
 @dataclass(frozen=True)
@@ -403,6 +413,8 @@ _LIMIT_MAXIMA: Final[dict[str, float]] = {
     "max_request_bytes": 2**31 - 1,
     "max_small_request_bytes": 2**31 - 1,
     "max_connection_age_seconds": 365 * 86400.0,
+    "max_bytes_in_flight": 2**40,
+    "max_connections": 2**20,
 }
 
 
@@ -418,6 +430,12 @@ def _limits(s: Table) -> ConnectionLimits:
         raise t.error(
             "max_small_request_bytes",
             f"got {limits.max_small_request_bytes}; allowed: at most max_request_bytes "
+            f"({limits.max_request_bytes})",
+        )
+    if limits.max_bytes_in_flight < limits.max_request_bytes:
+        raise t.error(
+            "max_bytes_in_flight",
+            f"got {limits.max_bytes_in_flight}; allowed: at least max_request_bytes "
             f"({limits.max_request_bytes})",
         )
     t.finish()

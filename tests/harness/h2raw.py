@@ -8,6 +8,7 @@ The client behaves like a live, patient peer: it acknowledges the server's SETTI
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -20,9 +21,12 @@ END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
 
 def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     """One HTTP/2 frame."""
-    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(
-        ">I", stream & 0x7FFFFFFF
-    ) + payload
+    return (
+        struct.pack(">I", len(payload))[1:]
+        + bytes([kind, flags])
+        + struct.pack(">I", stream & 0x7FFFFFFF)
+        + payload
+    )
 
 
 def _hpack_length(n: int) -> bytes:
@@ -136,10 +140,8 @@ class RawH2Connection:
         return stream
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
 
     def __enter__(self) -> RawH2Connection:

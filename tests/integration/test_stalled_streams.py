@@ -80,9 +80,7 @@ def test_stalled_streams_do_not_stop_legitimate_callers(
         assert d.stop() == 0
 
 
-def test_a_stalled_stream_is_ended_after_the_receive_bound(
-    token: TokenDir, tmp_path: Path
-) -> None:
+def test_a_stalled_stream_is_ended_after_the_receive_bound(token: TokenDir, tmp_path: Path) -> None:
     d = _daemon(token, tmp_path, "processes = 1", "max_request_receive_seconds = 1.0")
     try:
         with _stalled(d.address, 1, 4) as opened:
