@@ -88,12 +88,19 @@ class Aborted(Exception):
 
 class PoolContext(grpc.ServicerContext):
     """The call's context as the synchronous servicers and pipeline see it, in a serving
-    thread. Reads go to grpc.aio's context (they touch no event-loop state); ``abort``
-    raises ``Aborted`` for the event loop to send; ``is_active`` turns False when the loop
-    sees the caller cancel or its deadline pass."""
+    thread. ``abort`` raises ``Aborted`` for the event loop to send; ``is_active`` turns
+    False when the loop sees the caller cancel or its deadline pass.
+
+    The peer and its TLS properties are read here, on the event loop, before the call goes
+    to a serving thread: grpc.aio releases the call's core object as soon as the call ends,
+    and a serving thread still finishing a cancelled batch that asked for them then would
+    read freed memory (seen: the daemon died of SIGSEGV). Everything else read from grpc.aio's
+    context (metadata, deadline, status) is kept by its Python object."""
 
     def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._context = context
+        self._peer = context.peer()
+        self._auth_context = context.auth_context()
         self._gone = False
         self._callbacks: list[Callable[[], None]] = []
 
@@ -119,16 +126,16 @@ class PoolContext(grpc.ServicerContext):
         return self._context.invocation_metadata()
 
     def peer(self) -> str:
-        return self._context.peer()
+        return self._peer
 
-    def peer_identities(self) -> Any:
-        return self._context.peer_identities()
+    def peer_identities(self) -> NoReturn:
+        raise NotImplementedError("hsmsign reads the peer's certificate from auth_context()")
 
-    def peer_identity_key(self) -> str | None:
-        return self._context.peer_identity_key()
+    def peer_identity_key(self) -> NoReturn:
+        raise NotImplementedError("hsmsign reads the peer's certificate from auth_context()")
 
     def auth_context(self) -> Any:
-        return self._context.auth_context()
+        return self._auth_context
 
     def set_compression(self, compression: grpc.Compression) -> None:
         self._context.set_compression(compression)
