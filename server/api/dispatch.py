@@ -4,7 +4,8 @@ complete ones (docs/adr/0007-serving-model.md).
 The gRPC server is ``grpc.aio`` (``server.loopserver``). Its event loop receives each call's
 request; a stream that sends headers and then nothing holds a coroutine, never one of the
 ``server.threads`` serving threads (DESIGN fact 11), and is ended with DEADLINE_EXCEEDED once
-``max_request_receive_seconds`` pass without its request. A complete request goes to the
+``max_request_receive_seconds`` pass without its request (a ``NotReceived`` for the
+pipeline, which refuses it at once on a serving thread). A complete request goes to the
 serving threads, where the servicers and the call pipeline (``server.api.pipeline``) run
 unchanged, synchronous, on a ``PoolContext``.
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -29,8 +29,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from hsmsign.names import ANSWERED_BY
-from server.api.accesslog import access
-from server.api.limits import LARGE_REQUEST_METHODS, Oversized
+from server.api.limits import LARGE_REQUEST_METHODS, NotReceived, Oversized
 from server.api.malformed import MALFORMED
 from server.config import ConnectionLimits
 
@@ -240,11 +239,11 @@ class Dispatch(grpc.aio.ServerInterceptor):
             _requests: object, context: grpc.aio.ServicerContext[Any, Any]
         ) -> Any:
             context.set_trailing_metadata((ANSWERED_BY,))
-            started = time.perf_counter()
             try:
                 request = await asyncio.wait_for(context.read(), self._receive_seconds)
             except TimeoutError:
-                await self._refuse_stalled(method, context, started)
+                # Refused in the pipeline, logged and audited like any call.
+                request = NotReceived(self._receive_seconds)
             if request is grpc.aio.EOF:
                 request = MALFORMED  # a unary call without its request message
             return await self._run(behaviour, request, context, limit)
@@ -252,19 +251,6 @@ class Dispatch(grpc.aio.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(
             receive_then_run, request_deserializer=lenient(parse), response_serializer=serialize
         )
-
-    async def _refuse_stalled(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any], started: float
-    ) -> NoReturn:
-        name = method.rpartition("/")[2]
-        access.line(
-            name, context.peer(), "DEADLINE_EXCEEDED", "-", (time.perf_counter() - started) * 1000
-        )
-        await context.abort(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"the request did not arrive within {self._receive_seconds:g} s of the call's start",
-        )
-        raise AssertionError("unreachable: abort raises")
 
     async def _run(
         self,

@@ -60,3 +60,14 @@ class Oversized:
 
     def message(self, method: str) -> str:
         return f"the request is {self.size:,} bytes; {method} accepts at most {self.limit:,}"
+
+
+@dataclass(frozen=True, slots=True)
+class NotReceived:
+    """What the pipeline gets instead of a request that did not arrive within
+    ``max_request_receive_seconds`` of its call's start (``server.api.dispatch``)."""
+
+    seconds: float
+
+    def message(self) -> str:
+        return f"the request did not arrive within {self.seconds:g} s of the call's start"
