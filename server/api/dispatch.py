@@ -38,6 +38,10 @@ if TYPE_CHECKING:  # generic only in the type stubs
 else:
     Handler = grpc.RpcMethodHandler
 
+#: How long a call whose request stream ended without a message waits for grpc.aio to cancel
+#: it (a cut call) before it is refused as malformed.
+EOF_SETTLE_SECONDS = 0.05
+
 #: A servicer method as grpc's generated code registers it: (request, context) -> response.
 Behaviour = Callable[[Any, grpc.ServicerContext], Any]
 
@@ -240,12 +244,18 @@ class Dispatch(grpc.aio.ServerInterceptor):
         ) -> Any:
             context.set_trailing_metadata((ANSWERED_BY,))
             try:
-                request = await asyncio.wait_for(context.read(), self._receive_seconds)
+                async with asyncio.timeout(self._receive_seconds):  # no task per call
+                    request = await context.read()
             except TimeoutError:
                 # Refused in the pipeline, logged and audited like any call.
                 request = NotReceived(self._receive_seconds)
             if request is grpc.aio.EOF:
-                request = MALFORMED  # a unary call without its request message
+                # No message: the call was cut (a client that went away, a load generator
+                # stopping), or a client half-closed without one. grpc.aio cancels this task
+                # for the first as soon as it has seen the cut; give it that moment, so that
+                # a cut call is not logged as INVALID_ARGUMENT (the sync server never ran one).
+                await asyncio.sleep(EOF_SETTLE_SECONDS)
+                request = MALFORMED
             return await self._run(behaviour, request, context, limit)
 
         return grpc.stream_unary_rpc_method_handler(
