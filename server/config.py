@@ -178,6 +178,9 @@ class ServerConfig:
     threads: int
     #: host:port to listen on; port 0 picks a free port (written to --ready-file).
     listen: str = "127.0.0.1:50051"
+    #: host:port of a second, plaintext listener serving only the health service (for
+    #: Kubernetes gRPC probes, which speak no TLS); unset: health only on ``listen``.
+    health_listen: str | None = None
     #: Calls admitted at once by each serving process; beyond that callers get
     #: RESOURCE_EXHAUSTED.
     max_concurrent_calls: int = 256
@@ -356,12 +359,21 @@ def _threads(s: Table, sessions: int) -> int:
     return int(s.positive("threads", int, default_threads(sessions), 1024))
 
 
+def _address(s: Table, key: str, default: str | None) -> Any:
+    """A "HOST:PORT" value (``default`` when absent). Raises ConfigError."""
+    value = s.get(key, str, default, '"HOST:PORT"')
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise s.error(key, f'got {value!r}; allowed: "HOST:PORT" such as "127.0.0.1:50051"')
+    return value
+
+
 def _server(root: Table, sessions: int) -> ServerConfig:
     s = root.table("server")
-    listen = s.get("listen", str, default_of(ServerConfig, "listen"), '"HOST:PORT"')
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise s.error("listen", f'got {listen!r}; allowed: "HOST:PORT" such as "127.0.0.1:50051"')
+    listen = _address(s, "listen", default_of(ServerConfig, "listen"))
+    health_listen = _address(s, "health_listen", None)
     threads = _threads(s, sessions)
     max_calls = s.positive(
         "max_concurrent_calls", int, default_of(ServerConfig, "max_concurrent_calls"), 100_000
@@ -398,6 +410,7 @@ def _server(root: Table, sessions: int) -> ServerConfig:
         processes=processes,
         threads=threads,
         listen=listen,
+        health_listen=health_listen,
         max_concurrent_calls=max_calls,
         grace_seconds=grace,
         reflection=reflection,

@@ -38,6 +38,8 @@ class LoopServer:
         self.dispatch = Dispatch(server.limits, self.pool)
         self.aio: grpc.aio.Server = self.run(self._make(server, options))
         self.health = LoopHealth(self)
+        #: The health-only listener (``server.health_listen``), if any.
+        self.health_only: grpc.aio.Server | None = None
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -74,13 +76,31 @@ class LoopServer:
         except RuntimeError:
             return 0
 
+    def add_health_port(self, address: str, reuse_port: bool) -> int:
+        """A second, plaintext listener on ``address`` serving only the health service (its
+        statuses are this server's); the port bound, 0 when it cannot be bound."""
+
+        async def make() -> grpc.aio.Server:
+            return grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+
+        self.health_only = self.run(make())
+        self.health.add_to(self.health_only)
+        try:
+            return self.health_only.add_insecure_port(address)
+        except RuntimeError:
+            return 0
+
     def start(self) -> None:
         self.run(self.aio.start())
+        if self.health_only is not None:
+            self.run(self.health_only.start())
 
     def stop(self, grace: float) -> None:
         """Stops serving: calls still running after ``grace`` seconds are cancelled; then the
         serving threads and the event loop end."""
         self.run(self.aio.stop(grace))
+        if self.health_only is not None:
+            self.run(self.health_only.stop(0))
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)

@@ -142,6 +142,14 @@ def listen_on(
     """
     server = LoopServer(cfg.server, limits.server_options(cfg.server.limits, reuse_port))
     port = server.add_port(address, creds)
+    health_address = cfg.server.health_listen
+    if (
+        port != 0
+        and health_address is not None
+        and server.add_health_port(health_address, reuse_port) == 0
+    ):
+        server.stop(0)
+        raise cannot_listen(health_address)
     if port == 0:
         server.stop(0)
         raise cannot_listen(address)

@@ -8,6 +8,7 @@ ended by the daemon after ``[server.limits] max_request_receive_seconds``.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,3 +94,25 @@ def test_a_stalled_stream_is_ended_after_the_receive_bound(token: TokenDir, tmp_
     finally:
         assert d.stop() == 0
     assert "status=DEADLINE_EXCEEDED" in d.log()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_health_on_its_own_port(token: TokenDir, tmp_path: Path) -> None:
+    health_address = f"127.0.0.1:{_free_port()}"
+    d = _daemon(token, tmp_path, f'processes = 1\nhealth_listen = "{health_address}"')
+    try:
+        # Probes get the daemon's health there, even while its serving port is flooded.
+        with _stalled(d.address, 2, 16):
+            assert _health(health_address) == health_pb2.HealthCheckResponse.SERVING
+        # Only health: no signing on that port.
+        with grpc.insecure_channel(health_address) as channel:
+            code, _details = sign_status(channel, timeout=10)
+        assert code == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        assert d.stop() == 0
