@@ -98,7 +98,7 @@ KEY_VERSION_STATES: Final = (
     Named[pb.KeyVersionState.ValueType]("destroyed", pb.KEY_VERSION_STATE_DESTROYED),
 )
 
-#: Trailing metadata hsmsignd puts on every answer (server.api.limits.CallGate): a status
+#: Trailing metadata hsmsignd puts on every answer (server.api.dispatch): a status
 #: without it came from the client's own transport (no connection, connection lost), so
 #: hsmsign.connection tells "cannot reach hsmsignd" from the daemon's own refusal.
 ANSWERED_BY: Final = ("hsmsign-answered-by", "hsmsignd")

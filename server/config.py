@@ -168,6 +168,16 @@ class ConnectionLimits:
     #: finds no place gets RESOURCE_EXHAUSTED at once; one that waits longer than
     #: token.session_wait_seconds, or past its deadline, leaves the queue unrun.
     max_queued_calls: int = 128
+    #: A call whose request has not fully arrived this long after its headers is ended with
+    #: DEADLINE_EXCEEDED: a stalled or trickling stream holds a coroutine, never a serving
+    #: thread, and not for longer than this (docs/adr/0008-serving-model.md).
+    max_request_receive_seconds: float = 10.0
+    #: Bytes of large requests (over max_small_request_bytes) each serving process holds at
+    #: once; a request that does not fit gets RESOURCE_EXHAUSTED at once ("retry").
+    max_bytes_in_flight: int = 32 * 1024 * 1024
+    #: Client connections each serving process accepts at once; gRPC closes further ones as
+    #: they arrive. Keep it under the process's descriptor limit (LimitNOFILE).
+    max_connections: int = 512
 
 
 @dataclass(frozen=True)
@@ -186,13 +196,17 @@ class ServerConfig:
     threads: int
     #: host:port to listen on; port 0 picks a free port (written to --ready-file).
     listen: str = "127.0.0.1:50051"
+    #: host:port of a second, plaintext listener serving only the health service (for
+    #: Kubernetes gRPC probes, which speak no TLS); unset: health only on ``listen``.
+    health_listen: str | None = None
     #: Calls gRPC itself holds at once in each serving process (running, waiting in
-    #: hsmsignd's queue, or not yet read by a serving thread); beyond it gRPC refuses
+    #: hsmsignd's queue, or still being received on the event loop); beyond it gRPC refuses
     #: ("Concurrent RPC limit exceeded!") before hsmsignd sees the call, so with no access-log
-    #: line or audit record. A backstop for memory: hsmsignd's own bound
-    #: (server.limits.max_queued_calls) refuses first, and this must be above the threads a
-    #: serving process runs (threads + 2 x (token.sessions + max_queued_calls)).
-    max_concurrent_calls: int = 4096
+    #: line or audit record. A backstop for memory (each holds at most one request of
+    #: server.limits.max_request_bytes): hsmsignd's own bound (server.limits.max_queued_calls)
+    #: refuses first, and this must be above the serving threads (server.threads +
+    #: token.sessions + server.limits.max_queued_calls).
+    max_concurrent_calls: int = 1024
     #: Seconds SIGTERM waits for in-flight calls before cancelling them.
     grace_seconds: float = 10.0
     #: Serve gRPC server reflection (for grpcurl and friends).
@@ -381,12 +395,21 @@ def _threads(s: Table, sessions: int) -> int:
     return int(s.positive("threads", int, default_threads(sessions), 1024))
 
 
+def _address(s: Table, key: str, default: str | None) -> Any:
+    """A "HOST:PORT" value (``default`` when absent). Raises ConfigError."""
+    value = s.get(key, str, default, '"HOST:PORT"')
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise s.error(key, f'got {value!r}; allowed: "HOST:PORT" such as "127.0.0.1:50051"')
+    return value
+
+
 def _server(root: Table, sessions: int) -> ServerConfig:
     s = root.table("server")
-    listen = s.get("listen", str, default_of(ServerConfig, "listen"), '"HOST:PORT"')
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise s.error("listen", f'got {listen!r}; allowed: "HOST:PORT" such as "127.0.0.1:50051"')
+    listen = _address(s, "listen", default_of(ServerConfig, "listen"))
+    health_listen = _address(s, "health_listen", None)
     threads = _threads(s, sessions)
     max_calls = s.positive(
         "max_concurrent_calls", int, default_of(ServerConfig, "max_concurrent_calls"), 100_000
@@ -412,12 +435,12 @@ def _server(root: Table, sessions: int) -> ServerConfig:
         )
     # gRPC must never refuse a call that hsmsignd's queue has room for (its refusal leaves
     # no trace): its bound is above every call hsmsignd may hold or be handing a thread.
-    below = threads + 2 * (sessions + limits.max_queued_calls)  # admission.serving_threads
+    below = threads + sessions + limits.max_queued_calls  # admission.serving_threads
     if max_calls <= below:
         raise s.error(
             "max_concurrent_calls",
-            f"got {max_calls}; allowed: above server.threads + 2 x (token.sessions + "
-            f"server.limits.max_queued_calls) ({below}), so that hsmsignd refuses excess calls "
+            f"got {max_calls}; allowed: above server.threads + token.sessions + "
+            f"server.limits.max_queued_calls ({below}), so that hsmsignd refuses excess calls "
             "itself",
         )
     allow_plaintext_import = s.get(
@@ -447,6 +470,7 @@ def _server(root: Table, sessions: int) -> ServerConfig:
         processes=processes,
         threads=threads,
         listen=listen,
+        health_listen=health_listen,
         max_concurrent_calls=max_calls,
         grace_seconds=grace,
         reflection=reflection,
@@ -465,6 +489,8 @@ _LIMIT_MAXIMA: Final[dict[str, float]] = {
     "max_small_request_bytes": 2**31 - 1,
     "max_connection_age_seconds": 365 * 86400.0,
     "max_queued_calls": 100_000,
+    "max_bytes_in_flight": 2**40,
+    "max_connections": 2**20,
 }
 
 
@@ -480,6 +506,12 @@ def _limits(s: Table) -> ConnectionLimits:
         raise t.error(
             "max_small_request_bytes",
             f"got {limits.max_small_request_bytes}; allowed: at most max_request_bytes "
+            f"({limits.max_request_bytes})",
+        )
+    if limits.max_bytes_in_flight < limits.max_request_bytes:
+        raise t.error(
+            "max_bytes_in_flight",
+            f"got {limits.max_bytes_in_flight}; allowed: at least max_request_bytes "
             f"({limits.max_request_bytes})",
         )
     t.finish()

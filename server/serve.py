@@ -16,25 +16,24 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 from pathlib import Path
 from typing import Protocol
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health
 
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from server import ready, reload, supervisor, tls
 from server.api import admission, deadlines, limits, pipeline
 from server.api.admin import KeyAdminService
-from server.api.malformed import MalformedRequests
 from server.api.signer import SignerService
 from server.audit import serving as audit_serving
 from server.config import Config
 from server.errors import TokenNotFound, cannot_listen
 from server.health import Health
 from server.keyring.ring import KeyRing
+from server.loopserver import LoopServer
 from server.pkcs11.token import Token, TokenState
 from server.policy import gate
 from server.supervisor import ServingProcessSpec, SharedCounter
@@ -152,28 +151,30 @@ def watch_token(token: Token, ring: KeyRing, status: Health, stop: threading.Eve
 
 def listen_on(
     cfg: Config, address: str, creds: grpc.ServerCredentials | None, *, reuse_port: bool
-) -> tuple[grpc.Server, str]:
-    """A gRPC server bound to ``address`` (not started yet) and the address it is bound to.
+) -> tuple[LoopServer, str]:
+    """A gRPC server bound to ``address`` (not started yet) and the address it is bound to:
+    grpc.aio, its calls run on ``server.threads`` serving threads once their request has
+    arrived (``server.loopserver``).
 
     ``reuse_port``: serving processes share the supervisor's port; a lone daemon must own its
     port. Raises StartupError when the address cannot be bound.
     """
-    server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=admission.serving_threads(cfg), thread_name_prefix="rpc"
-        ),
-        maximum_concurrent_rpcs=cfg.server.max_concurrent_calls,
-        # Garbage bodies: INVALID_ARGUMENT; oversized requests and the answered-by mark.
-        interceptors=[MalformedRequests(), limits.CallGate(cfg.server.limits)],
-        options=limits.server_options(cfg.server.limits, reuse_port=reuse_port),
+    server = LoopServer(
+        cfg.server,
+        limits.server_options(cfg.server.limits, reuse_port),
+        threads=admission.serving_threads(cfg),
     )
-    try:
-        port = (
-            server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-        )
-    except RuntimeError:
-        port = 0
+    port = server.add_port(address, creds)
+    health_address = cfg.server.health_listen
+    if (
+        port != 0
+        and health_address is not None
+        and server.add_health_port(health_address, reuse_port) == 0
+    ):
+        server.stop(0)
+        raise cannot_listen(health_address)
     if port == 0:
+        server.stop(0)
         raise cannot_listen(address)
     return server, f"{address.rpartition(':')[0]}:{port}"
 
@@ -235,7 +236,7 @@ class _ServingProcess:
 
 
 def serve_process(
-    cfg: Config, token: Token, ring: KeyRing, server: grpc.Server, bound: str, role: ServingRole
+    cfg: Config, token: Token, ring: KeyRing, server: LoopServer, bound: str, role: ServingRole
 ) -> int:
     """Serves the Signer, KeyAdmin and health services (and reflection) on ``server`` until
     SIGTERM or SIGINT, then drains the calls in flight; the audit trail (``[audit]``) is open
@@ -243,17 +244,18 @@ def serve_process(
     the audit chain is held by another process or the audit key is unusable."""
     ring.start_background_refresh()
     admission.install(admission.controller_for(cfg))
-    pb_grpc.add_SignerServicer_to_server(SignerService(token, ring, cfg), server)
-    pb_grpc.add_KeyAdminServicer_to_server(KeyAdminService(token, ring, cfg), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    pb_grpc.add_SignerServicer_to_server(SignerService(token, ring, cfg), server.aio)
+    pb_grpc.add_KeyAdminServicer_to_server(KeyAdminService(token, ring, cfg), server.aio)
+    # Served on the event loop: a health check never waits for a serving thread.
+    health_servicer: health.HealthServicer = server.health
+    server.health.add_to(server.aio)
     status = Health(health_servicer, cfg.server.key_admin)
     if cfg.server.reflection:
         from grpc_reflection.v1alpha import reflection
 
         names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Signer", "KeyAdmin")]
         reflection.enable_server_reflection(
-            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server.aio
         )
     stop = threading.Event()
     watch_token(token, ring, status, stop)
@@ -287,7 +289,7 @@ def serve_process(
         pipeline.calls.drain(cfg.server.grace_seconds)
         time.sleep(DRAIN_LINGER_SECONDS)
         left = max(0.0, cfg.server.grace_seconds - (time.monotonic() - t0))
-        server.stop(left).wait()
+        server.stop(left)
         log.info("%s", deadlines.tally.summary())
         log.info("%s", admission.summary())
         role.stopped()

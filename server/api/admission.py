@@ -510,11 +510,10 @@ def controller_for(cfg: Config) -> AdmissionController:
 
 
 def serving_threads(cfg: Config) -> int:
-    """Threads a serving process needs: server.threads, one for each call that may be
-    blocked in the controller (waiting for or holding a turn), and as many again for the calls
-    beyond them that are being read and refused: gRPC's synchronous server gives a call its
-    thread when its headers arrive, and under abuse the excess arrives as fast as it is
-    refused. With fewer, another caller's call waited about 2 s for a thread behind 400 of one
-    identity's streams on this project's machine (docs/operations.md, Admission)."""
-    places = cfg.token.sessions + cfg.server.limits.max_queued_calls
-    return cfg.server.threads + 2 * places
+    """Threads a serving process needs: server.threads for the calls being refused or
+    answered without the token, and one for each call that may be blocked in the controller
+    (waiting for or holding a turn). A call being received holds no thread: the event loop
+    reads it (docs/adr/0008-serving-model.md). (With gRPC's synchronous server, which gave a
+    call its thread when its headers arrived, twice as many were needed: another caller's
+    call waited about 2 s for a thread behind 400 of one identity's streams.)"""
+    return cfg.server.threads + cfg.token.sessions + cfg.server.limits.max_queued_calls

@@ -19,8 +19,9 @@ out through them in reverse. Today's stages:
     UNAVAILABLE (``AuditUnavailable``): a result is never returned unaudited.
 ``well_formed``
     refuses a request body that is not the method's message (``server.api.malformed``)
-    with INVALID_ARGUMENT, and one over its method's size bound (``server.api.limits``)
-    with RESOURCE_EXHAUSTED.
+    with INVALID_ARGUMENT, one over its method's size bound or the process's byte budget
+    (``server.api.limits``, ``server.api.dispatch``) with RESOURCE_EXHAUSTED, and a call
+    whose request did not arrive in time with DEADLINE_EXCEEDED.
 ``access``
     who the caller is (``server.identity``: its TLS certificate by a typed rule, its OIDC
     token, or the local dev identity), its per-identity limits, and whether the policy
@@ -62,10 +63,17 @@ import grpc
 
 from server.api import admission, deadlines
 from server.api.accesslog import access
-from server.api.limits import Oversized
+from server.api.limits import NotReceived, Oversized
 from server.api.malformed import MALFORMED
 from server.audit import trail as audit
-from server.errors import Busy, InvalidArgument, KeyObjectGone, ServerError, Unavailable
+from server.errors import (
+    Busy,
+    DeadlineExceeded,
+    InvalidArgument,
+    KeyObjectGone,
+    ServerError,
+    Unavailable,
+)
 from server.identity.model import current_identity, set_current_identity
 from server.policy import gate
 
@@ -192,6 +200,8 @@ def well_formed_stage(call: Call, proceed: Proceed) -> Any:
         raise InvalidArgument(f"the request is not a valid {call.method} request message")
     if isinstance(call.request, Oversized):
         raise Busy(call.request.message(call.method))
+    if isinstance(call.request, NotReceived):
+        raise DeadlineExceeded(call.request.message())
     return proceed(call)
 
 

@@ -1,9 +1,11 @@
-"""Bounded resources per connection: request sizes per method, idle connections closed."""
+"""Bounded resources per connection: request sizes per method, idle connections closed,
+connections over the per-process limit refused."""
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -13,6 +15,8 @@ from hsmsign.names import ANSWERED_BY
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from tests.harness import Daemon, TokenDir, hsmsignd, start_daemon, write_config
+from tests.harness.calls import sign_status
+from tests.harness.h2raw import RawH2Connection
 
 SHA256 = pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256
 
@@ -114,3 +118,33 @@ def test_limits_config_errors_are_one_line(token: TokenDir, tmp_path: Path) -> N
         f"hsmsignd: config error: {config}: server.limits.max_small_request_bytes: got 2000; "
         "allowed: at most max_request_bytes (1000)"
     ]
+
+
+def test_connections_over_the_limit_are_closed_and_the_daemon_keeps_serving(
+    token: TokenDir, tmp_path: Path
+) -> None:
+    d = _daemon(token, tmp_path, "max_connections = 3")
+    held: list[RawH2Connection] = []
+    try:
+        for _ in range(3):
+            held.append(RawH2Connection(d.address))
+        # Accepted: answered with the server's SETTINGS, and still open a moment later.
+        extra = RawH2Connection(d.address)
+        held.append(extra)
+        assert extra.closed.wait(15), "a connection over max_connections was kept open"
+        assert not any(c.closed.is_set() for c in held[:3])
+        for c in held:
+            c.close()
+        # Closed connections give their places back (gRPC counts them down as they close).
+        deadline = time.monotonic() + 30
+        while True:
+            with grpc.insecure_channel(d.address) as channel:
+                status = sign_status(channel, timeout=5)
+            if status == (grpc.StatusCode.OK, "") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert status == (grpc.StatusCode.OK, "")
+    finally:
+        for c in held:
+            c.close()
+        assert d.stop() == 0
