@@ -15,14 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 
-from server.keyring.model import Key, KeyVersion, State, now_utc
+from server.keyring.model import Key, State, now_utc
 from server.keyring.state import RingState
-
-
-def has_objects(v: KeyVersion) -> bool:
-    """Whether the read found the version's key objects (a destroyed version is listed from
-    its recorded public key, without capabilities)."""
-    return v.info.can_sign or v.info.can_decrypt or v.info.can_unwrap
 
 
 def lost_versions(
@@ -39,10 +33,12 @@ def lost_versions(
         new = after.get(name)
         rec = state.keys.get(name)
         for v in key.versions:
-            if not has_objects(v):
+            # Whether a read found the objects (not their capabilities: a disabled version
+            # has its CKA_SIGN or CKA_DECRYPT turned off, docs/adr/0007).
+            if not v.has_objects:
                 continue
             nv = next((x for x in new.versions if x.version == v.version), None) if new else None
-            if nv is not None and has_objects(nv):
+            if nv is not None and nv.has_objects:
                 continue
             vr = rec.versions.get(v.version) if rec else None
             if vr is not None and (

@@ -3,6 +3,7 @@ table-driven: which versions a new read lost."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from datetime import UTC, datetime, timedelta
 
@@ -98,3 +99,16 @@ def test_a_ring_whose_state_went_missing_too_lost_everything() -> None:
 
 def test_a_first_read_loses_nothing() -> None:
     assert lost_versions({}, {}, RingState(), NOW) == []
+
+
+def test_a_version_disabled_in_the_token_is_not_lost() -> None:
+    # A disable turns the private key's CKA_SIGN off in the token (docs/adr/0007): its objects
+    # are still there, so the read that follows lost nothing (this was taken for a token
+    # fault, and every disable answered UNAVAILABLE while the module was re-initialised).
+    before_state = _state(BEFORE)
+    before = build_keys(BEFORE, before_state)
+    refused = dataclasses.replace(obj("k", 2), can_sign=False)
+    after_state = _state(BEFORE)
+    _mark(after_state, 2, State.DISABLED.value)
+    after = build_keys([obj("k", 1), refused], after_state)
+    assert lost_versions(before, after, after_state, NOW) == []
