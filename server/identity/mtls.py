@@ -134,6 +134,8 @@ class CertificateIdentifier:
         """The identity of a verified client certificate (``chain``: the PEM intermediates
         the client presented); None when no rule names it. Raises Unauthenticated when the
         certificate or a CA on its path is revoked, or its path leads to no client CA."""
+        if not self._rules and not self._crls:
+            return None  # no rule can name it (the client CAs were not even loaded)
         try:
             leaf = x509.load_pem_x509_certificate(pem)
             presented = [c for blob in chain for c in x509.load_pem_x509_certificates(blob)]

@@ -47,12 +47,14 @@ def _config(tmp_path: Path, server: str) -> Path:
 def test_grpc_bound_must_be_above_the_threads_admission_may_hold(tmp_path: Path) -> None:
     """gRPC's maximum_concurrent_rpcs refuses with no log line or audit record: it must never
     refuse a call that hsmsignd's own queue has room for."""
-    low = "max_concurrent_calls = 100\n[server.limits]\nmax_queued_calls = 64\n"
+    # server.threads (4) + token.sessions (2) + max_queued_calls (64): a thread for each
+    # place, no more: a call being received holds no thread (docs/adr/0008).
+    low = "max_concurrent_calls = 70\n[server.limits]\nmax_queued_calls = 64\n"
     with pytest.raises(
-        ConfigError, match=r"max_concurrent_calls: got 100; allowed: above .*\(136\)"
+        ConfigError, match=r"max_concurrent_calls: got 70; allowed: above .*\(70\)"
     ):
         config.load(_config(tmp_path, low))
-    cfg = config.load(_config(tmp_path, low.replace("100", "137")))
-    assert admission.serving_threads(cfg) == 136 < cfg.server.max_concurrent_calls
+    cfg = config.load(_config(tmp_path, low.replace("70", "71")))
+    assert admission.serving_threads(cfg) == 70 < cfg.server.max_concurrent_calls
     controller = admission.controller_for(cfg)
     assert (controller.capacity, controller.places) == (2, 66)
