@@ -35,7 +35,7 @@ from server.keyring.hostlock import HostLock, default_lock_file
 from server.keyring.join import adopt, build_keys, due_for_destruction, usable_against_state
 from server.keyring.model import LABEL_PREFIX, Key, KeyReference, KeyVersion, Purpose, State
 from server.keyring.state import STATE_APPLICATION, STATE_LABEL, RingState
-from server.keyring.store import StateStore
+from server.keyring.store import StateInDoubt, StateStore
 from server.keyring.vanished import lost_versions
 from server.pkcs11.objects import KeyObjectInfo
 from server.pkcs11.session import Session
@@ -151,8 +151,11 @@ class KeyRing:
 
     # -- reading --------------------------------------------------------------------------
 
-    def _read(self) -> tuple[dict[str, Key], RingState]:
-        """Reads objects and state (a read only: retried once on a token fault). Raises
+    def _read(self, after_reinit: bool = False) -> tuple[dict[str, Key], RingState]:
+        """Reads objects and state (a read only: retried once on a token fault). A state that
+        keeps reading as older than seen (``StateInDoubt``) is believed only after the token
+        was re-initialised (SoftHSM2 never re-reads a token it once failed to read, design
+        fact 9, and a re-initialised token may hold an older generation). Raises
         TokenUnavailable (marking the ring unreadable) when the read fails."""
 
         def read(s: Session) -> tuple[list[KeyObjectInfo], RingState]:
@@ -161,6 +164,14 @@ class KeyRing:
         try:
             with self.objects_exclusive():
                 objects, state = self._token.run("reading the key ring", read)
+        except StateInDoubt as e:
+            if not after_reinit:
+                log.warning("key ring: %s; re-initialising the token before believing it", e)
+                if self._token.reinitialize(f"the key-ring state is in doubt: {e}", REREAD_WAIT):
+                    self._store.reset_floor()
+                    return self._read(after_reinit=True)
+            self._set_readable(False, str(e))
+            raise
         except TokenUnavailable as e:  # not Busy: a full pool is load, not an unreadable ring
             self._set_readable(False, str(e))
             raise
@@ -246,16 +257,16 @@ class KeyRing:
                 and sibling_change == self._seen_change
                 and time.monotonic() - snap.scanned_at < FULL_SCAN_SECONDS
             ):
+                state: RingState | None
                 try:
                     with self.objects_exclusive():
-                        state = self._token.run(
-                            "reading the key ring",
-                            self._store.read,
-                        )
+                        state = self._token.run("reading the key ring", self._store.read)
+                except StateInDoubt:
+                    state = None  # the full read below re-initialises the token first
                 except TokenUnavailable as e:
                     self._set_readable(False, str(e))
                     raise
-                same = (state.generation, state.writer) == (
+                same = state is not None and (state.generation, state.writer) == (
                     snap.state.generation,
                     snap.state.writer,
                 )

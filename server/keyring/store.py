@@ -27,6 +27,13 @@ log = logging.getLogger("server.keyring.ring")
 READ_PATIENCE_SECONDS = 3.0
 
 
+class StateInDoubt(TokenUnavailable):
+    """Scans keep finding no state document, or an older one, than this process read before:
+    a scan raced a write for longer than READ_PATIENCE_SECONDS, or the token fails or was
+    replaced. The ring re-initialises the token and, with the floor forgotten, reads again
+    before it believes such a read."""
+
+
 class StateStore:
     """The state document as one process reads and writes it; thread-safe enough for the
     ring's own locks (the floor only ever rises, except when reset after a recovery)."""
@@ -43,7 +50,7 @@ class StateStore:
         hsmsign keys but no document is scanned again too before it counts as new. With
         ``settled`` (writers), scans are repeated while several documents share the highest
         generation, so that no write is built on a document about to be withdrawn. Raises
-        TokenUnavailable when the state keeps reading as older than seen."""
+        StateInDoubt when the state keeps reading as older than seen."""
         deadline = time.monotonic() + READ_PATIENCE_SECONDS
         pause = 0.005
         for scan in itertools.count():
@@ -56,7 +63,7 @@ class StateStore:
                 self.saw(current.generation)
                 return current
             if problem is not None and last:
-                raise TokenUnavailable(f"{problem} (a scan raced a write, or the token fails)")
+                raise StateInDoubt(f"{problem} (a scan raced a write, or the token fails)")
             time.sleep(pause)
             pause = min(pause * 2, 0.2)
         raise AssertionError("unreachable")
