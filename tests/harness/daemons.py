@@ -12,7 +12,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,10 +94,17 @@ class Daemon:
 
 
 def start_daemon(
-    config: Path, tmp: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 30
+    config: Path,
+    tmp: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 30,
+    prefix: Sequence[str] = (),
 ) -> Daemon:
     """Starts ``hsmsignd serve`` on 127.0.0.1:0 (a later ``--listen`` in ``args`` wins) and
-    waits for its ready file. Raises AssertionError if it exits or is not ready in time."""
+    waits for its ready file. ``prefix``: a command that execs the daemon (setpriv, prlimit;
+    tests/harness/faults.py), so the pid is still the daemon's. Raises AssertionError if it
+    exits or is not ready in time."""
     tmp.mkdir(parents=True, exist_ok=True)
     ready = tmp / "ready.json"
     ready.unlink(missing_ok=True)
@@ -105,6 +112,7 @@ def start_daemon(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [
+                *prefix,
                 HSMSIGND,
                 "--config",
                 str(config),
