@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
@@ -32,8 +32,9 @@ from server.api.signer import SignerService
 from server.audit import serving as audit_serving
 from server.config import Config
 from server.errors import TokenNotFound, cannot_listen
+from server.health import Health
 from server.keyring.ring import KeyRing
-from server.pkcs11.token import Token
+from server.pkcs11.token import Token, TokenState
 from server.policy import gate
 from server.supervisor import ServingProcessSpec, SharedCounter
 
@@ -131,6 +132,23 @@ def _open_token(cfg: Config) -> Token:
     raise AssertionError("unreachable")
 
 
+def watch_token(token: Token, ring: KeyRing, status: Health, stop: threading.Event) -> None:
+    """Health follows the token and the key ring; a PIN the token refused at a re-login
+    stops the serving process (``serve_process`` then raises the token's PinRefused: exit
+    77, never restarted). The one place that decides this."""
+
+    def on_token(state: TokenState, why: str) -> None:
+        if state is TokenState.CLOSED:
+            return  # stopping anyway
+        status.set("token", state is TokenState.USABLE, why)
+        if state is TokenState.PIN_REFUSED:
+            log.error("stopping: %s", why)
+            stop.set()
+
+    token.add_listener(on_token)
+    ring.add_listener(lambda ok, why: status.set("keyring", ok, why))
+
+
 def listen_on(
     cfg: Config, address: str, creds: grpc.ServerCredentials | None, *, reuse_port: bool
 ) -> tuple[grpc.Server, str]:
@@ -224,6 +242,7 @@ def serve_process(
     pb_grpc.add_KeyAdminServicer_to_server(KeyAdminService(token, ring, cfg), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    status = Health(health_servicer, cfg.server.key_admin)
     if cfg.server.reflection:
         from grpc_reflection.v1alpha import reflection
 
@@ -232,6 +251,7 @@ def serve_process(
             [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
     stop = threading.Event()
+    watch_token(token, ring, status, stop)
 
     def on_signal(signum: int, _frame: object) -> None:
         role.stopping(signal.Signals(signum).name, cfg.server.grace_seconds)
@@ -243,17 +263,11 @@ def serve_process(
     signal.signal(signal.SIGHUP, lambda _signum, _frame: reloader.reload_in_background())
     try:
         # The trail before the server: no call is ever served unaudited.
-        audit_serving.start(cfg, token, role.index, health_servicer)
-        server.start()
-        for name in ("", "hsmsign.v1.Signer"):
-            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        health_servicer.set(
-            "hsmsign.v1.KeyAdmin",
-            health_pb2.HealthCheckResponse.SERVING
-            if cfg.server.key_admin
-            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        audit_serving.start(
+            cfg, token, role.index, lambda ok: status.set("audit", ok, "cannot write the trail")
         )
-        audit_serving.apply_health()  # a trail that cannot be written: NOT_SERVING
+        server.start()
+        status.start()
         role.serving(bound, stop)
         stop.wait()
         health_servicer.enter_graceful_shutdown()
@@ -268,6 +282,8 @@ def serve_process(
         server.stop(left).wait()
         log.info("%s", deadlines.tally.summary())
         role.stopped()
+        if token.pin_refusal is not None:
+            raise token.pin_refusal  # exit 77: nothing may try this PIN again
         return 0
     finally:
         audit_serving.stop()  # a last signed checkpoint, after the last call

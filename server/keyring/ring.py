@@ -3,8 +3,10 @@ document, refreshed from the token, and the one way to change the state (``KeyRi
 
 Every ``keyring.refresh_seconds`` a daemon reads the state document, and reads the key objects
 again when the state changed, when a destruction falls due, and at least every
-``FULL_SCAN_SECONDS``; at once when a request names something unknown. The choice and its
-residual race are written down in docs/adr/0002-key-ring-state.md.
+``FULL_SCAN_SECONDS``; when a request names something unknown, at most once per
+``refresh_seconds``. A read that failed is never installed, and a read that lost keys is
+believed only after the module was re-initialised (``server.keyring.vanished``). The choice
+and its residual race are written down in docs/adr/0002-key-ring-state.md.
 """
 
 from __future__ import annotations
@@ -22,12 +24,21 @@ from typing import Protocol, TypeVar
 
 from server.audit import trail as audit
 from server.config import Config
-from server.errors import FailedPrecondition, KeyNotFound, ServerError, StartupError
+from server.errors import (
+    FailedPrecondition,
+    KeyNotFound,
+    ServerError,
+    StartupError,
+    TokenUnavailable,
+)
 from server.keyring import state as state_doc
 from server.keyring.join import adopt, build_keys, due_for_destruction
 from server.keyring.model import LABEL_PREFIX, Key, KeyReference, KeyVersion, Purpose, State
 from server.keyring.state import STATE_APPLICATION, STATE_LABEL, RingState, read_states
-from server.pkcs11.token import Token
+from server.keyring.vanished import lost_versions
+from server.pkcs11.objects import KeyObjectInfo
+from server.pkcs11.session import Session
+from server.pkcs11.token import Token, TokenState
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +51,10 @@ _WRITE_ATTEMPTS = 8
 #: document did not change: objects created or destroyed by other tools than hsmsign show up
 #: within this time (a request naming an unknown key re-reads at once anyway).
 FULL_SCAN_SECONDS = 60.0
+
+#: Seconds a read that lost versions waits for the token's re-initialisation before the
+#: call that made it gets UNAVAILABLE (the recovery goes on in the background).
+REREAD_WAIT = 5.0
 
 
 @dataclass
@@ -99,8 +114,13 @@ class KeyRing:
         self._lock = threading.RLock()  # guards reading + installing a snapshot
         self._write_lock = threading.RLock()  # one state writer per process
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._readable = True
+        self._unreadable_why = ""
+        self._listeners: list[Callable[[bool, str], None]] = []
         self.refresh()
+        token.add_listener(self._on_token)
 
     @property
     def token(self) -> Token:
@@ -120,16 +140,81 @@ class KeyRing:
 
     # -- reading --------------------------------------------------------------------------
 
+    def _read(self) -> tuple[dict[str, Key], RingState]:
+        """Reads objects and state (a read only: retried once on a token fault). Raises
+        TokenUnavailable (marking the ring unreadable) when the read fails."""
+
+        def read(s: Session) -> tuple[list[KeyObjectInfo], RingState]:
+            return s.find_key_objects(LABEL_PREFIX), state_doc.current(read_states(s))
+
+        try:
+            with self.objects_exclusive():
+                objects, state = self._token.run("reading the key ring", read)
+        except ServerError as e:
+            self._set_readable(False, str(e))
+            raise
+        return build_keys(objects, state, self._config.key_options), state
+
     def _reload(self) -> list[KeyVersion]:
         """Re-reads objects and state; installs the snapshot; returns versions now due for
-        destruction. Call with ``_lock`` held."""
-        with self.objects_exclusive(), self._token.session("reading the key ring") as s:
-            objects = s.find_key_objects(LABEL_PREFIX)
-            state = state_doc.current(read_states(s))
-        keys = build_keys(objects, state, self._config.key_options)
+        destruction. Call with ``_lock`` held.
+
+        A read that failed is never installed. A read that lost versions the installed ring
+        had (``server.keyring.vanished``) is a token fault until shown otherwise: the module
+        is re-initialised and the ring read again, and only what that read says is
+        installed. Raises TokenUnavailable while the token cannot be read."""
+        keys, state = self._read()
+        lost = lost_versions(self._snapshot.keys, keys, state)
+        if lost:
+            shown = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
+            log.warning(
+                "key-ring read lost %s without a recorded destruction; re-initialising the "
+                "token before believing it",
+                shown,
+            )
+            if not self._token.reinitialize(f"the key-ring read lost {shown}", REREAD_WAIT):
+                why = "the key ring lost keys and the token is being re-initialised; retry"
+                self._set_readable(False, why)
+                raise TokenUnavailable(why)
+            keys, state = self._read()
+            still = lost_versions(self._snapshot.keys, keys, state)
+            if still:
+                log.warning(
+                    "key-ring read after re-initialising the token still lacks %s: accepted "
+                    "(their objects were removed outside hsmsign)",
+                    ", ".join(still),
+                )
         now_mono = time.monotonic()
         self._snapshot = _Snapshot(keys=keys, loaded_at=now_mono, state=state, scanned_at=now_mono)
+        self._set_readable(True, "")
         return due_for_destruction(keys, state) if self._destroys_due else []
+
+    # -- whether the ring can be read (health) ------------------------------------------
+
+    @property
+    def readable(self) -> bool:
+        """Whether the last read of the ring succeeded."""
+        return self._readable
+
+    def add_listener(self, listener: Callable[[bool, str], None]) -> None:
+        """Calls ``listener(readable, why)`` whenever that changes, and once now."""
+        self._listeners.append(listener)
+        listener(self._readable, self._unreadable_why)
+
+    def _set_readable(self, ok: bool, why: str) -> None:
+        if ok == self._readable:
+            return
+        self._readable, self._unreadable_why = ok, why
+        if ok:
+            log.warning("key ring readable again: %d keys", len(self._snapshot.keys))
+        else:
+            log.warning("key ring cannot be read: %s", why)
+        for listener in list(self._listeners):
+            listener(ok, why)
+
+    def _on_token(self, state: TokenState, _why: str) -> None:
+        if state is TokenState.USABLE:
+            self._wake.set()  # read the ring again now, not at the next interval
 
     def _check(self) -> None:
         """The background refresh. Reading every key object holds a session and the GIL for
@@ -141,12 +226,20 @@ class KeyRing:
             snap = self._snapshot
             sibling_change = self._siblings.read() if self._siblings is not None else 0
             if (
-                snap.state is not None
+                self._readable
+                and snap.state is not None
                 and sibling_change == self._seen_change
                 and time.monotonic() - snap.scanned_at < FULL_SCAN_SECONDS
             ):
-                with self.objects_exclusive(), self._token.session("reading the key ring") as s:
-                    state = state_doc.current(read_states(s))
+                try:
+                    with self.objects_exclusive():
+                        state = self._token.run(
+                            "reading the key ring",
+                            lambda s: state_doc.current(read_states(s)),
+                        )
+                except ServerError as e:
+                    self._set_readable(False, str(e))
+                    raise
                 same = (state.generation, state.writer) == (
                     snap.state.generation,
                     snap.state.writer,
@@ -240,20 +333,33 @@ class KeyRing:
     def list_keys(self) -> list[Key]:
         return sorted(self._current().values(), key=lambda k: k.name)
 
+    def _missed(self) -> bool:
+        """A lookup found nothing in the cached ring: re-reads the token if the last full read
+        is older than refresh_seconds (so unknown names cannot make every call read the
+        token); whether it did. Raises TokenUnavailable while the ring cannot be read (a miss
+        is then no proof that the key is not there)."""
+        if not self._readable:
+            raise TokenUnavailable(f"the key ring cannot be read now ({self._unreadable_why})")
+        if time.monotonic() - self._snapshot.scanned_at < self._config.keyring.refresh_seconds:
+            return False
+        self.refresh()
+        return True
+
     def get(self, name: str) -> Key:
+        """The key named ``name``. Raises KeyNotFound, or TokenUnavailable while the ring
+        cannot be read."""
         key = self._current().get(name)
-        if key is None:
-            self.refresh()
+        if key is None and self._missed():
             key = self._snapshot.keys.get(name)
         if key is None:
             raise KeyNotFound(f"no key named {name!r} in token {self._token.label!r}")
         return key
 
     def find(self, ref: KeyReference) -> KeyVersion:
-        """The version a reference names, whatever its state. Raises KeyNotFound."""
+        """The version a reference names, whatever its state. Raises KeyNotFound, or
+        TokenUnavailable while the ring cannot be read."""
         version = self._find(ref)
-        if version is None:
-            self.refresh()
+        if version is None and self._missed():
             version = self._find(ref)
         if version is None:
             raise KeyNotFound(f"no {ref.describe()} in token {self._token.label!r}")
@@ -391,11 +497,15 @@ class KeyRing:
 
         def loop() -> None:
             interval = max(self._config.keyring.refresh_seconds, 0.2)
-            while not self._stop.wait(interval):
+            while not self._stop.is_set():
+                self._wake.wait(interval)
+                self._wake.clear()
+                if self._stop.is_set():
+                    return
                 try:
                     self._check()
-                except ServerError as e:
-                    log.warning("key-ring refresh failed: %s", e)
+                except ServerError:
+                    pass  # logged once when the ring became unreadable (_set_readable)
                 except Exception:
                     log.exception("key-ring refresh failed")
 
@@ -406,5 +516,6 @@ class KeyRing:
         """Stops the background refresh and waits for a refresh in flight to finish, so that
         the token is not closed under it."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)

@@ -16,6 +16,7 @@ from server.api import deadlines
 from server.errors import InvalidArgument
 from server.keyring.model import KeyVersion
 from server.pkcs11.mechanisms import RSA_PKCS, RSA_PSS_SHA256, RSA_PSS_SHA384, RSA_PSS_SHA512, Mech
+from server.pkcs11.session import Session
 from server.pkcs11.token import Token
 
 #: Most digests one batch call may carry.
@@ -87,9 +88,13 @@ def sign_digest(token: Token, key: KeyVersion, scheme: SignatureScheme, digest: 
     """Signs one digest. Raises InvalidArgument for a wrong length; token errors classified."""
     data = _check_digest(scheme, digest)
     caller_gone = deadlines.batch_check()
-    with token.session(f"signing with {scheme.mech.description}") as s:
+
+    def run(s: Session) -> bytes:
         caller_gone()  # it may have gone while the call waited for a session
-        signature = s.sign(key.cka_id, scheme.mech, data)
+        return s.sign(key.cka_id, scheme.mech, data)
+
+    # Signing has no side effects: a session or device fault is retried once (Token.run).
+    signature = token.run(f"signing with {scheme.mech.description}", run)
     deadlines.tally.signed(1)
     return signature
 
@@ -117,13 +122,15 @@ def sign_blocks(
     caller_gone = deadlines.batch_check()
 
     def sign_part(part: Sequence[bytes]) -> list[bytes]:
-        out: list[bytes] = []
-        with token.session(what) as s:
+        def run(s: Session) -> list[bytes]:
+            out: list[bytes] = []
             for start in range(0, len(part), deadlines.CHECK_EVERY):
                 caller_gone()
                 out += s.sign_many(key.cka_id, mech, part[start : start + deadlines.CHECK_EVERY])
                 deadlines.tally.signed(len(out) - start)
-        return out
+            return out
+
+        return token.run(what, run)
 
     lanes = min(_parallel_sessions(token), len(blocks) // MIN_DIGESTS_PER_SESSION)
     if lanes <= 1:

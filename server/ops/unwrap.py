@@ -107,8 +107,10 @@ def unwrap_session_key(
     _check_ciphertext(key, wrapped)
     if scheme.implicit_rejection:
         return _unwrap_pkcs1v15(token, key, wrapped)
-    with token.session(f"unwrapping with {scheme.mech.description}") as s:
-        secret = s.unwrap_secret(key.cka_id, scheme.mech, wrapped)
+    secret = token.run(
+        f"unwrapping with {scheme.mech.description}",
+        lambda s: s.unwrap_secret(key.cka_id, scheme.mech, wrapped),
+    )
     if not secret:
         raise invalid_ciphertext(key)
     return secret
@@ -135,11 +137,17 @@ def _pkcs1v15_check(em: bytes, size: int) -> tuple[int, bytes]:
 
 def _unwrap_pkcs1v15(token: Token, key: KeyVersion, wrapped: bytes) -> bytes:
     size = (key.bits + 7) // 8
-    with token.session("PKCS#1 v1.5 unwrap with implicit rejection") as s:
+    ir_input = _IR_CONTEXT + bytes.fromhex(key.fingerprint) + wrapped
+
+    def run(s: Session) -> tuple[bytes, int, bytes]:
         # Always computed, valid padding or not, before the padding is looked at.
-        ir_input = _IR_CONTEXT + bytes.fromhex(key.fingerprint) + wrapped
         fallback = s.implicit_rejection_mac(ir_input)[:PKCS1V15_KEY_BYTES]
         ok, message = _decrypt_pkcs1v15(s, id(token), key, wrapped, size)
+        return fallback, ok, message
+
+    # A token fault is never a rejected padding: it raises (UNAVAILABLE), and the call is
+    # retried once after the session or module is repaired (Session._rejected_or_fault).
+    fallback, ok, message = token.run("PKCS#1 v1.5 unwrap with implicit rejection", run)
     result = _select(ok, message, fallback)
     del message, fallback
     return result

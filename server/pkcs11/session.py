@@ -9,18 +9,22 @@ classifies them (``server.pkcs11.errors``).
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import pkcs11
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pkcs11 import Attribute, KeyType, ObjectClass
 
 from server.errors import InvalidArgument, KeyObjectGone, MechanismUnsupported
 from server.pkcs11 import templates
 from server.pkcs11.errors import (
+    AMBIGUOUS_REJECTION,
     ATTRIBUTE_UNREADABLE,
     CIPHERTEXT_REJECTED,
     HANDLE_STALE,
@@ -29,13 +33,17 @@ from server.pkcs11.errors import (
     UNWRAP_NOT_OFFERED,
     WRAPPED_KEY_REFUSED,
     HalfWritten,
+    Outcome,
     PKCS11Error,
     classify,
+    outcome,
 )
 from server.pkcs11.mechanisms import (
     AES_KEY_WRAP_PAD,
     GENERIC_SECRET_KEY_GEN,
+    RSA_PKCS,
     RSA_PKCS_KEY_PAIR_GEN,
+    RSA_X_509,
     SHA256_HMAC,
     Mech,
 )
@@ -60,8 +68,10 @@ _SCAN_ATTEMPTS = 5
 class Session:
     """One borrowed PKCS#11 session, with the private-key handles it has looked up."""
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, epoch: int = 0) -> None:
         self.raw = raw
+        #: The module initialisation it belongs to (``Token`` drops older ones).
+        self.epoch = epoch
         self._keys: dict[bytes, Any] = {}
         #: Handle of the implicit-rejection secret, looked up once per session.
         self._implicit_rejection_key: Any = None
@@ -134,6 +144,39 @@ class Session:
             ) from None
         except CIPHERTEXT_REJECTED:
             return None
+        except AMBIGUOUS_REJECTION:
+            if mech is RSA_X_509:
+                raise  # raw RSA below the modulus has no padding to reject: a device fault
+            return self._rejected_or_fault(cka_id, op)
+
+    def _rejected_or_fault(self, cka_id: bytes, op: Callable[[Any], bytes]) -> bytes | None:
+        """After CKR_GENERAL_ERROR, which SoftHSM2 answers for a bad padding and a failing
+        device answers for anything: the operation once more (a transient fault gives the
+        real answer now; a rejection repeats), then a known-answer decryption with the same
+        key. If the token decrypts that correctly, it is healthy and the ciphertext was
+        rejected (None); otherwise the GeneralError is re-raised as the device fault it is
+        (docs/unwrap.md, "Token faults")."""
+        try:
+            return self._with_key(cka_id, op)
+        except AMBIGUOUS_REJECTION:
+            if self._decrypts_known_answer(cka_id):
+                return None
+            raise
+
+    def _decrypts_known_answer(self, cka_id: bytes) -> bool:
+        """Whether the token decrypts a fresh PKCS#1 v1.5 ciphertext of 16 random bytes to
+        the right value with this key. A refusal that is a request error (the key may not
+        decrypt, only unwrap) shows the token answering, so it counts as healthy."""
+        key = self._private_key(cka_id)
+        try:
+            n = int.from_bytes(bytes(key[Attribute.MODULUS]), "big")
+            e = int.from_bytes(bytes(key[Attribute.PUBLIC_EXPONENT]), "big")
+            secret = os.urandom(16)
+            probe = rsa.RSAPublicNumbers(e, n).public_key().encrypt(secret, padding.PKCS1v15())
+            answer = bytes(key.decrypt(probe, mechanism=RSA_PKCS.mechanism))
+        except PKCS11Error as exc:
+            return outcome(exc) is Outcome.REQUEST
+        return hmac.compare_digest(answer, secret)
 
     def decrypt_or_none(self, cka_id: bytes, mech: Mech, data: bytes) -> bytes | None:
         """C_Decrypt; None when the token rejects the ciphertext (any reason, not told apart).

@@ -99,12 +99,11 @@ def start_daemon(
     *args: str,
     env: dict[str, str] | None = None,
     timeout: float = 30,
-    prefix: Sequence[str] = (),
+    command: Sequence[str] = (HSMSIGND,),
 ) -> Daemon:
     """Starts ``hsmsignd serve`` on 127.0.0.1:0 (a later ``--listen`` in ``args`` wins) and
-    waits for its ready file. ``prefix``: a command that execs the daemon (setpriv, prlimit;
-    tests/harness/faults.py), so the pid is still the daemon's. Raises AssertionError if it
-    exits or is not ready in time."""
+    waits for its ready file. ``command``: what runs hsmsignd (the fault-injection launcher,
+    tests/harness/faults.py). Raises AssertionError if it exits or is not ready in time."""
     tmp.mkdir(parents=True, exist_ok=True)
     ready = tmp / "ready.json"
     ready.unlink(missing_ok=True)
@@ -112,8 +111,7 @@ def start_daemon(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [
-                *prefix,
-                HSMSIGND,
+                *command,
                 "--config",
                 str(config),
                 "serve",

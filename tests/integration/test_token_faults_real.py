@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from tests.harness.daemons import Daemon, hsmsignd, start_daemon
-from tests.harness.faults import (
-    WITHOUT_DAC_OVERRIDE,
+from tests.harness.paths import SOFTHSM_MODULE
+from tests.harness.realfaults import (
     ChildWatch,
     Findings,
     HealthSample,
@@ -48,8 +48,8 @@ from tests.harness.faults import (
     time_limit,
     token_store,
     wait_recovered,
+    without_dac_override,
 )
-from tests.harness.paths import SOFTHSM_MODULE
 from tests.harness.tokens import TokenDir, make_token, write_config
 
 DIGEST = hashlib.sha256(b"hsmsign token faults").digest()
@@ -229,7 +229,7 @@ def test_unreadable_token_directory_gives_unavailable_then_recovers(
         pytest.skip(f"cannot run the daemon without root's permission override: {why}")
     ft = _fault_token(tmp_path)
     store = token_store(ft.token)
-    d = start_daemon(ft.config, tmp_path / "d", prefix=WITHOUT_DAC_OVERRIDE)
+    d = start_daemon(ft.config, tmp_path / "d", command=without_dac_override())
     try:
         run = _through_fault(d, lambda: store.chmod(0), lambda: store.chmod(0o700))
         found = Findings()
@@ -406,7 +406,7 @@ def test_descriptors_exhausted_leave_the_key_ring_whole(tmp_path: Path, bounded:
     another admin changes it offline, so that a full read falls in the fault); once they
     close, the ring is whole, `keys list` lists every key and health is SERVING."""
     ft = _fault_token(tmp_path)
-    d = start_daemon(ft.config, tmp_path / "d", prefix=descriptor_limit(DESCRIPTOR_LIMIT))
+    d = start_daemon(ft.config, tmp_path / "d", command=descriptor_limit(DESCRIPTOR_LIMIT))
     pid = d.proc.pid
     host, port = d.address.rsplit(":", 1)
     idle: list[socket.socket] = []

@@ -1,0 +1,26 @@
+"""hsmsignd with the fault-injection wrapper over its token (tests only).
+
+``python -m tests.harness.faulty_hsmsignd PLAN HSMSIGND-ARGS...`` installs the wrapper of
+``tests.harness.faults`` (driven by the plan file PLAN) and then runs ``server.main`` with the
+rest of the arguments. Several serving processes are started by the supervisor as plain
+``server.main`` processes, without the wrapper: fault tests use ``server.processes = 1``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from server import main
+from server.pkcs11 import intercept
+from tests.harness import faults
+
+
+def run(argv: list[str]) -> int:
+    """Installs the wrapper for plan ``argv[0]``; runs hsmsignd with ``argv[1:]``."""
+    intercept.install(faults.wrapper(Path(argv[0])))
+    return main.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
