@@ -190,7 +190,26 @@ def _through_fault(
     )
 
 
-def _check_recovery(found: Findings, run: Timeline, d: Daemon, pid: int) -> None:
+def _workers(d: Daemon) -> list[int]:
+    ready = json.loads((d.tmp / "ready.json").read_text())
+    return [int(p) for p in ready.get("workers", [])]
+
+
+@dataclass(frozen=True)
+class _Processes:
+    """The daemon's pid and its serving processes' pids (ready file)."""
+
+    pid: int
+    workers: tuple[int, ...]
+
+    @classmethod
+    def of(cls, d: Daemon) -> _Processes:
+        return cls(d.proc.pid, tuple(_workers(d)))
+
+
+def _check_recovery(found: Findings, run: Timeline, d: Daemon, started: _Processes) -> None:
+    """Calls and health came back within RECOVERY_SECONDS and stayed, and no process of the
+    daemon was replaced: a restart is not a recovery."""
     if run.recovered is None:
         found.add(
             f"no recovery within {RECOVERY_SECONDS:g}s after the fault ended: last answers "
@@ -200,8 +219,13 @@ def _check_recovery(found: Findings, run: Timeline, d: Daemon, pid: int) -> None
     else:
         # Half a second for calls that were already on their way back.
         check_steady(found, run.outcomes, run.health, run.recovered + 0.5, run.steady_end)
-    if d.proc.poll() is not None or d.proc.pid != pid:
+    if d.proc.poll() is not None:
         found.add(f"the daemon exited ({d.proc.returncode}) instead of recovering")
+    elif _Processes.of(d) != started:
+        found.add(
+            f"serving processes were replaced ({started.workers} became {_Processes.of(d).workers})"
+            ": restarted, not recovered"
+        )
 
 
 def _listed_keys(d: Daemon) -> set[str]:
@@ -236,6 +260,7 @@ def test_unreadable_token_directory_gives_unavailable_then_recovers(
     ft = _fault_token(tmp_path)
     store = token_store(ft.token)
     d = start_daemon(ft.config, tmp_path / "d", command=without_dac_override())
+    started = _Processes.of(d)
     try:
         run = _through_fault(d, lambda: store.chmod(0), lambda: store.chmod(0o700))
         found = Findings()
@@ -244,7 +269,7 @@ def test_unreadable_token_directory_gives_unavailable_then_recovers(
         check_fault_window(
             found, run.outcomes, run.health, run.fault_start + DETECT_SECONDS, run.fault_end
         )
-        _check_recovery(found, run, d, d.proc.pid)
+        _check_recovery(found, run, d, started)
         _check_keys_listed(found, d, {"demo"})
     finally:
         d.stop()
@@ -259,6 +284,7 @@ def test_token_directory_moved_away_and_back_recovers(tmp_path: Path, bounded: N
     store = token_store(ft.token)
     away = _away(ft.token, store)
     d = start_daemon(ft.config, tmp_path / "d")
+    started = _Processes.of(d)
     try:
 
         def restore() -> None:
@@ -275,7 +301,7 @@ def test_token_directory_moved_away_and_back_recovers(tmp_path: Path, bounded: N
         check_fault_window(
             found, run.outcomes, run.health, run.fault_start + DETECT_SECONDS, run.fault_end
         )
-        _check_recovery(found, run, d, d.proc.pid)
+        _check_recovery(found, run, d, started)
         _check_keys_listed(found, d, {"demo"})
     finally:
         d.stop()
@@ -299,11 +325,6 @@ def _token_tool(token: TokenDir, program: str, *args: str) -> None:
     r = subprocess.run(command, env=token.env(), capture_output=True, text=True, timeout=60)
     if r.returncode != 0:
         raise AssertionError(f"{program} {args[0]} failed: {r.stdout}{r.stderr}")
-
-
-def _workers(d: Daemon) -> list[int]:
-    ready = json.loads((d.tmp / "ready.json").read_text())
-    return [int(p) for p in ready.get("workers", [])]
 
 
 def _sign_on_new_connection(address: str) -> Outcome:
@@ -358,7 +379,7 @@ def test_token_deleted_and_reinitialised_serves_the_new_key(
     ft = _fault_token(tmp_path, processes)
     label, pin, so_pin = ft.token.label, ft.token.pin, ft.so_pin
     d = start_daemon(ft.config, tmp_path / "d")
-    pid = d.proc.pid
+    started = _Processes.of(d)
     keys: dict[str, rsa.RSAPublicKey] = {"old": ft.demo}
     marks: dict[str, float] = {}
 
@@ -408,7 +429,7 @@ def test_token_deleted_and_reinitialised_serves_the_new_key(
         check_fault_window(
             found, run.outcomes, run.health, run.fault_start + DETECT_SECONDS, run.fault_end
         )
-        _check_recovery(found, run, d, pid)
+        _check_recovery(found, run, d, started)
         if "new" in keys:
             _check_every_connection_answers_new(found, d, keys, "after recovery")
             if processes > 1:
@@ -447,7 +468,8 @@ def test_descriptors_exhausted_leave_the_key_ring_whole(tmp_path: Path, bounded:
     close, the ring is whole, `keys list` lists every key and health is SERVING."""
     ft = _fault_token(tmp_path)
     d = start_daemon(ft.config, tmp_path / "d", command=descriptor_limit(DESCRIPTOR_LIMIT))
-    pid = d.proc.pid
+    started = _Processes.of(d)
+    pid = started.pid
     host, port = d.address.rsplit(":", 1)
     idle: list[socket.socket] = []
     exhausted = False
@@ -481,7 +503,7 @@ def test_descriptors_exhausted_leave_the_key_ring_whole(tmp_path: Path, bounded:
         # UNAVAILABLE; it must never be wrong or NOT_FOUND.
         check_answers(found, run.outcomes, DIGEST, {"demo": ft.demo})
         _check_listed_during(found, run, {"demo"})
-        _check_recovery(found, run, d, pid)
+        _check_recovery(found, run, d, started)
         _check_keys_listed(found, d, {"demo", "other"})
     finally:
         release()
