@@ -142,8 +142,7 @@ def watch_token(token: Token, ring: KeyRing, status: Health, stop: threading.Eve
             return  # stopping anyway
         status.set("token", state is TokenState.USABLE, why)
         if state is TokenState.PIN_REFUSED:
-            log.error("stopping: %s", why)
-            stop.set()
+            stop.set()  # the token logged why; main prints the exit line
 
     token.add_listener(on_token)
     ring.add_listener(lambda ok, why: status.set("keyring", ok, why))

@@ -54,7 +54,7 @@ FULL_SCAN_SECONDS = 60.0
 
 #: Seconds a read that lost versions waits for the token's re-initialisation before the
 #: call that made it gets UNAVAILABLE (the recovery goes on in the background).
-REREAD_WAIT = 5.0
+REREAD_WAIT = 2.0
 
 
 @dataclass
@@ -150,7 +150,7 @@ class KeyRing:
         try:
             with self.objects_exclusive():
                 objects, state = self._token.run("reading the key ring", read)
-        except ServerError as e:
+        except TokenUnavailable as e:  # not Busy: a full pool is load, not an unreadable ring
             self._set_readable(False, str(e))
             raise
         return build_keys(objects, state, self._config.key_options), state
@@ -237,7 +237,7 @@ class KeyRing:
                             "reading the key ring",
                             lambda s: state_doc.current(read_states(s)),
                         )
-                except ServerError as e:
+                except TokenUnavailable as e:
                     self._set_readable(False, str(e))
                     raise
                 same = (state.generation, state.writer) == (

@@ -136,6 +136,9 @@ class Session:
     def _rsa_private_op(
         self, cka_id: bytes, mech: Mech, op: Callable[[Any], bytes]
     ) -> bytes | None:
+        # v1.5 (implicit rejection): the work must not depend on the padding, so the check
+        # runs for every ciphertext and decides a GeneralError without a second try.
+        healthy = self._decrypts_known_answer(cka_id) if mech is RSA_PKCS else None
         try:
             return self._with_key(cka_id, op)
         except MECHANISM_REFUSED as e:
@@ -147,6 +150,10 @@ class Session:
         except AMBIGUOUS_REJECTION:
             if mech is RSA_X_509:
                 raise  # raw RSA below the modulus has no padding to reject: a device fault
+            if healthy is not None:
+                if healthy:
+                    return None
+                raise
             return self._rejected_or_fault(cka_id, op)
 
     def _rejected_or_fault(self, cka_id: bytes, op: Callable[[Any], bytes]) -> bytes | None:
@@ -164,9 +171,8 @@ class Session:
             raise
 
     def _decrypts_known_answer(self, cka_id: bytes) -> bool:
-        """Whether the token decrypts a fresh PKCS#1 v1.5 ciphertext of 16 random bytes to
-        the right value with this key. A refusal that is a request error (the key may not
-        decrypt, only unwrap) shows the token answering, so it counts as healthy."""
+        """Whether the token decrypts a fresh PKCS#1 v1.5 ciphertext of 16 random bytes right
+        with this key (a request refusal shows the token answering: healthy too)."""
         key = self._private_key(cka_id)
         try:
             n = int.from_bytes(bytes(key[Attribute.MODULUS]), "big")

@@ -402,7 +402,7 @@ class Token:
                 )
             else:
                 log.warning(
-                    "token %s recovered after %.1fs (%d attempt%s; fault: %s)",
+                    "token %s recovered after %.2fs (%d attempt%s; fault: %s)",
                     self.config.describe_token(),
                     time.monotonic() - started,
                     attempt,

@@ -278,3 +278,25 @@ def test_a_failed_ring_read_is_not_installed(
     write_plan(plan)
     wait_for("signing again", lambda: sign(channel)[0] is OK)
     wait_for("health SERVING", lambda: health(channel) == "SERVING")
+
+
+def test_unknown_names_are_answered_from_the_cached_ring(
+    channel: grpc.Channel, plan: Path, daemon: Daemon
+) -> None:
+    """Issue 17: before, every unknown name forced a full read of the token (two searches);
+    now a miss re-reads at most once per refresh interval (0.5 s here)."""
+    write_plan(plan, {"call": "find_objects", "latency_seconds": 0})  # counts every search
+    stub = pb_grpc.SignerStub(channel)
+    t0 = time.monotonic()
+    for i in range(100):
+        code, _details, _resp = call(
+            lambda i=i: stub.GetPublicKey(  # type: ignore[misc]
+                pb.GetPublicKeyRequest(key=pb.KeyRef(name=f"nosuch{i}")), timeout=30
+            )
+        )
+        assert code is grpc.StatusCode.NOT_FOUND
+    elapsed = time.monotonic() - t0
+    searches = len(fired(plan))
+    # The background refresh searches about twice a second, a miss-triggered re-read twice
+    # per interval; 100 misses that each re-read would be 200 searches or more.
+    assert searches <= 10 + 8 * elapsed, (searches, elapsed)
