@@ -54,7 +54,7 @@ FULL_SCAN_SECONDS = 60.0
 
 #: Seconds a read that lost versions waits for the token's re-initialisation before the
 #: call that made it gets UNAVAILABLE (the recovery goes on in the background).
-REREAD_WAIT = 2.0
+REREAD_WAIT = 1.0
 
 
 @dataclass

@@ -217,14 +217,22 @@ def test_a_lost_login_is_logged_in_again_once(
     assert health(channel) == "SERVING"
 
 
-@pytest.mark.parametrize("error", ["PinIncorrect", "PinLocked", "PinExpired"])
+@pytest.mark.parametrize(
+    ("error", "first"),
+    [
+        ("PinIncorrect", "UserNotLoggedIn"),
+        ("PinLocked", "UserNotLoggedIn"),
+        ("PinExpired", "UserNotLoggedIn"),
+        ("PinIncorrect", "DeviceError"),  # the login of a recovery
+    ],
+)
 def test_a_refused_pin_at_re_login_stops_serving_with_exit_77(
-    channel: grpc.Channel, plan: Path, daemon: Daemon, error: str
+    channel: grpc.Channel, plan: Path, daemon: Daemon, error: str, first: str
 ) -> None:
     assert sign(channel)[0] is OK
     write_plan(
         plan,
-        {"call": "sign", "error": "UserNotLoggedIn", "times": 1},
+        {"call": "sign", "error": first, "times": 1},
         {"call": "login", "error": error},
     )
     code, details = sign(channel)
