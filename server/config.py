@@ -101,6 +101,17 @@ class TokenConfig:
     sessions: int = DEFAULT_SESSIONS
     #: Seconds a call waits for a free session before RESOURCE_EXHAUSTED.
     session_wait_seconds: float = 5.0
+    #: Seconds one token operation (a signature, a decryption, a key-ring read: a few
+    #: PKCS#11 calls) may take. Past it the session is given up, the call fails with
+    #: UNAVAILABLE, and health is NOT_SERVING until the token answers again
+    #: (server/pkcs11/watchdog.py). SoftHSM2 answers in milliseconds; for a network HSM allow
+    #: its worst failover time (docs/operations.md, "Token call limits").
+    call_timeout_seconds: float = 10.0
+    #: The same limit for generating a key pair (RSA-4096 prime search takes seconds).
+    keygen_timeout_seconds: float = 300.0
+    #: Seconds a call may stay past its limit before the process exits with code 75 (the
+    #: module is wedged; a new process initialises it again).
+    stuck_exit_seconds: float = 10.0
 
     def describe_token(self) -> str:
         return f"label {self.label!r}" if self.label is not None else f"serial {self.serial!r}"
@@ -184,6 +195,11 @@ class ServerConfig:
     tls: TlsConfig | None = None
     #: Message sizes, keepalive and connection lifetimes ([server.limits]).
     limits: ConnectionLimits = ConnectionLimits()
+    #: Seconds between a serving process's heartbeats to its supervisor (server/heartbeat.py).
+    heartbeat_seconds: float = 1.0
+    #: Seconds without a heartbeat after which the supervisor kills a serving process and
+    #: starts a new one (a stopped or frozen process). Its callers wait this long at most.
+    heartbeat_timeout_seconds: float = 5.0
 
 
 def default_threads(sessions: int) -> int:
@@ -324,6 +340,10 @@ def _token(root: Table) -> TokenConfig:
     wait = t.positive(
         "session_wait_seconds", float, default_of(TokenConfig, "session_wait_seconds"), 600
     )
+    limits = {
+        name: t.positive(name, float, default_of(TokenConfig, name), 86400)
+        for name in ("call_timeout_seconds", "keygen_timeout_seconds", "stuck_exit_seconds")
+    }
     t.finish()
     return TokenConfig(
         module=module,
@@ -334,6 +354,7 @@ def _token(root: Table) -> TokenConfig:
         threading=threading,
         sessions=sessions,
         session_wait_seconds=wait,
+        **limits,
     )
 
 
@@ -361,6 +382,20 @@ def _server(root: Table, sessions: int) -> ServerConfig:
     processes = _processes(s)
     key_admin = s.get("key_admin", bool, default_of(ServerConfig, "key_admin"), "true or false")
     limits = _limits(s)
+    heartbeat = s.positive(
+        "heartbeat_seconds", float, default_of(ServerConfig, "heartbeat_seconds"), 60
+    )
+    heartbeat_timeout = s.positive(
+        "heartbeat_timeout_seconds",
+        float,
+        default_of(ServerConfig, "heartbeat_timeout_seconds"),
+        3600,
+    )
+    if heartbeat_timeout < 2 * heartbeat:
+        raise s.error(
+            "heartbeat_timeout_seconds",
+            f"got {heartbeat_timeout:g}; allowed: at least twice heartbeat_seconds ({heartbeat:g})",
+        )
     allow_plaintext_import = s.get(
         "allow_plaintext_import",
         bool,
@@ -395,6 +430,8 @@ def _server(root: Table, sessions: int) -> ServerConfig:
         allow_plaintext_import=allow_plaintext_import,
         tls=tls,
         limits=limits,
+        heartbeat_seconds=heartbeat,
+        heartbeat_timeout_seconds=heartbeat_timeout,
     )
 
 

@@ -102,13 +102,23 @@ class ConfigError(StartupError):
     exit_code = 2
 
 
+#: The exit code of PinRefused: the supervisor never restarts a serving process that exits so.
+EXIT_PIN_REFUSED = 77
+
+
 class PinRefused(StartupError):
     """The token refused the user PIN: incorrect, locked or expired. Nothing ever tries that
     PIN again (a real HSM locks the user after a few tries): not the daemon, not its
     supervisor, and not systemd or Kubernetes, which are told by the exit code
     (``RestartPreventExitStatus``). Exit code 77 (sysexits' EX_NOPERM)."""
 
-    exit_code = 77
+    exit_code = EXIT_PIN_REFUSED
+
+
+#: A serving process exits with this when a token call stays hung past its limit and
+#: token.stuck_exit_seconds (server/pkcs11/watchdog.py): restart it, the new process
+#: initialises the module again (sysexits' EX_TEMPFAIL).
+EXIT_TOKEN_HUNG = 75
 
 
 class TokenNotFound(StartupError):

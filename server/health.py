@@ -3,11 +3,12 @@ the standard health service.
 
 A serving process is SERVING for the empty service name and ``hsmsign.v1.Signer`` when it
 has started and every condition holds: the token is usable (not recovering from a fault,
-not refused its PIN), the key ring can be read, and the audit trail can be written (with
-``[audit]``). ``hsmsign.v1.KeyAdmin`` is SERVING under the same conditions on a daemon that
-administers keys (``server.key_admin``), NOT_SERVING otherwise. Conditions change from the
-threads that notice them (the token's recovery, the key ring's refresh, the audit writer);
-each change logs one line.
+not refused its PIN), no token call is past its time limit (``server.pkcs11.watchdog``), the
+key ring can be read, and the audit trail can be written (with ``[audit]``).
+``hsmsign.v1.KeyAdmin`` is SERVING under the same conditions on a daemon that administers
+keys (``server.key_admin``), NOT_SERVING otherwise. Conditions change from the threads that
+notice them (the token's recovery, the call watchdog, the key ring's refresh, the audit
+writer); each change logs one line.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from grpc_health.v1 import health, health_pb2
 log = logging.getLogger(__name__)
 
 #: The conditions, in the order a NOT_SERVING line names them.
-CONDITIONS: Final = ("token", "keyring", "audit")
+CONDITIONS: Final = ("token", "calls", "keyring", "audit")
 
 SERVING: Final = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING: Final = health_pb2.HealthCheckResponse.NOT_SERVING

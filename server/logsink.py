@@ -98,3 +98,12 @@ def sink(fd: int) -> StderrSink:
             s = _sinks[fd] = StderrSink(fd)
             atexit.register(s.flush, 1.0)
         return s
+
+
+def flush_all(timeout: float) -> None:
+    """Waits up to ``timeout`` seconds for every sink's queued lines (before ``os._exit``,
+    which runs no atexit handlers)."""
+    with _sinks_lock:
+        sinks = list(_sinks.values())
+    for s in sinks:
+        s.flush(timeout)

@@ -74,7 +74,7 @@ class Reloader:
             raise ConfigError(
                 f"{new.path}: turning TLS or client certificates on or off needs a restart"
             )
-        new_gate = gate.Gate(new.access, new, self.address)
+        new_gate = gate.Gate(new.access, new, self.address, previous=gate.installed())
         crl = _read_or_none(new.access.identities.client_crl)
         changed: list[str] = []
         if material is not None and old is not None:

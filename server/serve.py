@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from typing import Protocol
@@ -111,7 +112,8 @@ def run_serving_process(cfg: Config, listen: str, spec: ServingProcessSpec) -> i
         try:
             ring.check_config()  # the supervisor logged its warnings once
             server, bound = listen_on(cfg, listen, credentials(cfg), reuse_port=True)
-            return serve_process(cfg, token, ring, server, bound, _ServingProcess(spec))
+            role = _ServingProcess(spec, cfg, token.watchdog.alive)
+            return serve_process(cfg, token, ring, server, bound, role)
         finally:
             ring.stop()
     finally:
@@ -213,12 +215,13 @@ class _Standalone:
 class _ServingProcess:
     """One of several: the supervisor logs for the daemon and writes the ready file."""
 
-    def __init__(self, spec: ServingProcessSpec) -> None:
-        self.spec = spec
+    def __init__(self, spec: ServingProcessSpec, cfg: Config, check: Callable[[], bool]) -> None:
+        self.spec, self.cfg, self.check = spec, cfg, check
         self.index = spec.index
 
     def serving(self, bound: str, stop: threading.Event) -> None:
         self.spec.watch_lifeline(stop)
+        self.spec.start_heartbeat(self.cfg.server.heartbeat_seconds, self.check)
         log.info("%s ready on %s (pid %d)", self.spec.name, bound, os.getpid())
         self.spec.announce_ready()
 
@@ -264,6 +267,9 @@ def serve_process(
         # The trail before the server: no call is ever served unaudited.
         audit_serving.start(
             cfg, token, role.index, lambda ok: status.set("audit", ok, "cannot write the trail")
+        )
+        token.watchdog.on_health(
+            lambda ok: status.set("calls", ok, "a token call is past its time limit")
         )
         server.start()
         status.start()

@@ -12,8 +12,10 @@ With ``server.processes`` above 1 the process hsmsignd starts as becomes a small
    SPEC``), each with its own PKCS#11 login, session pool and threads, all listening on the
    port with SO_REUSEPORT so the kernel spreads connections over them;
 4. it forwards SIGTERM/SIGINT (each process drains its calls) and SIGHUP (each reloads its
-   config, server/reload.py), restarts a process that dies,
-   and gives up (exit 1) if they keep dying.
+   config, server/reload.py), restarts a process that dies, replaces one whose heartbeat
+   stops (server/heartbeat.py: stopped, frozen), and gives up (exit 1) if they keep dying;
+5. a process that exits 77 (PinRefused: the token refused the PIN) is never restarted: the
+   supervisor stops the others and exits 77 itself, so nothing tries that PIN again.
 
 The processes share one counter (a memfd) that each bumps after changing the key ring; the
 others re-read the ring before their next request, so a change is visible to every later call
@@ -42,7 +44,15 @@ from pathlib import Path
 
 from server import pinsource
 from server.config import Config
-from server.errors import ConfigError, StartupError, cannot_listen
+from server.errors import (
+    EXIT_PIN_REFUSED,
+    EXIT_TOKEN_HUNG,
+    ConfigError,
+    PinRefused,
+    StartupError,
+    cannot_listen,
+)
+from server.heartbeat import Heartbeats, start_beating
 from server.ready import write_ready_file
 
 log = logging.getLogger("hsmsignd")
@@ -110,27 +120,32 @@ class SharedCounter:
 
 @dataclass(frozen=True)
 class ServingProcessSpec:
-    """What a serving process gets from its supervisor (``--serving-process INDEX/COUNT:C:R:L``)."""
+    """What a serving process gets from its supervisor
+    (``--serving-process INDEX/COUNT:C:R:L:H``)."""
 
     index: int
     count: int
     counter_fd: int
     ready_fd: int
     lifeline_fd: int
+    heartbeat_fd: int
 
     def encode(self) -> str:
-        return f"{self.index}/{self.count}:{self.counter_fd}:{self.ready_fd}:{self.lifeline_fd}"
+        fds = (self.counter_fd, self.ready_fd, self.lifeline_fd, self.heartbeat_fd)
+        return f"{self.index}/{self.count}:" + ":".join(map(str, fds))
 
     @classmethod
     def decode(cls, text: str) -> ServingProcessSpec:
         """Raises ConfigError (a usage error) for text the supervisor did not write."""
         try:
-            position, counter, ready, lifeline = text.split(":")
+            position, counter, ready, lifeline, heartbeat = text.split(":")
             index, count = position.split("/")
-            return cls(int(index), int(count), int(counter), int(ready), int(lifeline))
+            return cls(
+                int(index), int(count), int(counter), int(ready), int(lifeline), int(heartbeat)
+            )
         except ValueError:
             raise ConfigError(
-                f"--serving-process {text!r} is internal to hsmsignd (INDEX/COUNT:FD:FD:FD)"
+                f"--serving-process {text!r} is internal to hsmsignd (INDEX/COUNT:FD:FD:FD:FD)"
             ) from None
 
     @property
@@ -157,6 +172,11 @@ class ServingProcessSpec:
                 on_orphaned.set()
 
         threading.Thread(target=wait, name="lifeline", daemon=True).start()
+
+    def start_heartbeat(self, interval: float, check: Callable[[], bool]) -> None:
+        """Beats into this process's slot every ``interval`` seconds while ``check()``
+        passes (server/heartbeat.py)."""
+        start_beating(Heartbeats(self.heartbeat_fd, self.count), self.index, interval, check)
 
 
 def reserve_port(listen: str) -> tuple[socket.socket, str]:
@@ -195,6 +215,11 @@ class _ServingProcess:
         self.index = index
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid_ready: int | None = None
+        #: time.monotonic_ns() of its start and of its ready line.
+        self.started_ns = 0
+        self.ready_ns = 0
+        #: The supervisor has killed it (no heartbeat, or not ready in time).
+        self.killed = False
 
 
 class Supervisor:
@@ -214,7 +239,7 @@ class Supervisor:
 
     def _spawn(self, w: _ServingProcess) -> None:
         spec = ServingProcessSpec(
-            w.index, self.count, self.counter.fd, self.ready_w, self.lifeline_r
+            w.index, self.count, self.counter.fd, self.ready_w, self.lifeline_r, self.beats.fd
         )
         cmd = [
             sys.executable,
@@ -229,12 +254,21 @@ class Supervisor:
             spec.encode(),
         ]
         w.pid_ready = None
+        w.killed = False
+        w.started_ns = time.monotonic_ns()
+        self.beats.clear(w.index)
         # A PIN from the environment reaches the process through a pipe (server/pinsource.py).
         with pinsource.handed_to_child(self.cfg.token.pin.env) as (pin_env, pin_fds):
             w.proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
-                pass_fds=(self.counter.fd, self.ready_w, self.lifeline_r, *pin_fds),
+                pass_fds=(
+                    self.counter.fd,
+                    self.ready_w,
+                    self.lifeline_r,
+                    self.beats.fd,
+                    *pin_fds,
+                ),
                 env={**os.environ, **pin_env},
             )
 
@@ -244,6 +278,7 @@ class Supervisor:
         while any(w.pid_ready is None for w in self.processes):
             for w in self.processes:
                 if w.pid_ready is None and w.proc is not None and w.proc.poll() is not None:
+                    self._refuse_pin_retry(w, w.proc.returncode)
                     raise StartupError(
                         f"serving process {w.index}/{self.count} exited with code "
                         f"{w.proc.returncode} while starting (its error is above)"
@@ -266,6 +301,7 @@ class Supervisor:
                 w = self.processes[index - 1]
                 if w.proc is not None and w.proc.pid == pid:
                     w.pid_ready = pid
+                    w.ready_ns = time.monotonic_ns()
 
     def _write_ready_file(self) -> None:
         if self.ready_file is not None:
@@ -279,6 +315,7 @@ class Supervisor:
         SIGINT. Raises StartupError when the port is taken or a process cannot start."""
         self.hold, self.address = reserve_port(self.listen)
         self.counter = SharedCounter.create()
+        self.beats = Heartbeats.create(self.count)
         self.ready_r, self.ready_w = os.pipe()
         self.lifeline_r, lifeline_w = os.pipe()
         os.set_inheritable(lifeline_w, False)
@@ -322,9 +359,15 @@ class Supervisor:
                 self._take_ready_lines()
             for w in self.processes:
                 code = w.proc.poll() if w.proc is not None else None
-                if w.proc is None or code is None or self.stop.is_set():
+                if w.proc is None or self.stop.is_set():
                     continue
+                if code is None:
+                    self._check_heartbeat(w)
+                    continue
+                self._refuse_pin_retry(w, code)
                 how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+                if code == EXIT_TOKEN_HUNG:
+                    how += " (a token call hung)"
                 now = time.monotonic()
                 self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW] + [now]
                 if len(self.restarts) > MAX_RESTARTS:
@@ -347,6 +390,46 @@ class Supervisor:
                 self._spawn(w)
                 self._write_ready_file()
         return 0
+
+    def _refuse_pin_retry(self, w: _ServingProcess, code: int) -> None:
+        """Raises PinRefused (exit 77, after ``run`` stops the other processes) when a
+        serving process exited 77: another login with that PIN could lock the token's user."""
+        if code == EXIT_PIN_REFUSED:
+            raise PinRefused(
+                f"serving process {w.index}/{self.count} exited with code 77: the token refused "
+                "the PIN; not restarting it, stopping the other serving processes (a refused PIN "
+                "is never tried again; fix the PIN, then start hsmsignd)"
+            )
+
+    def _check_heartbeat(self, w: _ServingProcess) -> None:
+        """Kills a running process that stopped beating (or never became ready); the next
+        look sees it exit and starts a new one."""
+        if w.proc is None or w.killed:
+            return
+        now = time.monotonic_ns()
+        limit = self.cfg.server.heartbeat_timeout_seconds
+        if w.pid_ready != w.proc.pid:
+            if now - w.started_ns <= START_TIMEOUT * 1e9:
+                return
+            why = f"not ready within {START_TIMEOUT:g}s of its start"
+        else:
+            silent = (now - max(self.beats.last(w.index), w.ready_ns)) / 1e9
+            if silent <= limit:
+                return
+            why = (
+                f"no heartbeat for {silent:.1f}s (server.heartbeat_timeout_seconds = {limit:g}; "
+                "stopped, frozen, or its token watchdog stalled)"
+            )
+        log.error(
+            "serving process %d/%d (pid %d) stopped answering: %s; killing it",
+            w.index,
+            self.count,
+            w.proc.pid,
+            why,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            w.proc.kill()
+        w.killed = True
 
     def _stop_all(self) -> None:
         running = [w.proc for w in self.processes if w.proc is not None and w.proc.poll() is None]

@@ -50,7 +50,9 @@ class Identifier:
             return self._tokens.identify(token.strip())
         pems = _auth_values(context, "x509_pem_cert")
         if pems:
-            found = self._certificates.identify(pems[0])
+            found = self._certificates.identify(
+                pems[0], _auth_values(context, "x509_pem_cert_chain")
+            )
             if found is not None:
                 return found
         if self._local and is_local_peer(peer):

@@ -13,7 +13,6 @@ import hmac
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -25,11 +24,9 @@ from server.errors import InvalidArgument, KeyObjectGone, MechanismUnsupported
 from server.pkcs11 import templates
 from server.pkcs11.errors import (
     AMBIGUOUS_REJECTION,
-    ATTRIBUTE_UNREADABLE,
     CIPHERTEXT_REJECTED,
     HANDLE_STALE,
     MECHANISM_REFUSED,
-    SCAN_COLLIDED,
     UNWRAP_NOT_OFFERED,
     WRAPPED_KEY_REFUSED,
     HalfWritten,
@@ -48,11 +45,13 @@ from server.pkcs11.mechanisms import (
     Mech,
 )
 from server.pkcs11.objects import KeyObjectInfo
+from server.pkcs11.scan import describe_key, rescan_if_changed
 from server.pkcs11.templates import (
     IMPLICIT_REJECTION_LABEL,
     IMPORT_WRAPPING_BITS,
     IMPORT_WRAPPING_LABEL,
 )
+from server.pkcs11.watchdog import CallWatchdog, token_call
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +60,32 @@ T = TypeVar("T")
 #: Only one thread of a process creates the implicit-rejection secret.
 _IMPLICIT_REJECTION_LOCK = threading.Lock()
 
-#: A scan that keeps colliding with another process's writes is reported after this many.
-_SCAN_ATTEMPTS = 5
-
 
 class Session:
     """One borrowed PKCS#11 session, with the private-key handles it has looked up."""
 
-    def __init__(self, raw: Any, epoch: int = 0) -> None:
+    def __init__(self, raw: Any, watchdog: CallWatchdog | None = None, epoch: int = 0) -> None:
         self.raw = raw
         #: The module initialisation it belongs to (``Token`` drops older ones).
         self.epoch = epoch
         self._keys: dict[bytes, Any] = {}
         #: Handle of the implicit-rejection secret, looked up once per session.
         self._implicit_rejection_key: Any = None
+        self._watchdog = watchdog
+        self._timing = False
+        #: What the current borrower does with it (set by ``Token.session``, for log lines).
+        self.purpose = "a token call"
+
+    def timed(self, call: Callable[[], T], *, keygen: bool = False) -> T:
+        """Runs ``call`` (one operation) under the process's token-call limit
+        (``CallWatchdog.run``: raises CallOverdue when the limit passed)."""
+        if self._watchdog is None or self._timing:  # nested: the outer operation is timed
+            return call()
+        self._timing = True
+        try:
+            return self._watchdog.run(self.purpose, call, keygen=keygen)
+        finally:
+            self._timing = False
 
     def _private_key(self, cka_id: bytes) -> Any:
         key = self._keys.get(cka_id)
@@ -113,6 +124,7 @@ class Session:
 
     # -- signing ------------------------------------------------------------------------------
 
+    @token_call()
     def sign(self, cka_id: bytes, mech: Mech, data: bytes) -> bytes:
         """C_Sign with an explicit mechanism over ``data`` (already a digest or encoded block)."""
         return self._with_key(
@@ -120,6 +132,7 @@ class Session:
             lambda k: bytes(k.sign(data, mechanism=mech.mechanism, mechanism_param=mech.param)),
         )
 
+    @token_call()
     def sign_many(self, cka_id: bytes, mech: Mech, items: Sequence[bytes]) -> list[bytes]:
         """C_Sign of each item in order with one key lookup."""
 
@@ -184,6 +197,7 @@ class Session:
             return outcome(exc) is Outcome.REQUEST
         return hmac.compare_digest(answer, secret)
 
+    @token_call()
     def decrypt_or_none(self, cka_id: bytes, mech: Mech, data: bytes) -> bytes | None:
         """C_Decrypt; None when the token rejects the ciphertext (any reason, not told apart).
 
@@ -195,6 +209,7 @@ class Session:
             lambda k: bytes(k.decrypt(data, mechanism=mech.mechanism, mechanism_param=mech.param)),
         )
 
+    @token_call()
     def unwrap_secret(self, cka_id: bytes, mech: Mech, wrapped: bytes) -> bytes | None:
         """The secret an RSA ciphertext carries; None when the token rejects the ciphertext.
 
@@ -255,6 +270,7 @@ class Session:
         self._implicit_rejection_key = key
         return key
 
+    @token_call()
     def implicit_rejection_mac(self, data: bytes) -> bytes:
         """HMAC-SHA-256 of ``data`` under the token's implicit-rejection secret.
 
@@ -273,6 +289,7 @@ class Session:
 
     # -- object management (key ring, key administration) -----------------------------------
 
+    @token_call()
     def find_key_objects(self, label_prefix: str) -> list[KeyObjectInfo]:
         """Every RSA private key whose label starts with ``label_prefix``, with its attributes."""
 
@@ -283,14 +300,15 @@ class Session:
             ):
                 label = obj[Attribute.LABEL] or ""
                 if label.startswith(label_prefix):
-                    info = _describe(obj)
+                    info = describe_key(obj)
                     if info.modulus < 3 or info.public_exponent < 3:
                         raise HalfWritten  # another process is still creating it
                     out.append(info)
             return out
 
-        return _rescan_if_changed(scan)
+        return rescan_if_changed(scan)
 
+    @token_call(keygen=True)
     def generate_rsa_keypair(
         self, bits: int, label: str, cka_id: bytes, *, sign: bool, decrypt: bool
     ) -> KeyObjectInfo:
@@ -317,8 +335,9 @@ class Session:
             )
         except PKCS11Error as e:
             raise classify(e, f"generating an RSA-{bits} key pair") from None
-        return _describe(priv)
+        return describe_key(priv)
 
+    @token_call()
     def destroy_key_objects(self, cka_id: bytes) -> int:
         """Destroys the private and public objects with this CKA_ID; returns how many."""
         n = 0
@@ -332,6 +351,7 @@ class Session:
         self.forget(cka_id)
         return n
 
+    @token_call()
     def data_objects(self, application: str) -> list[tuple[Any, str, bytes]]:
         """CKO_DATA objects of an application: (object, label, value)."""
 
@@ -343,12 +363,14 @@ class Session:
                 )
             ]
 
-        return _rescan_if_changed(scan)
+        return rescan_if_changed(scan)
 
+    @token_call()
     def create_data_object(self, application: str, label: str, value: bytes) -> None:
         """Creates a CKO_DATA object on the token (``templates.data_object_template``)."""
         self.raw.create_object(templates.data_object_template(application, label, value))
 
+    @token_call()
     def destroy_object(self, obj: Any) -> None:
         """Destroys an object returned by ``data_objects`` (state kept in data objects is
         replaced, never edited: docs/design-facts.md fact 7). One already destroyed by another
@@ -356,6 +378,7 @@ class Session:
         with contextlib.suppress(*HANDLE_STALE):
             obj.destroy()
 
+    @token_call()
     def import_rsa_private_key(
         self,
         label: str,
@@ -400,20 +423,22 @@ class Session:
                 with contextlib.suppress(PKCS11Error):
                     priv.destroy()
             raise classify(e, "importing an RSA private key") from None
-        return _describe(priv)
+        return describe_key(priv)
 
+    @token_call()
     def random(self, n: int) -> bytes:
         """``n`` random bytes from the token's generator."""
         return bytes(self.raw.generate_random(n * 8))
 
     # -- key import without plaintext (server.ops.key_import) ---------------------------------
 
+    @token_call()
     def import_wrapping_keys(self) -> list[KeyObjectInfo]:
         """The token's import wrapping keys (normally one; two when processes raced)."""
 
         def scan() -> list[KeyObjectInfo]:
             return [
-                _describe(obj)
+                describe_key(obj)
                 for obj in self.raw.get_objects(
                     {
                         Attribute.CLASS: ObjectClass.PRIVATE_KEY,
@@ -422,8 +447,9 @@ class Session:
                 )
             ]
 
-        return _rescan_if_changed(scan)
+        return rescan_if_changed(scan)
 
+    @token_call(keygen=True)
     def generate_import_wrapping_key(self) -> KeyObjectInfo:
         """An RSA key pair whose private half can only unwrap (CKA_UNWRAP, nothing else).
 
@@ -441,7 +467,7 @@ class Session:
             )
         except PKCS11Error as e:
             raise classify(e, "generating the import wrapping key") from None
-        return _describe(priv)
+        return describe_key(priv)
 
     def _unwrap_aes_key(self, wrapping_cka_id: bytes, oaep: Mech, wrapped_aes_key: bytes) -> Any:
         """C_UnwrapKey of the ephemeral AES key into a session object that can only unwrap.
@@ -473,6 +499,7 @@ class Session:
                 f"({oaep.description})"
             ) from None
 
+    @token_call()
     def oaep_unwrap_works(self, wrapping_cka_id: bytes, oaep: Mech, wrapped_aes_key: bytes) -> bool:
         """Whether the token unwraps a (throwaway) AES key with ``oaep``; False when it
         refuses the mechanism or its parameters. Raises InvalidArgument when it refuses the
@@ -484,6 +511,7 @@ class Session:
         aes.destroy()
         return True
 
+    @token_call()
     def unwrap_rsa_private_key(
         self,
         wrapping_cka_id: bytes,
@@ -531,7 +559,7 @@ class Session:
             with contextlib.suppress(PKCS11Error):
                 aes.destroy()
         try:
-            info = _describe(priv)
+            info = describe_key(priv)
             self.raw.create_object(
                 _imported_public_template(
                     label,
@@ -558,43 +586,3 @@ def _imported_public_template(
         Attribute.MODULUS: modulus,
         Attribute.PUBLIC_EXPONENT: exponent,
     }
-
-
-def _rescan_if_changed(scan: Callable[[], T]) -> T:
-    """Runs an object scan again when another process changed the token's objects while it
-    read them (docs/design-facts.md fact 7: such changes are visible at once). A scan only
-    reads, so a retry is safe; the fifth collision in a row is reported."""
-    for attempt in range(_SCAN_ATTEMPTS):
-        try:
-            return scan()
-        except SCAN_COLLIDED:
-            if attempt == _SCAN_ATTEMPTS - 1:
-                raise
-            time.sleep(0.005 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-def _flag(obj: Any, attr: Attribute) -> bool:
-    try:
-        return bool(obj[attr])
-    except ATTRIBUTE_UNREADABLE:
-        return False
-
-
-def _describe(priv: Any) -> KeyObjectInfo:
-    modulus = int.from_bytes(bytes(priv[Attribute.MODULUS]), "big")
-    exponent = int.from_bytes(bytes(priv[Attribute.PUBLIC_EXPONENT]), "big")
-    return KeyObjectInfo(
-        cka_id=bytes(priv[Attribute.ID]),
-        label=priv[Attribute.LABEL] or "",
-        modulus=modulus,
-        public_exponent=exponent,
-        can_sign=_flag(priv, Attribute.SIGN),
-        can_decrypt=_flag(priv, Attribute.DECRYPT),
-        can_unwrap=_flag(priv, Attribute.UNWRAP),
-        local=_flag(priv, Attribute.LOCAL),
-        never_extractable=_flag(priv, Attribute.NEVER_EXTRACTABLE),
-        always_sensitive=_flag(priv, Attribute.ALWAYS_SENSITIVE),
-        extractable=_flag(priv, Attribute.EXTRACTABLE),
-        sensitive=_flag(priv, Attribute.SENSITIVE),
-    )

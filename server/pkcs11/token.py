@@ -52,6 +52,7 @@ from server.pkcs11.errors import (
 )
 from server.pkcs11.pool import SessionPool
 from server.pkcs11.session import Session
+from server.pkcs11.watchdog import CallOverdue, CallWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,10 @@ class Token:
         self._relogged_at = 0.0
         self._recovered_at = -FLAPPING_SECONDS
         self._flap_delay = 0.0
+        #: Times every call on the pool's sessions (server/pkcs11/watchdog.py).
+        self.watchdog = CallWatchdog(
+            config.call_timeout_seconds, config.keygen_timeout_seconds, config.stuck_exit_seconds
+        )
         for k, v in config.environment.items():
             os.environ[k] = v
         if not config.module.exists():
@@ -242,10 +247,14 @@ class Token:
         """
         s = self._borrow()
         lock = self._serial_lock or contextlib.nullcontext()
+        s.purpose = what
         try:
             with lock:
                 try:
                     yield s
+                except CallOverdue:
+                    s = self._replace(s)  # never lent again: the module may still be using it
+                    raise
                 except ServerError:
                     raise
                 except p11e.PKCS11Error as e:
@@ -290,7 +299,7 @@ class Token:
         with contextlib.suppress(Exception):
             s.raw.close()
         try:
-            fresh = Session(self._token.open(rw=True), s.epoch)
+            fresh = Session(self._token.open(rw=True), self.watchdog, s.epoch)
         except p11e.PKCS11Error as e:
             self._fault(f"cannot reopen a token session ({type(e).__name__})")
             return s
@@ -318,7 +327,7 @@ class Token:
                 raise TokenUnavailable(
                     f"cannot open a token session ({type(e).__name__})"
                 ) from None
-            self._pool.put(Session(raw, self._epoch))
+            self._pool.put(Session(raw, self.watchdog, self._epoch))
 
     def _relogin(self, why: str) -> None:
         """Logs in again once (the login was lost: a logout after maintenance); a second loss
@@ -446,9 +455,11 @@ class Token:
             self._fill_pool()
 
     def close(self) -> None:
-        """Stops a recovery, closes the pool's sessions, then the login session."""
+        """Stops a recovery and the call watchdog, closes the pool's sessions, then the login
+        session."""
         self._stop.set()
         self._set_state(TokenState.CLOSED, "closed")
+        self.watchdog.close()
         recovery = self._recovery
         if recovery is not None and recovery is not threading.current_thread():
             recovery.join(timeout=DRAIN_SECONDS + 5)

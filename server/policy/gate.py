@@ -131,9 +131,13 @@ def _as_written(request: Any, field: str) -> tuple[str, KeyReference] | None:
 class Gate:
     """Identifies, limits and authorises calls, as the config says."""
 
-    def __init__(self, access: AccessConfig, config: Config, address: str) -> None:
-        """Raises ConfigError for a listener the config does not allow (plaintext beyond
-        this host, or without ``[identities.local]``) and for bad certificate files."""
+    def __init__(
+        self, access: AccessConfig, config: Config, address: str, previous: Gate | None = None
+    ) -> None:
+        """``previous``: the gate this one replaces on a reload (the limits callers have
+        used carry over). Raises ConfigError for a listener the config does not allow
+        (plaintext beyond this host, or without ``[identities.local]``) and for bad
+        certificate files."""
         tls = config.server.tls
         if tls is None:
             if not access.identities.local.enabled:
@@ -148,7 +152,9 @@ class Gate:
                 )
         self.policy: Policy = access.policy
         self._identifier = Identifier(access.identities, tls.client_ca if tls else None)
-        self._limiter = Limiter(access.policy)
+        self._limiter: Limiter = Limiter(
+            access.policy, previous=previous._limiter if previous else None
+        )
 
     def _check(
         self, identity: Identity, check: KeyCheck, request: Any, ring: Any, record: CallAccess
@@ -218,6 +224,11 @@ class Gate:
 
 
 _installed: Gate | None = None
+
+
+def installed() -> Gate | None:
+    """The gate calls of this process pass now (None before start-up installs one)."""
+    return _installed
 
 
 def install(gate: Gate) -> None:

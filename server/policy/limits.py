@@ -1,5 +1,8 @@
 """Per-identity rate (token bucket) and concurrency limits, per serving process.
 
+A reloaded policy (SIGHUP) takes over what callers have used so far: the buckets and the
+calls in flight carry over to the new limiter, so a reload never hands out a fresh allowance.
+
 Excess is refused at once (RESOURCE_EXHAUSTED with a retry hint), never queued: a caller
 over its share must not hold a worker thread of the daemon.
 """
@@ -41,11 +44,18 @@ class _State:
 class Limiter:
     """The limits of every identity seen by this process."""
 
-    def __init__(self, policy: Policy, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        clock: Callable[[], float] = time.monotonic,
+        previous: Limiter | None = None,
+    ) -> None:
+        """``previous``: the limiter of the policy this one replaces; its state (and its
+        lock, which calls still in flight under it release their slots with) is shared."""
         self._policy = policy
         self._clock = clock
-        self._lock = threading.Lock()
-        self._states: dict[str, _State] = {}
+        self._lock: threading.Lock = previous._lock if previous else threading.Lock()
+        self._states: dict[str, _State] = previous._states if previous else {}
 
     def _state(self, key: str, limit: Limit, now: float) -> _State:
         state = self._states.get(key)

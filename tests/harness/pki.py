@@ -30,10 +30,11 @@ class Issued:
     def cert_pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def write(self, stem: Path) -> tuple[Path, Path]:
-        """Writes STEM.crt and STEM.key (0600); returns their paths."""
+    def write(self, stem: Path, chain: tuple[Issued, ...] = ()) -> tuple[Path, Path]:
+        """Writes STEM.crt (followed by the ``chain`` certificates, leaf first, the way a
+        client presents intermediates) and STEM.key (0600); returns their paths."""
         crt, key = stem.with_suffix(".crt"), stem.with_suffix(".key")
-        crt.write_bytes(self.cert_pem)
+        crt.write_bytes(self.cert_pem + b"".join(c.cert_pem for c in chain))
         key.write_bytes(
             self.key.private_bytes(
                 serialization.Encoding.PEM,
@@ -49,20 +50,33 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def make_ca(name: str) -> Issued:
-    """A self-signed CA certificate for ``name`` (CN), valid for a day."""
+def make_ca(name: str, issuer: Issued | None = None) -> Issued:
+    """A CA certificate for ``name`` (CN), valid for a day: self-signed, or an intermediate
+    signed by ``issuer``."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
+        .issuer_name(issuer.cert.subject if issuer else subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(_now() - datetime.timedelta(minutes=5))
         .not_valid_after(_now() + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+        .add_extension(usage, critical=True)
+        .sign(issuer.key if issuer else key, hashes.SHA256())
     )
     return Issued(key, cert)
 

@@ -5,6 +5,7 @@ and the per-identity limits answer RESOURCE_EXHAUSTED with a retry hint."""
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -338,5 +339,37 @@ burst = 2
             assert "retry in" in (e.value.details() or "")
             time.sleep(int(trailers["retry-after-ms"]) / 1000 + 0.05)
             stub.GetPublicKey(request, timeout=30)
+    finally:
+        d.stop()
+
+
+def test_a_reload_does_not_refill_a_spent_rate_limit(token: TokenDir, tmp_path: Path) -> None:
+    policy = """
+[identities.local]
+enabled = true
+[[policy.grant]]
+identities = ["local"]
+keys = ["*"]
+operations = ["get_public_key"]
+[policy.limits.local]
+rate = 0.01
+burst = 2
+"""
+    cfg = write_config(tmp_path / "c.toml", token, policy=policy, extra="[server]\nprocesses = 1\n")
+    d = start_daemon(cfg, tmp_path / "d")
+    try:
+        with grpc.insecure_channel(d.address) as ch:
+            stub = pb_grpc.SignerStub(ch)
+            request = pb.GetPublicKeyRequest(key=_ref("demo"))
+            for _ in range(2):
+                stub.GetPublicKey(request, timeout=30)
+            d.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while "SIGHUP: config reloaded" not in d.log():
+                assert time.monotonic() < deadline, d.log()
+                time.sleep(0.1)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.GetPublicKey(request, timeout=30)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
     finally:
         d.stop()

@@ -199,7 +199,7 @@ def test_start_up_errors_are_one_line_and_one_login(token: TokenDir, tmp_path: P
         extra="[server]\nprocesses = 4\n",
     )
     r = hsmsignd(cfg, check=False, timeout=60)
-    assert r.returncode == 1
+    assert r.returncode == 77  # PinRefused: never restarted (docs/operations.md)
     # The supervisor checks the token once before starting anything: one line, one attempt.
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("hsmsignd:")] == [
         ln for ln in r.stderr.splitlines() if "refused the PIN" in ln

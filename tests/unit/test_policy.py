@@ -125,3 +125,34 @@ def test_concurrency_cap_per_identity() -> None:
             pass
     with limiter.admit(AGENT):  # slots come back when calls end
         pass
+
+
+def test_a_reloaded_policy_keeps_what_callers_have_used_of_their_limits() -> None:
+    # SIGHUP builds a new limiter from the new policy: a caller over its rate, or holding
+    # its concurrent slots, must not get a fresh allowance by it.
+    clock = Clock()
+    policy = Policy(limits=MappingProxyType({"agent": Limit(rate=1, burst=1, concurrent=1)}))
+    before = Limiter(policy, clock)
+    with before.admit(AGENT):
+        after = Limiter(policy, clock, previous=before)
+        with pytest.raises(LimitExceeded), after.admit(AGENT):  # its one slot is still held
+            pass
+    with pytest.raises(LimitExceeded), after.admit(AGENT):  # and its rate is spent
+        pass
+    clock.now += 1.0
+    with after.admit(AGENT):
+        pass
+
+
+def test_a_lower_burst_after_reload_caps_what_was_saved_up() -> None:
+    clock = Clock()
+    before = Limiter(Policy(limits=MappingProxyType({"agent": Limit(rate=1, burst=5)})), clock)
+    with before.admit(AGENT):
+        pass
+    after = Limiter(
+        Policy(limits=MappingProxyType({"agent": Limit(rate=1, burst=1)})), clock, previous=before
+    )
+    with after.admit(AGENT):
+        pass
+    with pytest.raises(LimitExceeded), after.admit(AGENT):
+        pass
