@@ -127,7 +127,9 @@ OUTCOMES: Final[dict[type[p11e.PKCS11Error], Outcome]] = {
     p11e.UnwrappingKeyTypeInconsistent: R,
     p11e.UserAlreadyLoggedIn: L,
     p11e.UserNotLoggedIn: L,
-    p11e.UserPinNotInitialized: P,
+    # A token half way through initialisation (user PIN not set yet): no PIN to lock, and
+    # retried like a missing token, never taken for a refused PIN.
+    p11e.UserPinNotInitialized: D,
     p11e.UserTooManyTypes: L,
     p11e.WrappedKeyInvalid: R,
     p11e.WrappedKeyLenRange: R,
@@ -232,8 +234,6 @@ def pin_refused(exc: BaseException, where: str) -> PinRefused:
         return PinRefused("the token's user PIN is locked; unlock it with the SO PIN")
     if isinstance(exc, p11e.PinExpired):
         return PinRefused("the token's user PIN has expired; set a new one with the token's tools")
-    if isinstance(exc, p11e.UserPinNotInitialized):
-        return PinRefused("the token's user PIN is not initialised")
     return PinRefused(
         f"the token refused the PIN from {where} (not retried, to avoid locking the token)"
     )

@@ -139,6 +139,10 @@ class Token:
             self._login = self._log_in()
         except PIN_REFUSED as e:
             raise pin_refused(e, config.pin.describe()) from None
+        except p11e.UserPinNotInitialized:
+            raise StartupError(
+                "the token's user PIN is not initialised (is the token still being set up?)"
+            ) from None
         except p11e.PKCS11Error as e:
             raise StartupError(f"cannot log in to the token: {type(e).__name__}") from None
         self._fill_pool()

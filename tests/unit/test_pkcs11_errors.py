@@ -37,6 +37,8 @@ def test_every_python_pkcs11_exception_class_is_in_the_table() -> None:
         (p11e.PinIncorrect, Outcome.PIN),
         (p11e.PinLocked, Outcome.PIN),
         (p11e.PinExpired, Outcome.PIN),
+        # a token being initialised has no user PIN yet: retried, never a refused PIN
+        (p11e.UserPinNotInitialized, Outcome.DEVICE),
         (p11e.MechanismInvalid, Outcome.REQUEST),
         (p11e.DataLenRange, Outcome.REQUEST),
     ],
