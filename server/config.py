@@ -12,16 +12,17 @@ import os
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 from server import cpus, pinsource
 from server.audit import config as audit_config
 from server.errors import ConfigError
+from server.limitsconfig import ConnectionLimits, read_limits
 from server.policy.config import TABLES as ACCESS_TABLES
 from server.policy.config import AccessConfig, load_access
-from server.tomltable import Table
+from server.tomltable import Table, default_of
 
 ThreadingMode = Literal["parallel", "serialized"]
 
@@ -137,50 +138,6 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
-class ConnectionLimits:
-    """[server.limits]: what one client connection may cost a serving process. gRPC has one
-    receive bound per server (``max_request_bytes``: a batch of 10,000 SHA-512 digests is
-    about 660 KB); ``max_small_request_bytes`` bounds every other call (server.api.limits)."""
-
-    #: Largest request message any call may send; larger ones get RESOURCE_EXHAUSTED from
-    #: gRPC before they are read into memory.
-    max_request_bytes: int = 1024 * 1024
-    #: Largest request of the calls that carry one digest, key or ciphertext.
-    max_small_request_bytes: int = 64 * 1024
-    #: Seconds of silence after which the daemon pings a client connection, and seconds it
-    #: waits for the answer before closing it (a peer that vanished frees its descriptor).
-    keepalive_seconds: float = 60.0
-    keepalive_timeout_seconds: float = 20.0
-    #: Clients that ping more often than this while no call is running get GOAWAY
-    #: (too_many_pings) after two strikes. The hsmsign client pings every 30 s.
-    min_client_ping_seconds: float = 10.0
-    #: A connection with no call for this long is closed (the client reconnects when needed).
-    max_connection_idle_seconds: float = 300.0
-    #: A connection this old is asked to reconnect (GOAWAY; gRPC adds +-10% jitter), so that
-    #: clients spread again over processes and replicas after a restart; its calls in flight
-    #: get ``max_connection_age_grace_seconds`` more to finish.
-    max_connection_age_seconds: float = 1800.0
-    max_connection_age_grace_seconds: float = 60.0
-    #: Calls that may wait for a token session in each serving process, beyond the
-    #: token.sessions calls that hold one (server.api.admission). An identity may fill places
-    #: nobody else wants, and gives its newest waiting call's place up to an identity with
-    #: fewer than its share (the places divided by the identities holding them). A call that
-    #: finds no place gets RESOURCE_EXHAUSTED at once; one that waits longer than
-    #: token.session_wait_seconds, or past its deadline, leaves the queue unrun.
-    max_queued_calls: int = 128
-    #: A call whose request has not fully arrived this long after its headers is ended with
-    #: DEADLINE_EXCEEDED: a stalled or trickling stream holds a coroutine, never a serving
-    #: thread, and not for longer than this (docs/adr/0008-serving-model.md).
-    max_request_receive_seconds: float = 10.0
-    #: Bytes of large requests (over max_small_request_bytes) each serving process holds at
-    #: once; a request that does not fit gets RESOURCE_EXHAUSTED at once ("retry").
-    max_bytes_in_flight: int = 32 * 1024 * 1024
-    #: Client connections each serving process accepts at once; gRPC closes further ones as
-    #: they arrive. Keep it under the process's descriptor limit (LimitNOFILE).
-    max_connections: int = 512
-
-
-@dataclass(frozen=True)
 class ServerConfig:
     """[server]: the gRPC server and its serving processes."""
 
@@ -219,7 +176,7 @@ class ServerConfig:
     #: Server TLS; unset: plaintext.
     tls: TlsConfig | None = None
     #: Message sizes, keepalive and connection lifetimes ([server.limits]).
-    limits: ConnectionLimits = ConnectionLimits()
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     #: Seconds between a serving process's heartbeats to its supervisor (server/heartbeat.py).
     heartbeat_seconds: float = 1.0
     #: Seconds without a heartbeat after which the supervisor kills a serving process and
@@ -298,16 +255,6 @@ class Config:
 
     def key_options(self, name: str) -> KeyOptions:
         return self.keys.get(name, KeyOptions())
-
-
-def default_of(cls: type, name: str) -> Any:
-    """The default of a config dataclass field: the one place defaults are written."""
-    f = next(f for f in fields(cls) if f.name == name)
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    raise KeyError(f"{cls.__name__}.{name} has no static default")
 
 
 def _parse_uri(table: Table, uri: str) -> tuple[str | None, str | None]:
@@ -418,7 +365,7 @@ def _server(root: Table, sessions: int) -> ServerConfig:
     reflection = s.get("reflection", bool, default_of(ServerConfig, "reflection"), "true or false")
     processes = _processes(s)
     key_admin = s.get("key_admin", bool, default_of(ServerConfig, "key_admin"), "true or false")
-    limits = _limits(s)
+    limits = read_limits(s)
     heartbeat = s.positive(
         "heartbeat_seconds", float, default_of(ServerConfig, "heartbeat_seconds"), 60
     )
@@ -484,40 +431,6 @@ def _server(root: Table, sessions: int) -> ServerConfig:
 
 
 #: The largest value each [server.limits] key accepts (every one must be above 0).
-_LIMIT_MAXIMA: Final[dict[str, float]] = {
-    "max_request_bytes": 2**31 - 1,
-    "max_small_request_bytes": 2**31 - 1,
-    "max_connection_age_seconds": 365 * 86400.0,
-    "max_queued_calls": 100_000,
-    "max_bytes_in_flight": 2**40,
-    "max_connections": 2**20,
-}
-
-
-def _limits(s: Table) -> ConnectionLimits:
-    t = s.table("limits")
-    values = {}
-    for f in fields(ConnectionLimits):
-        default = default_of(ConnectionLimits, f.name)
-        maximum = _LIMIT_MAXIMA.get(f.name, 86400.0)  # seconds: at most a day
-        values[f.name] = t.positive(f.name, type(default), default, maximum)
-    limits = ConnectionLimits(**values)
-    if limits.max_small_request_bytes > limits.max_request_bytes:
-        raise t.error(
-            "max_small_request_bytes",
-            f"got {limits.max_small_request_bytes}; allowed: at most max_request_bytes "
-            f"({limits.max_request_bytes})",
-        )
-    if limits.max_bytes_in_flight < limits.max_request_bytes:
-        raise t.error(
-            "max_bytes_in_flight",
-            f"got {limits.max_bytes_in_flight}; allowed: at least max_request_bytes "
-            f"({limits.max_request_bytes})",
-        )
-    t.finish()
-    return limits
-
-
 def _processes(s: Table) -> int:
     allowed = (
         f'"auto" (one per CPU, at most {MAX_AUTO_PROCESSES}) or a number from 1 to {MAX_PROCESSES}'

@@ -10,6 +10,7 @@ from __future__ import annotations
 import platform
 import sysconfig
 from collections.abc import Mapping
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +115,13 @@ class Table:
             raise self.error(
                 unknown[0], f"unknown key; allowed here: {', '.join(sorted(self.used))}"
             )
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of a config dataclass field: the one place defaults are written."""
+    f = next(f for f in fields(cls) if f.name == name)
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    raise KeyError(f"{cls.__name__}.{name} has no static default")

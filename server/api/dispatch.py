@@ -31,7 +31,7 @@ from google.protobuf.message import DecodeError, Message
 from hsmsign.names import ANSWERED_BY
 from server.api.limits import LARGE_REQUEST_METHODS, NotReceived, Oversized
 from server.api.malformed import MALFORMED
-from server.config import ConnectionLimits
+from server.limitsconfig import ConnectionLimits
 
 if TYPE_CHECKING:  # generic only in the type stubs
     Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]

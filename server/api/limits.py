@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from server.config import ConnectionLimits
+from server.limitsconfig import ConnectionLimits
 
 #: Calls whose request may be as large as ``max_request_bytes``: up to 10,000 digests or
 #: checksums, or a private key to import. Every other unary call carries one digest, key or

@@ -19,6 +19,8 @@ import pytest
 from server import config
 from server.audit.config import AuditConfig
 from server.errors import ConfigError
+from server.limitsconfig import ConnectionLimits
+from server.tomltable import default_of
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "hsm_config" / "production.example.toml"
@@ -41,7 +43,7 @@ TABLES: dict[str, tuple[type, set[str], set[str]]] = {
     "token": (config.TokenConfig, {"pin_file", "pin_env", "pin_credential", "uri"}, {"pin"}),
     "server": (config.ServerConfig, set(), {"tls"}),
     "server.tls": (config.TlsConfig, set(), set()),
-    "server.limits": (config.ConnectionLimits, set(), set()),
+    "server.limits": (ConnectionLimits, set(), set()),
     "keyring": (config.KeyRingConfig, set(), set()),
     "keys.*": (config.KeyOptions, set(), set()),
     # [audit] path, rotate_mb and rotate_every are the fields directory, rotate_bytes and
@@ -104,7 +106,7 @@ def test_every_marked_default_is_the_field_default() -> None:
             assert value == DERIVED_DEFAULTS[table, key], f"[{table}] {key}"
             continue
         cls, _extra, _not_keys = TABLES[table]
-        assert value == config.default_of(cls, key), f"[{table}] {key} = {value!r}"
+        assert value == default_of(cls, key), f"[{table}] {key} = {value!r}"
 
 
 def test_every_field_with_a_default_is_explained_in_the_example() -> None:
@@ -146,12 +148,12 @@ def test_unset_keys_take_the_field_defaults(tmp_path: Path) -> None:
         (config.KeyOptions, cfg.key_options("any")),
     ):
         for f in dataclasses.fields(cls):
-            assert getattr(value, f.name) == config.default_of(cls, f.name)
+            assert getattr(value, f.name) == default_of(cls, f.name)
     for name in ("listen", "max_concurrent_calls", "grace_seconds", "reflection", "key_admin"):
-        assert getattr(cfg.server, name) == config.default_of(config.ServerConfig, name)
+        assert getattr(cfg.server, name) == default_of(config.ServerConfig, name)
     for name in ("sessions", "session_wait_seconds", "serial"):
-        assert getattr(cfg.token, name) == config.default_of(config.TokenConfig, name)
-    assert cfg.log_level == config.default_of(config.Config, "log_level")
+        assert getattr(cfg.token, name) == default_of(config.TokenConfig, name)
+    assert cfg.log_level == default_of(config.Config, "log_level")
     # The derived ones, by their one rule each.
     assert cfg.server.threads == config.default_threads(cfg.token.sessions)
     assert cfg.token.threading == "parallel"  # p11-kit-proxy.so locks for itself

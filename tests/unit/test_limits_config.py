@@ -11,8 +11,8 @@ import pytest
 
 from server import config
 from server.api import admission, limits
-from server.config import ConnectionLimits
 from server.errors import ConfigError
+from server.limitsconfig import ConnectionLimits
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "hsm_config" / "production.example.toml"
 
@@ -50,9 +50,7 @@ def test_grpc_bound_must_be_above_the_threads_admission_may_hold(tmp_path: Path)
     # server.threads (4) + token.sessions (2) + max_queued_calls (64): a thread for each
     # place, no more: a call being received holds no thread (docs/adr/0008).
     low = "max_concurrent_calls = 70\n[server.limits]\nmax_queued_calls = 64\n"
-    with pytest.raises(
-        ConfigError, match=r"max_concurrent_calls: got 70; allowed: above .*\(70\)"
-    ):
+    with pytest.raises(ConfigError, match=r"max_concurrent_calls: got 70; allowed: above .*\(70\)"):
         config.load(_config(tmp_path, low))
     cfg = config.load(_config(tmp_path, low.replace("70", "71")))
     assert admission.serving_threads(cfg) == 70 < cfg.server.max_concurrent_calls
