@@ -24,14 +24,13 @@ UNIT = DEPLOY / "hsmsignd.service"
 #: Shows the Secrets' shape with placeholders; never applied (kustomization.yaml).
 SECRETS_EXAMPLE = "secrets.example.yaml"
 
-#: Keys the manifests use that another branch of issue 17 adds to server/config.py (the
-#: health-only port). Until it lands, the config is loaded without them; once it has, with.
-PENDING_SERVER_KEYS = frozenset({"health_listen"})
 
 #: The daemon's RSS in the soak (`make soak`: 2 serving processes, 64 callers, 100,000
 #: calls; docs/performance.md): the pod's memory request must cover it and the limit leave
 #: room for requests in flight.
 MEASURED_SOAK_RSS_MIB = 201
+#: The bound one serving process holds under the memory abuse test (docs/operations.md).
+ABUSE_RSS_BOUND_MIB = 384
 
 #: The health service names the daemon sets (server/serve.py): the whole server and each
 #: service of the API.
@@ -82,17 +81,9 @@ def _config_text() -> str:
 
 def _load_cluster_config(tmp_path: Path) -> config.Config:
     """The ConfigMap's hsmsignd.toml through server.config.load (which refuses unknown keys
-    and bad values), without the keys still pending on another branch."""
-    raw = tomllib.loads(_config_text())
-    known = {f for f in config.ServerConfig.__dataclass_fields__}
-    text = "\n".join(
-        line
-        for line in _config_text().splitlines()
-        if not any(line.startswith(f"{k} ") for k in PENDING_SERVER_KEYS - known)
-    )
-    assert set(raw["server"]) >= PENDING_SERVER_KEYS, "the manifests' health port is set"
+    and bad values)."""
     path = tmp_path / "hsmsignd.toml"
-    path.write_text(text)
+    path.write_text(_config_text())
     return config.load(path)
 
 
@@ -254,6 +245,9 @@ def test_the_pods_are_locked_down_spread_and_sized() -> None:
     resources = _daemon_container()["resources"]
     assert _mebibytes(resources["requests"]["memory"]) >= MEASURED_SOAK_RSS_MIB
     assert _mebibytes(resources["limits"]["memory"]) >= 2 * MEASURED_SOAK_RSS_MIB
+    # Two serving processes at the memory-abuse bound (tests/integration/test_memory_abuse.py)
+    # plus the supervisor.
+    assert _mebibytes(resources["limits"]["memory"]) >= 2 * ABUSE_RSS_BOUND_MIB + 60
 
 
 def test_the_systemd_unit_never_restarts_a_refused_pin_or_a_bad_config() -> None:
