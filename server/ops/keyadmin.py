@@ -353,10 +353,15 @@ def disable_version(ring: KeyRing, name: str, version: int) -> Key:
 
 
 def enable_version(ring: KeyRing, name: str, version: int) -> Key:
-    """Enables a version: the token allows it again, then the state records it (in this
-    order, so that the state change makes every daemon read the key objects again; a disable
-    at the same moment wins when its state write comes last: ``KeyRing.update`` then refuses
-    the version in the token again)."""
+    """Enables a version: the state records it, then the token allows it again.
+
+    In this order because every state write refuses, in the token, each version its state
+    does not enable (``KeyRing.update``): with the token allowed first, another writer's
+    write landing between the two steps refused the version again, and the enable that
+    returned OK was lost (seen in tests/integration/test_keyring_concurrency.py). A disable
+    that writes after this enable has the last word: the state is read again after the token
+    step and the version refused again if it is no longer enabled. Raises FailedPrecondition
+    when the token does not let it be allowed again (then listed as disabled)."""
     v = _live_version(ring, name, version)
     if v.state is State.DESTROYED:
         raise FailedPrecondition(f"{v.describe()} is destroyed and cannot be enabled")
@@ -375,15 +380,11 @@ def enable_version(ring: KeyRing, name: str, version: int) -> Key:
             )
         vr.state = State.ENABLED.value
 
+    ring.update(mutate)
     ring.set_token_usage(v, usable=True)
-    try:
-        ring.update(mutate)
-    except BaseException:
-        with contextlib.suppress(ServerError):
-            ring.refresh()
-            if ring.recorded_state(name, version) != State.ENABLED.value:
-                ring.set_token_usage(v, usable=False)
-        raise
+    ring.refresh()
+    if ring.recorded_state(name, version) != State.ENABLED.value:
+        ring.set_token_usage(v, usable=False)
     return ring.get(name)
 
 
