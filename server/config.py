@@ -156,6 +156,11 @@ class ServerConfig:
     #: host:port of a second, plaintext listener serving only the health service (for
     #: Kubernetes gRPC probes, which speak no TLS); unset: health only on ``listen``.
     health_listen: str | None = None
+    #: "unix:/ABSOLUTE/PATH" of a unix socket serving KeyAdmin, and KeyAdmin only there: the
+    #: network listener then refuses every KeyAdmin call, and callers on the socket are the
+    #: identity ``admin-socket`` (who may connect is the socket's owner, group and mode 0660).
+    #: Unset: KeyAdmin on ``listen``, as the policy grants (and ``key_admin`` allows).
+    admin_listen: str | None = None
     #: Calls gRPC itself holds at once in each serving process (running, waiting in
     #: hsmsignd's queue, or still being received on the event loop); beyond it gRPC refuses
     #: ("Concurrent RPC limit exceeded!") before hsmsignd sees the call, so with no access-log
@@ -353,10 +358,30 @@ def _address(s: Table, key: str, default: str | None) -> Any:
     return value
 
 
+def _admin_socket(s: Table) -> str | None:
+    """``admin_listen``: "unix:/ABSOLUTE/PATH" or unset. Raises ConfigError."""
+    value: str | None = s.get("admin_listen", str, None, '"unix:/ABSOLUTE/PATH"')
+    if value is None:
+        return None
+    if not value.startswith("unix:"):
+        raise s.error(
+            "admin_listen",
+            f'got {value!r}; allowed: a unix socket, "unix:/ABSOLUTE/PATH" such as '
+            '"unix:/run/hsmsign/admin.sock" (for KeyAdmin on the network, run a second daemon '
+            "with key_admin = true on its own listen address)",
+        )
+    if not value[len("unix:") :].startswith("/"):
+        raise s.error(
+            "admin_listen", f'got {value!r}; allowed: an absolute path, "unix:/ABSOLUTE/PATH"'
+        )
+    return value
+
+
 def _server(root: Table, sessions: int) -> ServerConfig:
     s = root.table("server")
     listen = _address(s, "listen", default_of(ServerConfig, "listen"))
     health_listen = _address(s, "health_listen", None)
+    admin_listen = _admin_socket(s)
     threads = _threads(s, sessions)
     max_calls = s.positive(
         "max_concurrent_calls", int, default_of(ServerConfig, "max_concurrent_calls"), 100_000
@@ -418,6 +443,7 @@ def _server(root: Table, sessions: int) -> ServerConfig:
         threads=threads,
         listen=listen,
         health_listen=health_listen,
+        admin_listen=admin_listen,
         max_concurrent_calls=max_calls,
         grace_seconds=grace,
         reflection=reflection,

@@ -10,9 +10,11 @@ which starts that many processes running ``run_serving_process``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +32,7 @@ from server.api.admin import KeyAdminService
 from server.api.signer import SignerService
 from server.audit import serving as audit_serving
 from server.config import Config
-from server.errors import TokenNotFound, cannot_listen
+from server.errors import StartupError, TokenNotFound, cannot_listen
 from server.health import Health
 from server.keyring.ring import KeyRing
 from server.loopserver import LoopServer
@@ -110,7 +112,9 @@ def run_serving_process(cfg: Config, listen: str, spec: ServingProcessSpec) -> i
         ring = KeyRing(token, cfg, siblings)
         try:
             ring.check_config()  # the supervisor logged its warnings once
-            server, bound = listen_on(cfg, listen, credentials(cfg), reuse_port=True)
+            server, bound = listen_on(
+                cfg, listen, credentials(cfg), reuse_port=True, admin_socket=spec.index == 1
+            )
             role = _ServingProcess(spec, cfg, token.watchdog.alive)
             return serve_process(cfg, token, ring, server, bound, role)
         finally:
@@ -150,14 +154,21 @@ def watch_token(token: Token, ring: KeyRing, status: Health, stop: threading.Eve
 
 
 def listen_on(
-    cfg: Config, address: str, creds: grpc.ServerCredentials | None, *, reuse_port: bool
+    cfg: Config,
+    address: str,
+    creds: grpc.ServerCredentials | None,
+    *,
+    reuse_port: bool,
+    admin_socket: bool = True,
 ) -> tuple[LoopServer, str]:
     """A gRPC server bound to ``address`` (not started yet) and the address it is bound to:
     grpc.aio, its calls run on ``server.threads`` serving threads once their request has
     arrived (``server.loopserver``).
 
     ``reuse_port``: serving processes share the supervisor's port; a lone daemon must own its
-    port. Raises StartupError when the address cannot be bound.
+    port. ``admin_socket``: this process also serves ``server.admin_listen`` (one process of
+    a daemon does: a unix socket cannot be shared). Raises StartupError when an address
+    cannot be bound.
     """
     server = LoopServer(
         cfg.server,
@@ -176,7 +187,34 @@ def listen_on(
     if port == 0:
         server.stop(0)
         raise cannot_listen(address)
+    if admin_socket and cfg.server.admin_listen is not None:
+        try:
+            _bind_admin_socket(server, cfg.server.admin_listen)
+        except StartupError:
+            server.stop(0)
+            raise
     return server, f"{address.rpartition(':')[0]}:{port}"
+
+
+#: Who may connect to the admin socket: the daemon's user and group (docs/operations.md).
+ADMIN_SOCKET_MODE = 0o660
+
+
+def _bind_admin_socket(server: LoopServer, listen: str) -> None:
+    """Serves ``listen`` (unix:/PATH, plaintext: the socket's owner, group and mode decide who
+    connects) beside the network listener. A socket file left by a process that died is
+    replaced; any other file at the path is left alone. Raises StartupError."""
+    path = Path(listen[len("unix:") :])
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+    if server.add_port(listen, None) == 0:
+        raise StartupError(
+            f"cannot serve the admin socket {listen} (does its directory exist, and is the "
+            "path free?); choose another with server.admin_listen"
+        )
+    os.chmod(path, ADMIN_SOCKET_MODE)
+    log.info("KeyAdmin on the admin socket %s only (pid %d)", listen, os.getpid())
 
 
 class ServingRole(Protocol):

@@ -11,7 +11,7 @@ from typing import cast
 import grpc
 
 from server.errors import Unauthenticated
-from server.identity.local import is_local_peer, local_identity
+from server.identity.local import admin_socket_identity, is_local_peer, local_identity
 from server.identity.model import Identity, IdentityConfig
 from server.identity.mtls import CertificateIdentifier
 from server.identity.oidc import TokenVerifier
@@ -25,8 +25,12 @@ def _auth_values(context: grpc.ServicerContext, key: str) -> list[bytes]:
 class Identifier:
     """Identifies callers as ``[identities]`` says."""
 
-    def __init__(self, config: IdentityConfig, client_ca: Path | None) -> None:
-        """Raises ConfigError for unreadable or inconsistent certificate files."""
+    def __init__(
+        self, config: IdentityConfig, client_ca: Path | None, admin_socket: str | None = None
+    ) -> None:
+        """``admin_socket``: ``server.admin_listen`` (its callers are ``admin-socket``).
+        Raises ConfigError for unreadable or inconsistent certificate files."""
+        self._admin_socket = admin_socket
         self._local = config.local.enabled
         self._certificates = CertificateIdentifier(config.mtls, client_ca, config.client_crl)
         self._tokens = TokenVerifier(config.oidc)
@@ -35,6 +39,8 @@ class Identifier:
         """The caller's identity. Raises Unauthenticated (no usable credential) or
         TokenUnavailable (a token issuer's keys cannot be fetched now)."""
         peer = context.peer()
+        if self._admin_socket is not None and peer.startswith("unix"):
+            return admin_socket_identity(self._admin_socket)
         tls = b"ssl" in _auth_values(context, "transport_security_type")
         bearer = [v for k, v in context.invocation_metadata() if k == "authorization"]
         if bearer:

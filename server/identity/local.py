@@ -11,6 +11,9 @@ import ipaddress
 from server.identity.model import Identity
 
 LOCAL = "local"
+#: Every caller on the admin socket (``server.admin_listen``): who may connect is the socket
+#: file's owner, group and mode; gRPC does not tell the peer's uid.
+ADMIN_SOCKET = "admin-socket"
 
 
 def is_local_peer(peer: str) -> bool:
@@ -48,3 +51,8 @@ def local_identity(peer: str) -> Identity:
     limits are shared by all local callers)."""
     subject = "unix socket" if peer.startswith("unix") else "loopback"
     return Identity(kind="local", name=LOCAL, subject=subject)
+
+
+def admin_socket_identity(listen: str) -> Identity:
+    """The identity of a caller on the admin socket ``listen``."""
+    return Identity(kind="socket", name=ADMIN_SOCKET, subject=listen)

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-IdentityKind = Literal["mtls", "oidc", "local"]
+IdentityKind = Literal["mtls", "oidc", "local", "socket"]
 #: The certificate field an mTLS rule matches, and only that field.
 CertField = Literal["uri_san", "dns_san", "email_san", "subject_cn"]
 CERT_FIELDS: tuple[CertField, ...] = ("uri_san", "dns_san", "email_san", "subject_cn")

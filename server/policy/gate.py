@@ -13,10 +13,11 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import grpc
 
+from hsmsign.v1 import hsmsign_pb2 as pb
 from server.config import Config
 from server.errors import ConfigError, InvalidArgument, KeyNotFound, PermissionDenied
 from server.identity.identify import Identifier
@@ -151,7 +152,10 @@ class Gate:
                     "allowed only on a loopback address or a unix socket; configure [server.tls]"
                 )
         self.policy: Policy = access.policy
-        self._identifier = Identifier(access.identities, tls.client_ca if tls else None)
+        self._admin_socket = config.server.admin_listen
+        self._identifier = Identifier(
+            access.identities, tls.client_ca if tls else None, self._admin_socket
+        )
         self._limiter: Limiter = Limiter(
             access.policy, previous=previous._limiter if previous else None
         )
@@ -203,6 +207,16 @@ class Gate:
         checks = RPCS.get(method)
         if checks is None:
             raise PermissionDenied(f"{method} is not covered by the policy")
+        if self._admin_socket is not None:
+            on_socket = context.peer().startswith("unix")
+            if method in KEY_ADMIN_METHODS and not on_socket:
+                raise PermissionDenied(
+                    "KeyAdmin is served only on this daemon's admin socket (server.admin_listen)"
+                )
+            if on_socket and method not in KEY_ADMIN_METHODS:
+                raise PermissionDenied(
+                    "the admin socket serves only KeyAdmin; call the Signer on server.listen"
+                )
         with contextlib.ExitStack() as stack:
             try:
                 stack.enter_context(self._limiter.admit(identity))
@@ -222,6 +236,12 @@ class Gate:
         identity = current_identity()
         return identity is not None and self.policy.allows(identity, operation, key)
 
+
+#: The methods that an admin socket (``server.admin_listen``) takes away from the network
+#: (method names are unique across hsmsign's services; tests/unit/test_policy.py checks).
+KEY_ADMIN_METHODS: Final = frozenset(
+    m.name for m in pb.DESCRIPTOR.services_by_name["KeyAdmin"].methods
+)
 
 _installed: Gate | None = None
 

@@ -156,3 +156,13 @@ def test_a_lower_burst_after_reload_caps_what_was_saved_up() -> None:
         pass
     with pytest.raises(LimitExceeded), after.admit(AGENT):
         pass
+
+
+def test_the_admin_socket_takes_exactly_the_key_admin_methods() -> None:
+    # The gate tells KeyAdmin calls by method name: the names must not repeat across services.
+    from hsmsign.v1 import hsmsign_pb2 as pb
+    from server.policy.gate import KEY_ADMIN_METHODS
+
+    signer = {m.name for m in pb.DESCRIPTOR.services_by_name["Signer"].methods}
+    assert KEY_ADMIN_METHODS and not KEY_ADMIN_METHODS & signer
+    assert "ListKeys" in KEY_ADMIN_METHODS and "SignDigest" in signer
