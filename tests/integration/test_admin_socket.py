@@ -19,7 +19,7 @@ import pytest
 
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
-from tests.conftest import Daemon, TokenDir, hsmsignd, start_daemon, write_config
+from tests.conftest import Daemon, TokenDir, hsmsignd, make_token, start_daemon, write_config
 from tests.harness.calls import sign_status
 from tests.harness.paths import HSMSIGN
 
@@ -35,6 +35,15 @@ identities = ["admin-socket"]
 keys = ["*"]
 operations = ["list", "get", "rotate", "create", "set_primary"]
 """
+
+
+@pytest.fixture(scope="module")
+def admin_token(tmp_path_factory: pytest.TempPathFactory) -> TokenDir:
+    """A token of its own: these tests rotate its key, which the shared token must not see
+    (other tests sign with that token's first version)."""
+    t = make_token(tmp_path_factory.mktemp("admin-socket-token"), "hsmsign-admin-socket")
+    hsmsignd(write_config(t.path / "hsmsignd.toml", t), "keys", "create", "demo")
+    return t
 
 
 def _config(tmp_path: Path, token: TokenDir, socket: Path, processes: int = 1) -> Path:
@@ -68,9 +77,9 @@ def _start(tmp_path: Path, token: TokenDir, processes: int = 1) -> tuple[Daemon,
 
 
 def test_key_admin_only_on_the_admin_socket_and_signing_only_on_the_network(
-    token: TokenDir, tmp_path: Path
+    admin_token: TokenDir, tmp_path: Path
 ) -> None:
-    d, socket = _start(tmp_path, token)
+    d, socket = _start(tmp_path, admin_token)
     try:
         # The network: signing as before; KeyAdmin refused even for a caller granted "*".
         with grpc.insecure_channel(d.address) as ch:
@@ -96,11 +105,11 @@ def test_key_admin_only_on_the_admin_socket_and_signing_only_on_the_network(
 
 
 def test_the_admin_socket_survives_a_serving_process_restart(
-    token: TokenDir, tmp_path: Path
+    admin_token: TokenDir, tmp_path: Path
 ) -> None:
     # With several serving processes one of them serves the socket (a unix socket has no
     # SO_REUSEPORT); when it is replaced, the new one serves it again.
-    d, socket = _start(tmp_path, token, processes=2)
+    d, socket = _start(tmp_path, admin_token, processes=2)
     try:
         assert _list_keys(f"unix:{socket}") == (grpc.StatusCode.OK, "")
         first = _socket_server_pid(d)
