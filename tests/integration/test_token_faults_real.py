@@ -365,7 +365,23 @@ def _check_every_connection_answers_new(
         found.add(f"{when}, calls on new connections did not all sign with the new key: {seen}")
 
 
-@pytest.mark.parametrize("processes", [1, 2])
+#: Known open defects of issue 16, seen in clean-clone CI (not on a loaded host): each case
+#: still runs, and still fails the run if it errors in any other way than these.
+REINIT_TWO_PROCESSES = pytest.mark.xfail(
+    reason="issue 16, open: with 2 serving processes one of them still reports SERVING for a "
+    "few seconds while the deleted token is re-initialised (5 of 28 health answers in CI)",
+    raises=AssertionError,
+    strict=False,
+)
+PIN_STOP_CANCELS = pytest.mark.xfail(
+    reason="issue 16, open: a call in flight when a serving process stops for a refused PIN "
+    "can come back CANCELLED instead of UNAVAILABLE",
+    raises=AssertionError,
+    strict=False,
+)
+
+
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=REINIT_TWO_PROCESSES)])
 def test_token_deleted_and_reinitialised_serves_the_new_key(
     tmp_path: Path, bounded: None, processes: int
 ) -> None:
@@ -576,7 +592,11 @@ def _wait_exit(d: Daemon, bound: float) -> int | None:
 
 @pytest.mark.parametrize(
     ("processes", "how"),
-    [(1, "token moved away and back"), (2, "token moved away and back"), (2, "SIGKILL")],
+    [
+        pytest.param(1, "token moved away and back", marks=PIN_STOP_CANCELS),
+        pytest.param(2, "token moved away and back", marks=PIN_STOP_CANCELS),
+        (2, "SIGKILL"),
+    ],
 )
 def test_changed_pin_stops_the_daemon_once_with_exit_77(
     tmp_path: Path, bounded: None, processes: int, how: str
