@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import threading
 import time
@@ -32,11 +31,12 @@ from server.errors import (
     TokenUnavailable,
 )
 from server.keyring.hostlock import HostLock, default_lock_file
-from server.keyring.join import adopt, build_keys, due_for_destruction, usable_against_state
+from server.keyring.join import build_keys, due_for_destruction, usable_against_state
 from server.keyring.model import LABEL_PREFIX, Key, KeyReference, KeyVersion, Purpose, State
-from server.keyring.state import STATE_APPLICATION, STATE_LABEL, RingState
+from server.keyring.state import RingState
 from server.keyring.store import StateInDoubt, StateStore
 from server.keyring.vanished import lost_versions
+from server.pkcs11.errors import TokenFault
 from server.pkcs11.objects import KeyObjectInfo
 from server.pkcs11.session import Session
 from server.pkcs11.token import Token, TokenState
@@ -56,6 +56,7 @@ FULL_SCAN_SECONDS = 60.0
 #: Seconds a read that lost versions waits for the token's re-initialisation before the
 #: call that made it gets UNAVAILABLE (the recovery goes on in the background).
 REREAD_WAIT = 1.0
+WRITING = "updating the key ring"
 
 
 @dataclass
@@ -449,27 +450,33 @@ class KeyRing:
         with self._write_lock:
             attempts: dict[str, T] = {}  # write id -> what mutate returned for it
             accepted: str | None = None
+            reinitialised = False
             for attempt in range(_WRITE_ATTEMPTS):
-                with self.objects_exclusive(), self._token.session("updating the key ring") as s:
-                    try:
-                        current = self._store.read(s, settled=True)
-                    except TokenUnavailable as e:
-                        if attempt == _WRITE_ATTEMPTS - 1:
-                            raise
-                        log.warning("key-ring write waits: %s", e)
-                        continue
-                    accepted = next((w for w in current.applied if w in attempts), None)
-                    if accepted is not None:
-                        break  # an earlier attempt was withdrawn, but built on
-                    objects = s.find_key_objects(LABEL_PREFIX)
-                    new = current.successor(os.urandom(8).hex())
-                    adopt(new, objects)
-                    attempts[new.writer] = mutate(new)
-                    s.create_data_object(STATE_APPLICATION, STATE_LABEL, new.to_bytes())
-                    if self._store.settle(s, new):
-                        accepted = new.writer
-                        self._store.saw(new.generation)
-                        break
+                last = attempt == _WRITE_ATTEMPTS - 1
+                try:
+                    with self.objects_exclusive(), self._token.session(WRITING) as s:
+                        accepted = self._store.write_next(s, mutate, attempts)
+                except StateInDoubt as e:
+                    # This process's module lost sight of the state document (design fact
+                    # 9): believe a read only after re-initialising it, once per write.
+                    if last or reinitialised:
+                        raise
+                    reinitialised = True
+                    log.warning("key-ring write: %s; re-initialising the token first", e)
+                    if not self._token.reinitialize(
+                        f"the key-ring state is in doubt: {e}", REREAD_WAIT
+                    ):
+                        raise
+                    self._store.reset_floor()
+                    continue
+                except TokenFault as e:
+                    # The next attempt reads whether this one's document landed (its write id).
+                    if last or not self._token.wait_usable(REREAD_WAIT):
+                        raise
+                    log.warning("key-ring write: %s; trying again on the recovered token", e)
+                    continue
+                if accepted is not None:
+                    break
                 time.sleep(random.uniform(0.02, 0.2) * (attempt + 1))  # noqa: S311 (jitter)
             if accepted is None:
                 raise FailedPrecondition(

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from server.errors import TokenUnavailable
 from server.keyring import state as state_doc
-from server.keyring.state import RingState, read_states
+from server.keyring.join import adopt
+from server.keyring.model import LABEL_PREFIX
+from server.keyring.state import STATE_APPLICATION, STATE_LABEL, RingState, read_states
 from server.pkcs11.session import Session
+
+T = TypeVar("T")
 
 log = logging.getLogger("server.keyring.ring")
 
@@ -67,6 +73,30 @@ class StateStore:
             time.sleep(pause)
             pause = min(pause * 2, 0.2)
         raise AssertionError("unreachable")
+
+    def write_next(
+        self, s: Session, mutate: Callable[[RingState], T], attempts: dict[str, T]
+    ) -> str | None:
+        """One compare-and-swap attempt: ``mutate`` the settled current state into the next
+        generation, write it, and ``settle`` it. ``attempts`` maps each earlier attempt's
+        write id to what ``mutate`` returned for it; this one is added. Returns the write id
+        that took effect (this attempt's, or an earlier one that a later write was built on,
+        or that landed although the token's answer to it was lost), or None when it collided.
+        Raises StateInDoubt or the token's error."""
+        current = self.read(s, settled=True)
+        done = next((w for w in current.applied if w in attempts), None)
+        if done is None and current.writer in attempts and self.settle(s, current):
+            done = current.writer  # the token failed after storing it: it is there
+        if done is not None:
+            return done
+        new = current.successor(os.urandom(8).hex())
+        adopt(new, s.find_key_objects(LABEL_PREFIX))
+        attempts[new.writer] = mutate(new)
+        s.create_data_object(STATE_APPLICATION, STATE_LABEL, new.to_bytes())
+        if not self.settle(s, new):
+            return None
+        self.saw(new.generation)
+        return new.writer
 
     def saw(self, generation: int) -> None:
         """Raises the floor to a generation this process wrote or read."""

@@ -9,13 +9,16 @@ The wrapper is installed only by the test launcher ``tests/harness/faulty_hsmsig
         {"call": "find_objects", "result": "empty", "until": "initialize"},
         {"call": "decrypt", "error": "GeneralError"},
         {"call": "sign", "hang_seconds": 3, "times": 1},
-        {"call": "sign", "latency_seconds": 0.05}
+        {"call": "sign", "latency_seconds": 0.05},
+        {"call": "create_object", "error": "DeviceError", "after": true, "times": 1}
     ]}
 
 ``call`` is one of ``CALLS``; ``error`` a python-pkcs11 exception class name; ``result:
 "empty"`` makes ``find_objects`` find nothing (what SoftHSM2 does after one failed read);
 ``times`` how often it fires (absent: every time while the plan stays); ``until:
-"initialize"``: until the module is re-initialised (then it is spent). Counts start again
+"initialize"``: until the module is re-initialised (then it is spent); ``after``: the real
+call is made first and the error raised after it (a token that did the work but whose
+answer was lost; offered for ``create_object``). Counts start again
 when the file changes. Every firing appends ``call fault`` to ``PLAN.fired``.
 """
 
@@ -65,6 +68,7 @@ class _Fault:
     until: str | None = None
     hang_seconds: float = 0.0
     latency_seconds: float = 0.0
+    after: bool = False
     fired: int = 0
     spent: bool = False
 
@@ -98,9 +102,10 @@ class FaultPlan:
             raise ValueError(f"fault plan {self.path}: unknown calls {unknown}")
         self._faults = faults
 
-    def fire(self, call: str) -> str | None:
-        """Applies the faults for ``call``: sleeps for a hang or latency, raises an error;
-        returns the ``result`` override (``"empty"``) if one applies."""
+    def fire(self, call: str, after: bool = False) -> str | None:
+        """Applies the faults for ``call`` (those with this ``after``): sleeps for a hang or
+        latency, raises an error; returns the ``result`` override (``"empty"``) if one
+        applies."""
         sleep = 0.0
         error: str | None = None
         result: str | None = None
@@ -111,7 +116,9 @@ class FaultPlan:
                     if f.until == "initialize":
                         f.spent = True
             for f in self._faults:
-                if f.call != call or f.spent or (f.times is not None and f.fired >= f.times):
+                if f.call != call or f.after != after or f.spent:
+                    continue
+                if f.times is not None and f.fired >= f.times:
                     continue
                 f.fired += 1
                 sleep += f.hang_seconds + f.latency_seconds
@@ -171,7 +178,9 @@ class _Session(_Wrapped):
 
     def create_object(self, attrs: Any) -> Any:
         self._plan.fire("create_object")
-        return _Object(self._real.create_object(attrs), self._plan)
+        created = self._real.create_object(attrs)
+        self._plan.fire("create_object", after=True)
+        return _Object(created, self._plan)
 
     def generate_key(self, *args: Any, **kwargs: Any) -> Any:
         self._plan.fire("generate")

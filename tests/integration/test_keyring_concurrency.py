@@ -118,6 +118,14 @@ class Round:
     errors: list[str] = field(default_factory=list)
 
 
+def _choosable(listing: Listing) -> bool:
+    """Whether a round can start: an enabled non-primary version for A to disable, and
+    another non-primary one for the CLI to toggle (a failed round may have used them up)."""
+    primary, states = listing
+    others = [v for v, s in states.items() if v != primary and s in ("enabled", "disabled")]
+    return len(others) >= 2 and any(states[v] == "enabled" for v in others)
+
+
 def _choose(listing: Listing) -> tuple[int, int, str]:
     """The version A disables (enabled, not primary: the newest such) and the version the CLI
     toggles (another non-primary one: the oldest such), with the state it goes to."""
@@ -256,6 +264,9 @@ def test_concurrent_admin_writes_lose_nothing(tmp_path: Path) -> None:
         for n in range(ROUNDS):
             with Client(a.address) as ca:
                 key = KeyAdmin(ca).get_key(KEY)
+                while not _choosable(_listing_pb(key)):  # after a failed round
+                    KeyAdmin(ca).rotate_key(KEY, make_primary=False)
+                    key = KeyAdmin(ca).get_key(KEY)
             before = _listing_pb(key)
             r = _run_round(a, b, config, before, key)
             expected, open_versions = _expected(before, r)
