@@ -19,6 +19,7 @@ logged and audited like any call); every answer carries the ``ANSWERED_BY`` mark
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent import futures
@@ -202,6 +203,28 @@ class Dispatch(grpc.aio.ServerInterceptor):
         self._pool = pool
         self.budget = InFlightBytes(limits.max_bytes_in_flight)
         self._handlers: dict[str, Handler | None] = {}
+        #: Set while the server stops: calls wait on it until gRPC's shutdown has begun.
+        self._parked: asyncio.Event | None = None
+
+    def park(self) -> None:
+        """From now on (the server is about to stop) calls wait for ``release``, on the event
+        loop, before they are answered. A call gRPC holds but has not handed to a handler
+        when its shutdown begins is answered CANCELLED (grpc/grpc#41785); a call that waits
+        here has been handed over, so it is answered (UNAVAILABLE: the pipeline is draining),
+        and the next one, sent after gRPC's GOAWAY, is refused UNAVAILABLE by the client's
+        own transport. Call on the event loop."""
+        if self._parked is None:
+            self._parked = asyncio.Event()
+
+    def release(self) -> None:
+        """Lets the parked calls go on (gRPC's shutdown has begun). Call on the event loop."""
+        if self._parked is not None:
+            self._parked.set()
+
+    async def _wait_if_parked(self) -> None:
+        parked = self._parked
+        if parked is not None:
+            await parked.wait()
 
     async def intercept_service(
         self,
@@ -209,6 +232,8 @@ class Dispatch(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         method = handler_call_details.method
+        if self._parked is not None and not method.startswith("/hsmsign."):
+            return self._parked_handler(await continuation(handler_call_details))
         if method in self._handlers:
             return self._handlers[method]
         handler = await continuation(handler_call_details)
@@ -228,6 +253,23 @@ class Dispatch(grpc.aio.ServerInterceptor):
         self._handlers[method] = handler
         return handler
 
+    def _parked_handler(self, handler: Handler | None) -> Handler | None:
+        """A unary handler of another service (health, reflection) that waits while parked."""
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behaviour: Callable[..., Any] = handler.unary_unary
+
+        async def wait_then_run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await self._wait_if_parked()
+            answer = behaviour(request, context)
+            return await answer if inspect.isawaitable(answer) else answer
+
+        return grpc.unary_unary_rpc_method_handler(
+            wait_then_run,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
     def _dispatched(
         self,
         method: str,
@@ -243,6 +285,7 @@ class Dispatch(grpc.aio.ServerInterceptor):
             _requests: object, context: grpc.aio.ServicerContext[Any, Any]
         ) -> Any:
             context.set_trailing_metadata((ANSWERED_BY,))
+            await self._wait_if_parked()
             try:
                 async with asyncio.timeout(self._receive_seconds):  # no task per call
                     request = await context.read()

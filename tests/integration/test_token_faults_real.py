@@ -373,12 +373,6 @@ REINIT_TWO_PROCESSES = pytest.mark.xfail(
     raises=AssertionError,
     strict=False,
 )
-PIN_STOP_CANCELS = pytest.mark.xfail(
-    reason="issue 16, open: a call in flight when a serving process stops for a refused PIN "
-    "can come back CANCELLED instead of UNAVAILABLE",
-    raises=AssertionError,
-    strict=False,
-)
 
 
 @pytest.mark.parametrize("processes", [1, pytest.param(2, marks=REINIT_TWO_PROCESSES)])
@@ -593,8 +587,8 @@ def _wait_exit(d: Daemon, bound: float) -> int | None:
 @pytest.mark.parametrize(
     ("processes", "how"),
     [
-        pytest.param(1, "token moved away and back", marks=PIN_STOP_CANCELS),
-        pytest.param(2, "token moved away and back", marks=PIN_STOP_CANCELS),
+        (1, "token moved away and back"),
+        (2, "token moved away and back"),
         (2, "SIGKILL"),
     ],
 )
