@@ -376,7 +376,15 @@ def check_fault_window(
             found.add(f"no health answer for service {service!r} while the fault lasted")
         elif any(s != NOT_SERVING for s in seen):
             counts = {s: seen.count(s) for s in sorted(set(seen))}
-            found.add(f"health of {service!r} while the fault lasted: {counts}, not NOT_SERVING")
+            wrong_at = [
+                f"{h.at - start:+.2f}s/{h.at - end:+.2f}s"
+                for h in health
+                if h.service == service and start <= h.at < end and h.status != NOT_SERVING
+            ]
+            found.add(
+                f"health of {service!r} while the fault lasted: {counts}, not NOT_SERVING "
+                f"(at {', '.join(wrong_at[:8])} from the window's start/end)"
+            )
 
 
 def healthy_since(health: Sequence[HealthSample], since: float) -> bool:
