@@ -83,6 +83,7 @@ class SharedCounter:
         self._map = mmap.mmap(fd, 8)
         self._objects = threading.RLock()
         self._objects_depth = 0
+        self._objects_owner = 0
 
     @contextlib.contextmanager
     def objects_exclusive(self) -> Iterator[None]:
@@ -90,12 +91,26 @@ class SharedCounter:
             if self._objects_depth == 0:
                 fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 8)  # one process of this daemon
             self._objects_depth += 1
+            self._objects_owner = threading.get_ident()
             try:
                 yield
             finally:
                 self._objects_depth -= 1
                 if self._objects_depth == 0:
                     fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 8)
+
+    @contextlib.contextmanager
+    def objects_released(self) -> Iterator[None]:
+        """For the thread in ``objects_exclusive``, while it waits: the other serving
+        processes may take their turn meanwhile; taken again after."""
+        held = self._objects_depth > 0 and self._objects_owner == threading.get_ident()
+        if held:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 8)
+        try:
+            yield
+        finally:
+            if held:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 8)
 
     @classmethod
     def create(cls) -> SharedCounter:

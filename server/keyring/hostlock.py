@@ -18,9 +18,10 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class HostLock:
         self.path = path
         self._threads = threading.RLock()
         self._depth = 0
+        self._owner = 0
         self._fd: int | None = None
         self._pid = 0
         self._warned = False
@@ -72,9 +74,59 @@ class HostLock:
             if self._depth == 0 and fd is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             self._depth += 1
+            self._owner = threading.get_ident()
             try:
                 yield
             finally:
                 self._depth -= 1
                 if self._depth == 0 and fd is not None:
                     fcntl.flock(fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def released(self) -> Iterator[None]:
+        """For the thread that holds the lock, while it waits (a patient read between two
+        scans): other processes may take their turn meanwhile; taken again after. This
+        process's other threads still wait."""
+        mine = self._depth and self._owner == threading.get_ident() and self._pid == os.getpid()
+        fd = self._fd if mine else None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+class SiblingsLock(Protocol):
+    """The lock a daemon's serving processes share (``server.supervisor.SharedCounter``)."""
+
+    def objects_exclusive(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def objects_released(self) -> contextlib.AbstractContextManager[None]: ...
+
+
+class ObjectsLock:
+    """One process's turn on the token's objects: this host's lock, then the daemon's
+    serving-process lock (always in this order, so no two processes wait for each other)."""
+
+    def __init__(self, host: HostLock, siblings: SiblingsLock | None) -> None:
+        self._host = host
+        self._siblings = siblings
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._host.held():
+            if self._siblings is None:
+                yield
+            else:
+                with self._siblings.objects_exclusive():
+                    yield
+
+    def pause(self, seconds: float) -> None:
+        """Within ``held``: waits with the other processes let in (a read that waited 3 s for
+        a state it lost sight of held up every sibling's own detection of a failed token);
+        released in the reverse order, taken again in the order of ``held``."""
+        siblings = self._siblings.objects_released() if self._siblings else contextlib.nullcontext()
+        with siblings, self._host.released():
+            time.sleep(seconds)

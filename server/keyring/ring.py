@@ -16,7 +16,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -30,7 +30,7 @@ from server.errors import (
     StartupError,
     TokenUnavailable,
 )
-from server.keyring.hostlock import HostLock, default_lock_file
+from server.keyring.hostlock import HostLock, ObjectsLock, default_lock_file
 from server.keyring.join import build_keys, due_for_destruction, usable_against_state
 from server.keyring.model import LABEL_PREFIX, Key, KeyReference, KeyVersion, Purpose, State
 from server.keyring.state import RingState
@@ -82,6 +82,10 @@ class ChangeCounter(Protocol):
         """Held while reading or changing the token's objects; one process at a time."""
         ...
 
+    def objects_released(self) -> contextlib.AbstractContextManager[None]:
+        """Within ``objects_exclusive``: lets the others in while this thread waits."""
+        ...
+
 
 def _article(word: str) -> str:
     return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
@@ -113,11 +117,12 @@ class KeyRing:
         self._siblings = siblings
         self._seen_change = siblings.read() if siblings else 0
         lock_file = config.keyring.lock_file
-        self._host_lock = HostLock(Path(lock_file) if lock_file else default_lock_file(token.label))
+        host_lock = HostLock(Path(lock_file) if lock_file else default_lock_file(token.label))
+        self._objects = ObjectsLock(host_lock, siblings)
         self._snapshot = _Snapshot()
         #: The highest state generation this process has read or written: generations only
         #: grow, so a scan that finds less raced a write or failed (never generation 0).
-        self._store = StateStore()
+        self._store = StateStore(pause=self._objects.pause)
         self._lock = threading.RLock()  # guards reading + installing a snapshot
         self._write_lock = threading.RLock()  # one state writer per process
         self._stop = threading.Event()
@@ -137,32 +142,30 @@ class KeyRing:
     def config(self) -> Config:
         return self._config
 
-    @contextlib.contextmanager
-    def objects_exclusive(self) -> Iterator[None]:
+    def objects_exclusive(self) -> contextlib.AbstractContextManager[None]:
         """Hold while reading or changing the token's objects: every other hsmsign process on
         this host waits (SoftHSM2 fails or misses reads that race with a creation, rewrite or
-        destruction in another process: server.keyring.hostlock), then this daemon's other
-        serving processes (always in this order, so no two processes wait for each other)."""
-        with self._host_lock.held():
-            if self._siblings is None:
-                yield
-            else:
-                with self._siblings.objects_exclusive():
-                    yield
+        destruction in another process: server.keyring.hostlock)."""
+        return self._objects.held()
 
     # -- reading --------------------------------------------------------------------------
 
-    def _read(self, after_reinit: bool = False) -> tuple[dict[str, Key], RingState]:
+    def _read(
+        self, after_reinit: bool = False, doubt: StateInDoubt | None = None
+    ) -> tuple[dict[str, Key], RingState]:
         """Reads objects and state (a read only: retried once on a token fault). A state that
         keeps reading as older than seen (``StateInDoubt``) is believed only after the token
         was re-initialised (SoftHSM2 never re-reads a token it once failed to read, design
         fact 9, and a re-initialised token may hold an older generation). Raises
-        TokenUnavailable (marking the ring unreadable) when the read fails."""
+        TokenUnavailable (marking the ring unreadable) when the read fails. ``doubt``: a scan
+        just now stayed in doubt for its whole patience (re-initialise without another)."""
 
         def read(s: Session) -> tuple[list[KeyObjectInfo], RingState]:
             return s.find_key_objects(LABEL_PREFIX), self._store.read(s)
 
         try:
+            if doubt is not None and not after_reinit:
+                raise doubt
             with self.objects_exclusive():
                 objects, state = self._token.run("reading the key ring", read)
         except StateInDoubt as e:
@@ -178,7 +181,7 @@ class KeyRing:
             raise
         return build_keys(objects, state, self._config.key_options), state
 
-    def _reload(self) -> list[KeyVersion]:
+    def _reload(self, doubt: StateInDoubt | None = None) -> list[KeyVersion]:
         """Re-reads objects and state; installs the snapshot; returns versions now due for
         destruction. Call with ``_lock`` held.
 
@@ -186,7 +189,7 @@ class KeyRing:
         had (``server.keyring.vanished``) is a token fault until shown otherwise: the module
         is re-initialised and the ring read again, and only what that read says is
         installed. Raises TokenUnavailable while the token cannot be read."""
-        keys, state = self._read()
+        keys, state = self._read(doubt=doubt)
         lost = lost_versions(self._snapshot.keys, keys, state)
         if lost:
             shown = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
@@ -249,6 +252,7 @@ class KeyRing:
         refresh_seconds. This reads only the state document (a fraction of that), which every
         change hsmsign makes writes anew, and reads the objects again when it changed, when a
         destruction falls due, or when the last full read is FULL_SCAN_SECONDS old."""
+        doubt: StateInDoubt | None = None
         with self._lock:
             snap = self._snapshot
             sibling_change = self._siblings.read() if self._siblings is not None else 0
@@ -262,8 +266,8 @@ class KeyRing:
                 try:
                     with self.objects_exclusive():
                         state = self._token.run("reading the key ring", self._store.read)
-                except StateInDoubt:
-                    state = None  # the full read below re-initialises the token first
+                except StateInDoubt as e:
+                    state, doubt = None, e  # the full read below re-initialises the token first
                 except TokenUnavailable as e:
                     self._set_readable(False, str(e))
                     raise
@@ -280,9 +284,11 @@ class KeyRing:
                         scanned_at=snap.scanned_at,
                     )
                     return
-        self.refresh()
+        self.refresh(doubt=doubt)
 
-    def refresh(self, only_if_siblings_changed: bool = False) -> None:
+    def refresh(
+        self, only_if_siblings_changed: bool = False, doubt: StateInDoubt | None = None
+    ) -> None:
         """Re-reads the ring from the token, then (on a ring that ``destroys_due``) destroys
         versions whose time has come.
 
@@ -295,7 +301,7 @@ class KeyRing:
                 if only_if_siblings_changed and change == self._seen_change:
                     return
                 self._seen_change = change
-            due = self._reload()
+            due = self._reload(doubt)
         if due:
             self._destroy_due(due)
 
@@ -457,8 +463,7 @@ class KeyRing:
                     with self.objects_exclusive(), self._token.session(WRITING) as s:
                         accepted = self._store.write_next(s, mutate, attempts)
                 except StateInDoubt as e:
-                    # This process's module lost sight of the state document (design fact
-                    # 9): believe a read only after re-initialising it, once per write.
+                    # The module lost sight of the state (fact 9): re-initialise it, once.
                     if last or reinitialised:
                         raise
                     reinitialised = True

@@ -44,9 +44,12 @@ class StateStore:
     """The state document as one process reads and writes it; thread-safe enough for the
     ring's own locks (the floor only ever rises, except when reset after a recovery)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pause: Callable[[float], None] = time.sleep) -> None:
+        """``pause``: how a patient read waits between scans (the ring lets other processes
+        take their turn on the token meanwhile)."""
         #: The highest generation this process has read or written.
         self._floor = 0
+        self._pause = pause
 
     def read(self, s: Session, settled: bool = False) -> RingState:
         """The current state document (highest generation; docs/adr/0007).
@@ -70,7 +73,7 @@ class StateStore:
                 return current
             if problem is not None and last:
                 raise StateInDoubt(f"{problem} (a scan raced a write, or the token fails)")
-            time.sleep(pause)
+            self._pause(pause)
             pause = min(pause * 2, 0.2)
         raise AssertionError("unreachable")
 
