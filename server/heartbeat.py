@@ -7,15 +7,17 @@ beat. A thread in each serving process writes its slot every ``server.heartbeat_
 while its self-check passes: the thread runs at all (the process is not stopped, and no C
 call holds the interpreter), and the token-call watchdog's own thread is running
 (``CallWatchdog.alive``: a hung token call is then handled in-process, by
-server/pkcs11/watchdog.py). The supervisor replaces a process whose slot is older than
+server/pkcs11/watchdog.py), and the gRPC event loop, where every call is received and
+answered, ran a callback within half of the timeout (``LoopServer.responsive``). The
+supervisor replaces a process whose slot is older than
 ``server.heartbeat_timeout_seconds`` (SIGKILL, then the usual restart), so a stopped process
 costs its callers that long at most: the kill resets its connections and hsmsign's clients
 retry the call on another connection.
 
 The self-check does not make a gRPC call: over the shared SO_REUSEPORT port it could not
 pick its own process, and with mTLS it would need a client certificate. A process whose gRPC
-core stops while Python runs is not detected here (Kubernetes probes the health service
-from outside for that).
+core stops while its event loop still runs is not detected here (Kubernetes probes the
+health service from outside for that).
 """
 
 from __future__ import annotations

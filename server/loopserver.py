@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Coroutine, Sequence
 from concurrent import futures
 from typing import Any, TypeVar
@@ -48,6 +49,8 @@ class LoopServer:
         self.dispatch = Dispatch(server.limits, self.pool)
         self.aio: grpc.aio.Server = self.run(self._make(server, options))
         self.health = LoopHealth(self)
+        #: When the event loop last ran a callback ``responsive`` posted (monotonic).
+        self._loop_ran = time.monotonic()
         #: The health-only listener (``server.health_listen``), if any.
         self.health_only: grpc.aio.Server | None = None
 
@@ -65,6 +68,17 @@ class LoopServer:
             options=options,
             maximum_concurrent_rpcs=server.max_concurrent_calls,
         )
+
+    def responsive(self, bound: float) -> bool:
+        """Whether the event loop, where every call is received and answered, ran a callback
+        within ``bound`` seconds: a non-blocking check for the heartbeat (server/heartbeat.py),
+        which asks again each time it is called."""
+        ran = self._loop_ran
+        self.loop.call_soon_threadsafe(self._mark_loop_ran)
+        return time.monotonic() - ran < bound
+
+    def _mark_loop_ran(self) -> None:
+        self._loop_ran = time.monotonic()
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Runs ``coroutine`` on the event loop and waits for its result (or exception)."""

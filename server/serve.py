@@ -115,7 +115,14 @@ def run_serving_process(cfg: Config, listen: str, spec: ServingProcessSpec) -> i
             server, bound = listen_on(
                 cfg, listen, credentials(cfg), reuse_port=True, admin_socket=spec.index == 1
             )
-            role = _ServingProcess(spec, cfg, token.watchdog.alive)
+            # The heartbeat's self-check: the token-call watchdog runs, and the event loop
+            # answers within half the time the supervisor allows a silent process.
+            loop_bound = cfg.server.heartbeat_timeout_seconds / 2
+
+            def check() -> bool:
+                return token.watchdog.alive() and server.responsive(loop_bound)
+
+            role = _ServingProcess(spec, cfg, check)
             return serve_process(cfg, token, ring, server, bound, role)
         finally:
             ring.stop()
