@@ -63,6 +63,11 @@ RESTART_WINDOW = 60.0
 #: Seconds a serving process may take from start to serving.
 START_TIMEOUT = 60.0
 
+#: What runs a serving process (before its arguments). Only a test launcher changes it, in
+#: its own process before the supervisor starts (tests/harness/faulty_hsmsignd.py, so that
+#: its fault injection reaches every serving process); no config or environment does.
+SERVING_COMMAND: list[str] = [sys.executable, "-m", "server.main"]
+
 
 class SharedCounter:
     """Eight bytes of memory shared by the daemon's processes (a memfd inherited by each), and
@@ -257,9 +262,7 @@ class Supervisor:
             w.index, self.count, self.counter.fd, self.ready_w, self.lifeline_r, self.beats.fd
         )
         cmd = [
-            sys.executable,
-            "-m",
-            "server.main",
+            *SERVING_COMMAND,
             "--config",
             str(self.cfg.path),
             "serve",
