@@ -365,17 +365,7 @@ def _check_every_connection_answers_new(
         found.add(f"{when}, calls on new connections did not all sign with the new key: {seen}")
 
 
-#: Known open defects of issue 16, seen in clean-clone CI (not on a loaded host): each case
-#: still runs, and still fails the run if it errors in any other way than these.
-REINIT_TWO_PROCESSES = pytest.mark.xfail(
-    reason="issue 16, open: with 2 serving processes one of them still reports SERVING for a "
-    "few seconds while the deleted token is re-initialised (5 of 28 health answers in CI)",
-    raises=AssertionError,
-    strict=False,
-)
-
-
-@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=REINIT_TWO_PROCESSES)])
+@pytest.mark.parametrize("processes", [1, 2])
 def test_token_deleted_and_reinitialised_serves_the_new_key(
     tmp_path: Path, bounded: None, processes: int
 ) -> None:
