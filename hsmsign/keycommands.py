@@ -133,8 +133,9 @@ def add_actions(ks: Any, offline: bool = False) -> None:
         i.add_argument(
             "--plaintext-ceremony",
             action="store_true",
-            help="send the key IN CLEAR (only to a daemon with server.allow_plaintext_import, on "
-            "loopback); the default wraps it to the daemon's import wrapping key",
+            help="send the key IN CLEAR (only to a daemon with server.allow_plaintext_import, "
+            "on its admin socket: --server unix:PATH); the default wraps it to the daemon's "
+            "import wrapping key",
         )
 
 

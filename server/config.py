@@ -175,8 +175,8 @@ class ServerConfig:
     reflection: bool = True
     #: Serve the KeyAdmin service (create, rotate, import, destroy keys) on this daemon.
     key_admin: bool = True
-    #: Accept ImportKey with the private key in clear (a ceremony, from loopback or a unix
-    #: socket only); otherwise only the wrapped form (docs/operations.md, key import).
+    #: Accept ImportKey with the private key in clear (a ceremony, on the admin socket,
+    #: ``admin_listen``, only); otherwise only the wrapped form (docs/operations.md).
     allow_plaintext_import: bool = False
     #: Server TLS; unset: plaintext.
     tls: TlsConfig | None = None

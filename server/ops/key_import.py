@@ -183,22 +183,21 @@ def import_wrapped_key(
     )
 
 
-#: Peers a plaintext ceremony may come from (grpc's peer strings).
-_LOCAL_PEER_PREFIXES = ("unix:", "ipv4:127.", "ipv6:[::1]")
-
-
 def check_plaintext_import_allowed(server: ServerConfig, peer: str) -> None:
     """Raises FailedPrecondition unless ``server.allow_plaintext_import`` is set and the caller
-    is on loopback or a unix socket; logs a warning for every plaintext import it lets in."""
+    is on the admin socket (``server.admin_listen``: a unix socket, whose owner, group and
+    mode decide who may connect; loopback TCP is open to every user of the host); logs a
+    warning for every plaintext import it lets in."""
     if not server.allow_plaintext_import:
         raise FailedPrecondition(
             "ImportKey with the private key in clear (private_key_der) is refused by this "
             "daemon: send it wrapped ('hsmsign keys import' wraps by default, to the key from "
             "GetImportWrappingKey), or import offline on the host with 'hsmsignd keys import'"
         )
-    if not peer.startswith(_LOCAL_PEER_PREFIXES):
+    if not peer.startswith("unix:"):
         raise FailedPrecondition(
-            "ImportKey with the private key in clear is accepted from loopback or a unix "
-            "socket only (server.allow_plaintext_import); send it wrapped"
+            "ImportKey with the private key in clear is accepted on the admin socket only "
+            "(server.admin_listen, with server.allow_plaintext_import); send it wrapped "
+            "('hsmsign keys import' wraps by default)"
         )
     log.warning("plaintext ImportKey accepted from %s (server.allow_plaintext_import)", peer)

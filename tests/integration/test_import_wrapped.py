@@ -33,16 +33,27 @@ KEYRING = (
 # One serving process: on a fresh token, a second one starting while the first creates the
 # implicit-rejection secret can fail in C_GetTokenInfo (seen under load; not about import).
 DEFAULT = "[server]\nprocesses = 1\n"
-CEREMONY = "[server]\nprocesses = 1\nallow_plaintext_import = true\n"
+#: The plaintext ceremony: accepted on the admin socket only (KeyAdmin is served only there).
+CEREMONY = (
+    '[server]\nprocesses = 1\nallow_plaintext_import = true\nadmin_listen = "unix:{socket}"\n'
+)
+CEREMONY_POLICY = """
+[identities.local]
+enabled = true
+[[policy.grant]]
+identities = ["local", "admin-socket"]
+keys = ["*"]
+operations = ["*"]
+"""
 DIGEST = hashlib.sha256(b"bundle").digest()
 
 
 class RecordingProxy:
-    """A loopback TCP proxy that forwards to ``target`` and keeps every byte it carries."""
+    """A loopback TCP proxy that forwards to ``target`` (HOST:PORT or unix:PATH) and keeps
+    every byte it carries."""
 
     def __init__(self, target: str) -> None:
-        host, _, port = target.rpartition(":")
-        self._target = (host, int(port))
+        self._target = target
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._lock = threading.Lock()
@@ -60,7 +71,13 @@ class RecordingProxy:
                 down, _ = self._listener.accept()
             except OSError:
                 return
-            up = socket.create_connection(self._target, timeout=30)
+            if self._target.startswith("unix:"):
+                up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                up.settimeout(30)
+                up.connect(self._target[len("unix:") :])
+            else:
+                host, _, port = self._target.rpartition(":")
+                up = socket.create_connection((host, int(port)), timeout=30)
             for a, b in ((down, up), (up, down)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
@@ -90,12 +107,25 @@ def daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TokenDir
     default = start_daemon(
         write_config(tmp / "default.toml", t, extra=KEYRING + DEFAULT), tmp / "d"
     )
-    ceremony = start_daemon(
-        write_config(tmp / "ceremony.toml", t, extra=KEYRING + CEREMONY), tmp / "c"
+    ceremony_config = write_config(
+        tmp / "ceremony.toml",
+        t,
+        extra=KEYRING + CEREMONY.format(socket=_admin_socket_path(tmp / "c")),
+        policy=CEREMONY_POLICY,
     )
+    ceremony = start_daemon(ceremony_config, tmp / "c")
     yield t, default, ceremony
     default.stop()
     ceremony.stop()
+
+
+def _admin_socket_path(daemon_tmp: Path) -> Path:
+    return daemon_tmp / "admin.sock"
+
+
+def _admin(ceremony: Daemon) -> str:
+    """The ceremony daemon's admin socket, where KeyAdmin (and the plaintext form) is served."""
+    return f"unix:{_admin_socket_path(ceremony.tmp)}"
 
 
 def _pkcs8(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
@@ -201,7 +231,7 @@ def test_plaintext_ceremony_shows_the_key_on_the_wire(
     original = rsa.generate_private_key(65537, 2048)
     key_file = tmp_path / "k.der"
     key_file.write_bytes(_pkcs8(original))
-    proxy = RecordingProxy(ceremony.address)
+    proxy = RecordingProxy(_admin(ceremony))
     try:
         r = _hsmsign(
             proxy.address,
@@ -310,15 +340,15 @@ def test_non_rsa_encryption_oids_are_refused(
     pss = _pss_oid(_pkcs8(rsa.generate_private_key(65537, 2048)))
     ec_der = _pkcs8(ec.generate_private_key(ec.SECP256R1()))
     for der in (pss, ec_der):
-        with Client(ceremony.address) as c, pytest.raises(RemoteError) as e:
+        with Client(_admin(ceremony)) as c, pytest.raises(RemoteError) as e:
             KeyAdmin(c).import_key_plaintext("oid", der)
         assert e.value.status_name == "INVALID_ARGUMENT"
         assert "rsaEncryption" in e.value.message
     f = tmp_path / "pss.der"
     f.write_bytes(pss)
-    r = _hsmsign(ceremony.address, tmp_path, "keys", "import", str(f), "--name", "oid")
+    r = _hsmsign(_admin(ceremony), tmp_path, "keys", "import", str(f), "--name", "oid")
     assert r.returncode != 0 and b"rsaEncryption" in r.stderr and b"Traceback" not in r.stderr
     e3 = tmp_path / "e3.der"
     e3.write_bytes(_pkcs8(rsa.generate_private_key(3, 2048)))
-    r = _hsmsign(ceremony.address, tmp_path, "keys", "import", str(e3), "--name", "oid")
+    r = _hsmsign(_admin(ceremony), tmp_path, "keys", "import", str(e3), "--name", "oid")
     assert r.returncode != 0 and b"public exponent is 3" in r.stderr

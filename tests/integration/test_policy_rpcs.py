@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from google.protobuf.duration_pb2 import Duration
 
+from hsmsign.admin import KeyAdmin, wrapped_import_request
+from hsmsign.client import Client
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from tests.conftest import Daemon, TokenDir, hsmsignd, make_token, start_daemon, write_config
@@ -66,7 +68,7 @@ def policy_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         token,
         policy=POLICY,
         # One serving process: limits are per process, and one token login is quicker. The
-        # plaintext ImportKey (loopback) keeps the import checks short.
+        # plaintext ImportKey is allowed, which loopback must still refuse.
         extra="[server]\nprocesses = 1\nallow_plaintext_import = true\n"
         "[keyring]\nmin_destruction_delay_hours = 0\n"
         "dev_unsafe_allow_short_destruction_delay = true\n",
@@ -268,8 +270,17 @@ def test_create_import_and_list(policy_daemon: Daemon) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    imp = pb.ImportKeyRequest(name="new-imported", purpose=pb.KEY_PURPOSE_SIGN, private_key_der=der)
-    assert _call(policy_daemon, "KeyAdmin", "ImportKey", imp)[0] == OK
+    plain = pb.ImportKeyRequest(
+        name="new-imported", purpose=pb.KEY_PURPOSE_SIGN, private_key_der=der
+    )
+    # In clear over loopback TCP: refused even with server.allow_plaintext_import (the
+    # ceremony is for the admin socket, where the socket's mode decides who connects).
+    code, details = _call(policy_daemon, "KeyAdmin", "ImportKey", plain)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "admin socket" in details, details
+    with Client(policy_daemon.address) as c:
+        to = KeyAdmin(c).import_wrapping_key()
+    imp = wrapped_import_request(plain, to)
+    assert _call(policy_daemon, "KeyAdmin", "ImportKey", imp) == (OK, "")
     # Making an imported version primary needs set_primary too.
     imp.make_primary = True
     code, details = _call(policy_daemon, "KeyAdmin", "ImportKey", imp)
