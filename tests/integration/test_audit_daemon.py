@@ -19,8 +19,11 @@ from typing import IO, Any
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hsmsign import keyformats
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from tests.harness import HSMSIGN, HSMSIGND, TokenDir, hsmsignd, leaks, make_token, write_config
@@ -672,3 +675,65 @@ def test_files_rotate_by_time_and_the_chain_verifies_across_them(
     rotated[1].unlink()  # a whole rotated file dropped: named as missing records
     v = verify(tmp_path)
     assert v.returncode == 3 and "rotated file dropped" in v.stdout
+
+
+def test_no_signer_or_key_admin_call_can_reach_the_audit_key(
+    audit_token: TokenDir, tmp_path: Path
+) -> None:
+    """The audit key signs checkpoints and nothing else (server/audit/signing.py): it is not
+    in the key ring, whatever a call names it by (label, fingerprint, Capgo key_id), and its
+    private key may only sign."""
+    d = start(audit_config(tmp_path, audit_token), tmp_path)
+    try:
+        pub = load_pem_public_key((tmp_path / "audit" / "audit-key.pem").read_bytes())
+        assert isinstance(pub, rsa.RSAPublicKey)
+        refs = [
+            pb.KeyRef(name="hsmsign-audit:v1"),
+            pb.KeyRef(name="hsmsign-audit"),
+            pb.KeyRef(fingerprint=keyformats.fingerprint(pub)),
+            pb.KeyRef(capgo_key_id=keyformats.capgo_key_id(pub)),
+        ]
+        answers: list[tuple[object, str]] = []
+        for ref in refs:
+            for call in (
+                lambda r=ref: d.signer.SignDigest(
+                    pb.SignDigestRequest(key=r, algorithm=SHA256, digest=b"\x02" * 32), timeout=10
+                ),
+                lambda r=ref: d.signer.GetPublicKey(pb.GetPublicKeyRequest(key=r), timeout=10),
+            ):
+                try:
+                    call()
+                    answers.append((ref, "OK"))
+                except grpc.RpcError as e:
+                    answers.append((ref, e.code().name))
+        for name in ("hsmsign-audit:v1", "hsmsign-audit"):
+            for rpc in (d.admin.DisableKeyVersion, d.admin.ScheduleKeyVersionDestruction):
+                request: Any = (
+                    pb.KeyVersionRequest(name=name, version=1)
+                    if rpc is d.admin.DisableKeyVersion
+                    else pb.ScheduleDestructionRequest(name=name, version=1)
+                )
+                try:
+                    rpc(request, timeout=10)
+                    answers.append((name, "OK"))
+                except grpc.RpcError as e:
+                    answers.append((name, e.code().name))
+        listed = d.admin.ListKeys(pb.ListKeysRequest(), timeout=10)
+    finally:
+        d.stop()
+    reached = [a for a in answers if a[1] not in ("NOT_FOUND", "INVALID_ARGUMENT")]
+    assert not reached, (
+        f"calls that reached the audit key, or answered other than not found: {reached}"
+    )
+    fingerprints = {v.fingerprint for k in listed.keys for v in k.versions}
+    assert keyformats.fingerprint(pub) not in fingerprints
+    listing = audit_token.pkcs11_tool("-O")
+    blocks = [
+        b.split("Object;", 1)[0]
+        for b in listing.split("Private Key Object;")[1:]
+        if "label:      hsmsign-audit:v1\n" in b.split("Object;", 1)[0]
+    ]
+    assert len(blocks) == 1, listing
+    usage = blocks[0].split("Usage:", 1)[1].split("\n", 1)[0]
+    assert usage.split() == ["sign"], usage
+    assert verify(tmp_path).returncode == 0
