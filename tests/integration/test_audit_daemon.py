@@ -27,6 +27,7 @@ from hsmsign import keyformats
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 from tests.harness import HSMSIGN, HSMSIGND, TokenDir, hsmsignd, leaks, make_token, write_config
+from tests.harness.h2raw import RawH2Connection
 from tests.harness.pki import make_ca, make_leaf
 
 SHA256 = pb.SIGNATURE_ALGORITHM_RSA_PKCS1_V15_SHA256
@@ -737,3 +738,50 @@ def test_no_signer_or_key_admin_call_can_reach_the_audit_key(
     usage = blocks[0].split("Usage:", 1)[1].split("\n", 1)[0]
     assert usage.split() == ["sign"], usage
     assert verify(tmp_path).returncode == 0
+
+
+def test_audit_file_replaced_under_the_daemon(audit_token: TokenDir, tmp_path: Path) -> None:
+    """Another file renamed over the chain's file: the write fails closed (the path no longer
+    names the file the daemon has open), and the daemon recovers by itself."""
+    d = start(audit_config(tmp_path, audit_token), tmp_path)
+    try:
+        d.sign(request_id="before")
+        chain = tmp_path / "audit" / "audit-1.jsonl"
+        impostor = chain.with_name("impostor")
+        impostor.write_text(chain.read_text())
+        os.replace(impostor, chain)
+        with pytest.raises(grpc.RpcError) as e:
+            d.sign(request_id="withheld")
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        d.wait_status(SERVING)
+        d.sign(request_id="after")
+    finally:
+        d.stop()
+    log = (tmp_path / "daemon.log").read_text()
+    assert "replaced" in log, log[-2000:]
+    ids = [r.get("request_id") for r in records(tmp_path)]
+    assert "before" in ids and "after" in ids and "withheld" not in ids
+
+
+def test_a_request_that_never_arrives_is_recorded(audit_token: TokenDir, tmp_path: Path) -> None:
+    """A stream that opens a call and sends no body is ended after
+    max_request_receive_seconds, and the call is on the trail like any refused call."""
+    config = audit_config(
+        tmp_path,
+        audit_token,
+        server="processes = 1\n[server.limits]\nmax_request_receive_seconds = 1",
+    )
+    d = start(config, tmp_path)
+    try:
+        with RawH2Connection(d.address) as h2:
+            stream = h2.open_call("/hsmsign.v1.Signer/SignDigest")
+            assert h2.wait_ended([stream], 10), "the stalled call was never ended"
+        d.sign(request_id="after")  # the record before it is written by then
+    finally:
+        d.stop()
+    stalled = [
+        r
+        for r in records(tmp_path)
+        if r.get("op") == "SignDigest" and r.get("request_id") != "after"
+    ]
+    assert [r["status"] for r in stalled] == ["DEADLINE_EXCEEDED"], stalled
