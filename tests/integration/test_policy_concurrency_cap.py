@@ -62,6 +62,6 @@ def test_a_second_call_over_the_cap_is_refused_at_once_with_a_retry_hint(tmp_pat
     assert refused is not None, "a second call over concurrent = 1 was served"
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
     assert took < HOLD_SECONDS / 2, f"refused after {took:.2f}s, not at once"
-    trailers = [m[0] for m in refused.trailing_metadata() or ()]
+    trailers = [m.key for m in refused.trailing_metadata() or ()]
     assert "retry-after-ms" in trailers, trailers
     assert again.signature
