@@ -181,13 +181,21 @@ class ChainFiles:
     chain: str
     files: list[Path] = field(default_factory=list)  # oldest first, current last
     checkpoints: Path | None = None
+    #: How reports name it: the chain, or DIRECTORY/CHAIN when the paths span directories.
+    label: str = ""
 
 
 def discover(paths: Iterable[Path]) -> dict[str, ChainFiles]:
-    """Chains under the given files and directories, each with its files oldest first.
+    """Chains under the given files and directories, each with its files oldest first, by
+    label. A chain is one name in one directory: replicas each keep a chain 1 in their own
+    directory, and their trails are verified together chain by chain.
 
     Raises AuditFileError for a path that does not exist or names no audit file."""
-    found: dict[str, ChainFiles] = {}
+    found: dict[tuple[Path, str], ChainFiles] = {}
+
+    def chain_of(directory: Path, chain: str) -> ChainFiles:
+        return found.setdefault((directory.resolve(), chain), ChainFiles(chain))
+
     for p in paths:
         if p.is_dir():
             entries = sorted(p.iterdir())
@@ -200,11 +208,11 @@ def discover(paths: Iterable[Path]) -> dict[str, ChainFiles]:
         for e in entries:
             m = _CHECKPOINTS.match(e.name)
             if m:
-                found.setdefault(m["chain"], ChainFiles(m["chain"])).checkpoints = e
+                chain_of(e.parent, m["chain"]).checkpoints = e
                 continue
             m = _FILE.match(e.name)
             if m:
-                found.setdefault(m["chain"], ChainFiles(m["chain"])).files.append(e)
+                chain_of(e.parent, m["chain"]).files.append(e)
             elif not p.is_dir():
                 raise AuditFileError(f"{e}: not an audit file name (audit-CHAIN[.N].jsonl)")
 
@@ -212,9 +220,13 @@ def discover(paths: Iterable[Path]) -> dict[str, ChainFiles]:
         m = _FILE.match(path.name)
         return (0, int(m["n"])) if m and m["n"] else (1, 0)
 
-    for cf in found.values():
+    directories = {d for d, _chain in found}
+    by_label: dict[str, ChainFiles] = {}
+    for (directory, chain), cf in found.items():
         cf.files.sort(key=order)
-    return found
+        cf.label = chain if len(directories) == 1 else f"{directory}/{chain}"
+        by_label[cf.label] = cf
+    return by_label
 
 
 def read(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
@@ -292,14 +304,14 @@ def verify(paths: Iterable[Path], public_key: rsa.RSAPublicKey) -> Report:
 
 
 def _verify_chain(cf: ChainFiles, public_key: rsa.RSAPublicKey, fingerprint: str) -> ChainReport:
-    report = ChainReport(cf.chain)
+    report = ChainReport(cf.label or cf.chain)
     hashes_by_seq: dict[int, str] = {}
     expected_seq, prev_hash, prev_where = 0, GENESIS, "the start of the chain"
 
     def fail(line: Line | Path, message: str) -> ChainReport:
         where = line.where if isinstance(line, Line) else str(line)
         seq = line.seq if isinstance(line, Line) else None
-        report.problems.append(Problem(cf.chain, where, seq, message))
+        report.problems.append(Problem(cf.label or cf.chain, where, seq, message))
         return report
 
     if not cf.files:

@@ -282,3 +282,21 @@ def test_cli_exit_codes_and_show_filters(tmp_path: Path) -> None:
     none = _cli("audit", "show", str(tmp_path), "--since", "2999-01-01", "--json")
     assert none.returncode == 0 and none.stdout == ""
     assert _cli("audit", "show", str(tmp_path), "--since", "yesterday").returncode == 2
+
+
+def test_two_replicas_trails_verify_together_chain_by_chain(tmp_path: Path) -> None:
+    """Replicas each keep chain 1 in their own directory (docs/high-availability.md): one
+    verify over both directories checks each chain on its own. Before, chains were grouped by
+    name across the paths, so two intact trails read as one broken chain (exit 3)."""
+    a, b = tmp_path / "replica-a", tmp_path / "replica-b"
+    a.mkdir()
+    b.mkdir()
+    write_chain(a, calls=20)
+    write_chain(b, calls=30)
+    r = auditlog.verify([a, b], KEY.public_key())
+    assert [p for c in r.chains for p in c.problems] == []
+    assert sorted(c.records for c in r.chains)[-1] >= 30 and len(r.chains) == 2
+    names = sorted(c.chain for c in r.chains)
+    assert all(str(tmp_path) in n for n in names), names  # each says which directory it is
+    # One directory alone is named as before: by its chain.
+    assert [c.chain for c in report(a).chains] == ["1"]
