@@ -300,3 +300,21 @@ def test_two_replicas_trails_verify_together_chain_by_chain(tmp_path: Path) -> N
     assert all(str(tmp_path) in n for n in names), names  # each says which directory it is
     # One directory alone is named as before: by its chain.
     assert [c.chain for c in report(a).chains] == ["1"]
+
+
+def test_a_checkpoint_is_signed_on_time_when_records_are_few(tmp_path: Path) -> None:
+    """Fewer records than checkpoint_records: the background thread still signs them within
+    checkpoint_seconds, so a quiet daemon's last records do not stay unsigned."""
+    config = AuditConfig(directory=tmp_path, checkpoint_records=1000, checkpoint_seconds=0.3)
+    health: list[bool] = []
+    w = ChainWriter(config, "1", "test/1/0", checkpointer(), health.append)
+    w.start()
+    try:
+        for i in range(3):
+            w.append({"kind": "call", "op": "SignDigest", "time": auditlog.utc_now(), "n": i})
+        _wait_for(lambda: report(tmp_path).chains[0].unsigned_tail == 0, "a checkpoint on time")
+    finally:
+        w.stop()
+    r = report(tmp_path)
+    assert r.intact and r.chains[0].records >= 3
+    assert health == []
