@@ -73,6 +73,8 @@ def _target(
 BATCH: dict[str, Any] = {"server": Server.HSMSIGND, "call": Call.BATCH, "callers": 4, "batch": 64}
 #: bench.run.audit_rows: SignDigests x256 with the audit trail on, and off beside it.
 AUDIT_BATCH: dict[str, Any] = {"server": Server.HSMSIGND, "call": Call.BATCH, "batch": 256}
+#: bench.run.audit_rows: unary SignDigest with the audit trail on, and off beside it.
+AUDIT_UNARY: dict[str, Any] = {"server": Server.HSMSIGND, "call": Call.UNARY, "callers": 16}
 UNARY_64: dict[str, Any] = {
     "server": Server.HSMSIGND,
     "call": Call.UNARY,
@@ -222,13 +224,34 @@ def _audit_target(
     if offs:
         detail += f", audit off {_series(list(offs))}, median {_median(list(offs)):.2f}x"
         detail += f"; on / off {(_median(list(ons)) or 0) / (_median(list(offs)) or 1):.2f}"
+    if not ons:
+        detail = "no batch audit rows in this run"
+    detail += _audit_unary(rows, on_settings)
     return _target(
         "batched signing, audit on / token limit",
         _median(list(ons)),
         0.95,
         "x",
         True,
-        detail if ons else "no audit rows in this run",
+        detail,
+    )
+
+
+def _audit_unary(rows: list[AnyRow], on_settings: str) -> str:
+    """What audit costs a single call: unary SignDigest at 16 callers, audit on over off in
+    each round of bench.run.audit_rows (no goal: every call waits for its record's fsync)."""
+
+    def per_round(settings: str) -> dict[int, float]:
+        found = _calls(rows, **AUDIT_UNARY, settings=settings)
+        return {r.round: r.calls_per_s for r in found if "audit" in r.name and _ok(r)}
+
+    on, off = per_round(on_settings), per_round(_default())
+    shares = [on[k] / off[k] for k in sorted(on) if off.get(k)]
+    if not shares:
+        return ""
+    return (
+        f"; unary SignDigest x{AUDIT_UNARY['callers']} callers, audit on / off per round "
+        f"{_series(list(shares))}, median {_median(list(shares)):.2f}"
     )
 
 

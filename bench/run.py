@@ -383,13 +383,17 @@ def daemon_rows(
 
 #: Digests per call of the audit rows: a build agent's batch.
 AUDIT_BATCH = 256
+#: Callers of the audit rows' unary calls (as make bench-audit's unary rows).
+AUDIT_UNARY_CALLERS = 16
 
 
 def audit_rows(root: Path, token: TokenDir, duration: float, rounds: int) -> list[CallRow]:
     """Part 3c: batch SignDigests x256 at 4 callers with the audit trail on, beside the same
     daemon with it off, ``rounds`` interleaved rounds (which goes first alternates), each row
     bracketed by the token: the issue's "batch signing >= 95% of the token limit with audit
-    on", and what audit costs a batch (bench.report's audit target)."""
+    on", and what audit costs a batch (bench.report's audit target); then, in each round,
+    unary SignDigest at 16 callers on and off: what audit costs a single call (every call
+    waits for its record's fsync)."""
     daemons = {
         audit: launch(root, token, DaemonSettings(audit=audit), f"daemon-audit-{audit}")
         for audit in (False, True)
@@ -422,6 +426,16 @@ def audit_rows(root: Path, token: TokenDir, duration: float, rounds: int) -> lis
                 if r.measured and not r.calls_per_s:
                     r.not_available = "no call completed in the window"
                 rows.append(r)
+                unary = LoadSpec(
+                    d.address, "unary", KEY_2048, AUDIT_UNARY_CALLERS, duration=duration
+                )
+                name = (
+                    f"round {k}, audit {'on' if audit else 'off'}: "
+                    f"unary SignDigest, {AUDIT_UNARY_CALLERS} callers"
+                )
+                u = daemon_row(name, unary, d.proc.pid)
+                u.round, u.settings = k, DaemonSettings(audit=audit).describe()
+                rows.append(u)
     finally:
         for d in daemons.values():
             d.stop()

@@ -286,6 +286,31 @@ def test_report_flags_batch_signing_with_audit_on_under_95_percent() -> None:
     assert {t["target"]: t for t in targets(rows)}[t["target"]]["result"] == "PASS"
 
 
+def test_report_gives_what_audit_costs_a_unary_call() -> None:
+    """The audit target's detail also gives unary SignDigest at 16 callers, audit on over off
+    per round of bench.run.audit_rows (the issue: what audit costs per call, unary and
+    batch); main rows of the same shape without "audit" in their name are not read."""
+
+    def unary(k: int, audit: bool, calls: float, name: str = "") -> CallRow:
+        return CallRow(
+            name=name or f"round {k}, audit {'on' if audit else 'off'}: unary SignDigest",
+            server=Server.HSMSIGND,
+            settings=DaemonSettings(audit=audit).describe(),
+            call=Call.UNARY,
+            callers=16,
+            load=Load.PYTHON,
+            round=k,
+            ops_per_s=calls,
+            calls_per_s=calls,
+        )
+
+    rows: list[AnyRow] = [TOKEN, unary(1, False, 10_000, name="unary SignDigest, 16 callers")]
+    for k, (on, off) in enumerate([(300, 400), (350, 500), (280, 400)], start=1):
+        rows += [unary(k, True, on), unary(k, False, off)]
+    t = {t["target"]: t for t in targets(rows)}["batched signing, audit on / token limit"]
+    assert "audit on / off per round 0.75x / 0.70x / 0.70x, median 0.70" in t["detail"], t
+
+
 def test_report_table_and_json_read_rows_by_field() -> None:
     """The printed table shows every row by kind (a floor row in calls/s, a failed row as not
     available), and results.json keeps each row's kind and fields."""
