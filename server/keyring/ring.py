@@ -30,7 +30,7 @@ from server.errors import (
     StartupError,
     TokenUnavailable,
 )
-from server.keyring.hostlock import HostLock, ObjectsLock, default_lock_file
+from server.keyring.hostlock import HostLock, ObjectsLock, SiblingsLock, default_lock_file
 from server.keyring.join import build_keys, due_for_destruction, usable_against_state
 from server.keyring.model import LABEL_PREFIX, Key, KeyReference, KeyVersion, Purpose, State
 from server.keyring.state import RingState
@@ -69,21 +69,14 @@ class _Snapshot:
     scanned_at: float = 0.0
 
 
-class ChangeCounter(Protocol):
-    """A counter shared by a daemon's serving processes (``server.supervisor.SharedCounter``)."""
+class ChangeCounter(SiblingsLock, Protocol):
+    """A counter shared by a daemon's serving processes (``server.supervisor.SharedCounter``),
+    with their lock over the token's objects."""
 
     def read(self) -> int: ...
 
     def bump(self) -> int:
         """Adds one; returns the new value."""
-        ...
-
-    def objects_exclusive(self) -> contextlib.AbstractContextManager[None]:
-        """Held while reading or changing the token's objects; one process at a time."""
-        ...
-
-    def objects_released(self) -> contextlib.AbstractContextManager[None]:
-        """Within ``objects_exclusive``: lets the others in while this thread waits."""
         ...
 
 
