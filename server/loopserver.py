@@ -53,6 +53,7 @@ class LoopServer:
         self._loop_ran = time.monotonic()
         #: The health-only listener (``server.health_listen``), if any.
         self.health_only: grpc.aio.Server | None = None
+        self._started = False
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -116,6 +117,7 @@ class LoopServer:
 
     def start(self) -> None:
         self.run(self.aio.start())
+        self._started = True
         if self.health_only is not None:
             self.run(self.health_only.start())
 
@@ -132,6 +134,9 @@ class LoopServer:
         self._thread.join(5)
 
     async def _stop(self, grace: float) -> None:
+        if not self._started:  # a start-up that failed: no call to answer
+            await self.aio.stop(grace)
+            return
         self.dispatch.park()
         await asyncio.sleep(PARK_SECONDS)
         stopping = asyncio.ensure_future(self.aio.stop(grace))

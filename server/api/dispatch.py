@@ -222,9 +222,8 @@ class Dispatch(grpc.aio.ServerInterceptor):
             self._parked.set()
 
     async def _wait_if_parked(self) -> None:
-        parked = self._parked
-        if parked is not None:
-            await parked.wait()
+        if self._parked is not None:
+            await self._parked.wait()
 
     async def intercept_service(
         self,
@@ -285,7 +284,8 @@ class Dispatch(grpc.aio.ServerInterceptor):
             _requests: object, context: grpc.aio.ServicerContext[Any, Any]
         ) -> Any:
             context.set_trailing_metadata((ANSWERED_BY,))
-            await self._wait_if_parked()
+            if self._parked is not None:  # the server is stopping (park)
+                await self._parked.wait()
             try:
                 async with asyncio.timeout(self._receive_seconds):  # no task per call
                     request = await context.read()
