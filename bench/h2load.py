@@ -7,7 +7,9 @@ Python client rows (bench/load.py) stay in the table beside them.
 
 h2load only sees HTTP statuses; a gRPC error is an HTTP 200 with a grpc-status trailer. The
 caller therefore checks the daemon's access log for failed calls after each run
-(``failed_calls``).
+(``failed_calls``), once the run's lines have landed: the daemon writes its log from a
+thread of its own, so the last lines of a run can reach the file after h2load has exited
+(``wait_for_access_lines``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +149,24 @@ def failed_calls(log_text: str, method: str) -> dict[str, int]:
         if m.group(1) != "OK" and m.group(1) not in CALLER_GONE:
             counts[m.group(1)] = counts.get(m.group(1), 0) + 1
     return counts
+
+
+def access_calls(log_text: str, method: str) -> int:
+    """How many calls of ``method`` the access log records, whatever their status."""
+    return len(re.findall(rf" {method} peer=\S+ status=", log_text))
+
+
+def wait_for_access_lines(
+    read_log: Callable[[], str], method: str, at_least: int, timeout: float = 15.0
+) -> str:
+    """The log once it records ``at_least`` calls of ``method``, or as it stands after
+    ``timeout`` seconds (the caller compares the counts)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = read_log()
+        if access_calls(text, method) >= at_least or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
 
 
 def run_h2load_paced(

@@ -23,7 +23,15 @@ from typing import Any, Protocol
 
 from bench import report
 from bench.bare_server import BareServer
-from bench.h2load import H2Spec, failed_calls, grpc_frame, run_h2load, run_h2load_paced
+from bench.h2load import (
+    H2Spec,
+    access_calls,
+    failed_calls,
+    grpc_frame,
+    run_h2load,
+    run_h2load_paced,
+    wait_for_access_lines,
+)
 from bench.h2load import available as h2load_available
 from bench.load import LoadSpec, _request, run_load
 from bench.rows import (
@@ -236,6 +244,20 @@ def _h2_details(r: dict[str, Any]) -> dict[str, Any]:
     return {k: r[k] for k in keep if k in r}
 
 
+def _failed_during(
+    d: Served, server: Server, method: str, before: str, calls: int
+) -> dict[str, int]:
+    """The failed calls of ``method`` that hsmsignd's access log gained since ``before`` (the
+    log then), once it holds a line for each of the ``calls`` h2load counted. The bare stack
+    keeps no log: its failures are caught by a real call."""
+    if server is not Server.HSMSIGND:
+        return {}
+    was = failed_calls(before, method)
+    text = wait_for_access_lines(d.log, method, access_calls(before, method) + calls)
+    now = failed_calls(text, method)
+    return {k: v - was.get(k, 0) for k, v in now.items() if v > was.get(k, 0)}
+
+
 def h2_row(
     d: Served,
     call: str,
@@ -249,14 +271,13 @@ def h2_row(
     """One row with nghttp2's h2load as the load generator (bench/h2load.py)."""
     spec = LoadSpec(d.address, call, KEY_2048, connections)
     _method, message = _request(spec)
-    before = failed_calls(d.log(), method.rsplit("/", 1)[1])
+    before = d.log()
     r = run_h2load(
         H2Spec(d.address, method, connections, 1, max(1, round(duration))),
         grpc_frame(message),
         d.proc.pid,
     )
-    after = failed_calls(d.log(), method.rsplit("/", 1)[1])
-    failed = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
+    failed = _failed_during(d, server, method.rsplit("/", 1)[1], before, r["calls"])
     row = CallRow(
         name=f"{name} (h2load)",
         server=server,
@@ -475,7 +496,7 @@ def h2_paced_row(
     d: Served, rate: float, name: str, duration: float, server: Server = Server.HSMSIGND
 ) -> CallRow:
     _method, message = _request(LoadSpec(d.address, "unary", KEY_2048, 1))
-    before = failed_calls(d.log(), "SignDigest")
+    before = d.log()
     r = run_h2load_paced(
         d.address,
         "hsmsign.v1.Signer/SignDigest",
@@ -484,8 +505,7 @@ def h2_paced_row(
         duration,
         d.proc.pid,
     )
-    after = failed_calls(d.log(), "SignDigest")
-    failed = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
+    failed = _failed_during(d, server, "SignDigest", before, r["calls"])
     row = _paced_call_row(r, f"{name} ({rate:.0f} calls/s), 8 callers (h2load)", server)
     row.client_cores = r["client_cpu_seconds"] / duration
     if failed or r["http_failed"]:

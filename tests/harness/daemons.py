@@ -63,7 +63,23 @@ class Daemon:
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def log(self) -> str:
+        """The log as it stands. Lines reach it from a writer thread (server/logsink.py), so a
+        line logged before an answer may land after it: to look for one, use ``wait_log``."""
         return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, *needles: str, timeout: float = 15.0) -> str:
+        """The log once every one of ``needles`` is in it. Raises AssertionError with the
+        log's tail if one is still missing after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log()
+            missing = [n for n in needles if n not in text]
+            if not missing:
+                return text
+            if time.monotonic() > deadline:
+                tail = "\n".join(text.splitlines()[-20:])
+                raise AssertionError(f"not in the log after {timeout}s: {missing}\n{tail}")
+            time.sleep(0.05)
 
     def hsmsign(
         self, *args: str, input: bytes | None = None, check: bool = True

@@ -227,7 +227,9 @@ def fired(path: Path) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
 
-def launcher(plan_path: Path) -> tuple[str, ...]:
+def launcher(plan_path: Path, log_delay: float = 0.0) -> tuple[str, ...]:
     """The command that runs hsmsignd with the wrapper over its token, driven by
-    ``plan_path`` (``start_daemon(..., command=launcher(plan))``)."""
-    return (sys.executable, "-m", "tests.harness.faulty_hsmsignd", str(plan_path))
+    ``plan_path`` (``start_daemon(..., command=launcher(plan))``). ``log_delay``: seconds
+    each log line reaches the log late (tests/harness/faulty_hsmsignd.py)."""
+    env = ("env", f"HSMSIGN_TEST_LOG_DELAY={log_delay}") if log_delay else ()
+    return (*env, sys.executable, "-m", "tests.harness.faulty_hsmsignd", str(plan_path))

@@ -388,7 +388,7 @@ def test_key_admin_only_for_named_client_certificates(token: TokenDir, tmp_path:
         )
         names = [k.name for k in admin("admin").ListKeys(pb.ListKeysRequest(), timeout=30).keys]
         assert "demo" in names and "sneaky" not in names
-        assert "CreateKey peer=" in d.log() and "status=PERMISSION_DENIED" in d.log()
+        d.wait_log("CreateKey peer=", "status=PERMISSION_DENIED")
     finally:
         d.stop()
 

@@ -67,7 +67,8 @@ def test_loud_setting_lowers_the_floor_with_a_warning(token: TokenDir, tmp_path:
     )
     d = start_daemon(cfg, tmp_path / "d")
     try:
-        warnings = [ln for ln in d.log().splitlines() if " WARNING " in ln and LOUD in ln]
+        log = d.wait_log(LOUD)
+        warnings = [ln for ln in log.splitlines() if " WARNING " in ln and LOUD in ln]
         assert len(warnings) == 1, d.log()
         assert "minimum destruction delay is 0 hours" in warnings[0]
     finally:

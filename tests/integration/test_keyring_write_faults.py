@@ -94,4 +94,4 @@ def test_a_module_that_lost_sight_of_the_state_is_re_initialised_for_the_write(
     """What SoftHSM2 does after a read raced another process's write (design fact 9): every
     scan misses the state document until the module is re-initialised."""
     _rotate_through(setup, {"call": "find_objects", "result": "empty", "until": "initialize"})
-    assert "re-initialising the token first" in setup[2].log()
+    setup[2].wait_log("re-initialising the token first")

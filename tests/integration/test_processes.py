@@ -96,7 +96,7 @@ def test_both_processes_serve_one_port(two: Daemon) -> None:
     workers = ready["workers"]
     assert isinstance(workers, list) and len(workers) == 2
     assert ready["pid"] == two.proc.pid and all(_alive(p) for p in workers)
-    assert "2 serving processes" in two.log()
+    two.wait_log("2 serving processes")
     seen: set[str] = set()
     for _ in range(64):
         resp = _sign_on_new_connection(two.address, "demo")

@@ -35,7 +35,7 @@ def test_the_readme_tour_works_on_the_shipped_dev_config(tmp_path: Path) -> None
          "--purpose", "sign", "--algorithm", "rsa-2048")  # fmt: skip
     d = start_daemon(config, tmp_path / "d")
     try:
-        assert "keys: demo v1 sha256:" in d.log()
+        d.wait_log("keys: demo v1 sha256:")
         shell = tmp_path / "shell"
         shell.mkdir()
         env["HSMSIGN_SERVER"] = d.address

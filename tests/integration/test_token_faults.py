@@ -31,6 +31,9 @@ from tests.harness.tokens import KeySpec, token_with_keys
 #: machine; the measured figures are in docs/operations.md).
 RECOVERY_BOUND = 30.0
 
+#: How late each daemon log line lands (tests/harness/faulty_hsmsignd.py).
+LOG_DELAY = 0.05
+
 OK, UNAVAILABLE = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
 
 
@@ -55,7 +58,8 @@ def plan(tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def daemon(config: Path, plan: Path, tmp_path: Path) -> Iterator[Daemon]:
-    d = start_daemon(config, tmp_path / "daemon", command=launcher(plan))
+    # Log lines land late, as on a loaded host: the log is waited for, never read at once.
+    d = start_daemon(config, tmp_path / "daemon", command=launcher(plan, log_delay=LOG_DELAY))
     yield d
     d.stop()
 
@@ -154,7 +158,7 @@ def test_a_ring_that_stops_reading_is_a_fault_not_an_empty_ring(
         time.sleep(0.1)
     assert seen[-1][0] is OK, seen[-5:]
     assert health(channel) == "SERVING"
-    assert "re-initialising the module" in daemon.log()
+    daemon.wait_log("re-initialising the module")
 
 
 def test_an_unreadable_token_is_unavailable_and_not_serving_until_it_returns(
@@ -177,7 +181,7 @@ def test_an_unreadable_token_is_unavailable_and_not_serving_until_it_returns(
     took = wait_for("signing again", lambda: sign(channel)[0] is OK)
     wait_for("health SERVING", lambda: health(channel) == "SERVING")
     assert took < RECOVERY_BOUND
-    assert "recovered after" in daemon.log()
+    daemon.wait_log("recovered after")
 
 
 @pytest.mark.parametrize(
@@ -193,7 +197,7 @@ def test_a_device_fault_during_signing_is_recovered_and_retried(
     wait_for("signing again", lambda: sign(channel)[0] is OK)
     wait_for("health SERVING", lambda: health(channel) == "SERVING")
     assert fired(plan) == [f"sign {error}"]
-    assert "re-initialising the module" in daemon.log()
+    daemon.wait_log("re-initialising the module")
 
 
 @pytest.mark.parametrize("error", ["SessionHandleInvalid", "SessionClosed", "FunctionFailed"])
@@ -213,7 +217,7 @@ def test_a_lost_login_is_logged_in_again_once(
     assert sign(channel)[0] is OK
     write_plan(plan, {"call": "sign", "error": "UserNotLoggedIn", "times": 1})
     assert sign(channel) == (OK, "")
-    assert "logging in again" in daemon.log()
+    daemon.wait_log("logging in again")
     assert health(channel) == "SERVING"
 
 
