@@ -156,6 +156,9 @@ class ServerConfig:
     #: host:port of a second, plaintext listener serving only the health service (for
     #: Kubernetes gRPC probes, which speak no TLS); unset: health only on ``listen``.
     health_listen: str | None = None
+    #: host:port of a plaintext HTTP listener serving Prometheus metrics at /metrics, summed
+    #: over the serving processes (server/metrics.py); unset: no metrics.
+    metrics_listen: str | None = None
     #: "unix:/ABSOLUTE/PATH" of a unix socket serving KeyAdmin, and KeyAdmin only there: the
     #: network listener then refuses every KeyAdmin call, and callers on the socket are the
     #: identity ``admin-socket`` (who may connect is the socket's owner, group and mode 0660).
@@ -381,6 +384,7 @@ def _server(root: Table, sessions: int) -> ServerConfig:
     s = root.table("server")
     listen = _address(s, "listen", default_of(ServerConfig, "listen"))
     health_listen = _address(s, "health_listen", None)
+    metrics_listen = _address(s, "metrics_listen", None)
     admin_listen = _admin_socket(s)
     threads = _threads(s, sessions)
     max_calls = s.positive(
@@ -443,6 +447,7 @@ def _server(root: Table, sessions: int) -> ServerConfig:
         threads=threads,
         listen=listen,
         health_listen=health_listen,
+        metrics_listen=metrics_listen,
         admin_listen=admin_listen,
         max_concurrent_calls=max_calls,
         grace_seconds=grace,

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from server import metrics
 from server.config import Config
 from server.keyring.model import Key
 
@@ -40,11 +41,14 @@ def listening_line(cfg: Config, address: str, token_label: str, keys: str) -> st
 
 def write_ready_file(path: Path, address: str, serving_pids: Sequence[int] | None = None) -> None:
     """Writes ``{"address", "pid"}`` (and, with several serving processes, their pids under
-    ``workers``) as JSON to ``path``, atomically: a reader sees no file or a whole one.
+    ``workers``; with metrics served, their address under ``metrics``) as JSON to ``path``,
+    atomically: a reader sees no file or a whole one.
 
     Raises OSError when the file cannot be written.
     """
     content: dict[str, object] = {"address": address, "pid": os.getpid()}
+    if metrics.served_address is not None:
+        content["metrics"] = metrics.served_address
     if serving_pids is not None:
         content["workers"] = list(serving_pids)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ready-")

@@ -2,9 +2,9 @@
 certificate and key, the client CA, the client CRL, identities and policy), without
 dropping a connection. A config that does not load leaves the serving one in place.
 
-What a reload cannot change (it needs a restart): [token], the listen address, the
-processes, threads and limits of [server], and whether TLS or client certificates are used
-at all. A changed [token] is named in the log line.
+What a reload cannot change (it needs a restart): [token], the listen addresses (also
+health_listen and metrics_listen), the processes, threads and limits of [server], and
+whether TLS or client certificates are used at all. A changed [token] is named in the log line.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from grpc_health.v1 import health
 
 from hsmsign.v1 import hsmsign_pb2 as pb
 from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
-from server import ready, reload, supervisor, tls
+from server import metrics, ready, reload, supervisor, tls
 from server.api import admission, deadlines, limits, pipeline
 from server.api.admin import KeyAdminService
 from server.api.signer import SignerService
@@ -75,6 +75,23 @@ def run_daemon(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
     gate.install(gate.Gate(cfg.access, cfg, address))
     if floor_warning := cfg.keyring.floor_warning():
         log.warning("%s", floor_warning)
+    if cfg.server.metrics_listen is not None:
+        # Before any serving process starts: they inherit where to count.
+        served = metrics.serve_endpoint(cfg.server.metrics_listen)
+        log.info("metrics on http://%s/metrics", served)
+    try:
+        return _check_and_serve(cfg, ready_file, creds, address)
+    finally:
+        metrics.close()
+
+
+def _check_and_serve(
+    cfg: Config,
+    ready_file: Path | None,
+    creds: grpc.ServerCredentials | None,
+    address: str,
+) -> int:
+    """The token, then the port; serves (one process) or supervises (several)."""
     token = Token(cfg.token)
     try:
         ring = KeyRing(token, cfg)
@@ -82,6 +99,7 @@ def run_daemon(cfg: Config, listen: str | None, ready_file: Path | None) -> int:
             check_token(token, ring)
             keys = ready.keys_summary(ring.list_keys())
             if cfg.server.processes == 1:
+                metrics.start_counting()
                 server, bound = listen_on(cfg, address, creds, reuse_port=False)
                 role = _Standalone(ready.listening_line(cfg, bound, token.label, keys), ready_file)
                 return serve_process(cfg, token, ring, server, bound, role)
@@ -101,6 +119,7 @@ def run_serving_process(cfg: Config, listen: str, spec: ServingProcessSpec) -> i
     token and reserved the port already."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve_process can reload
     gate.install(gate.Gate(cfg.access, cfg, listen))
+    metrics.start_counting()  # when the supervisor serves metrics
     siblings = SharedCounter(spec.counter_fd)
     # One serving process at a time loads the module and logs in: SoftHSM2 processes that do
     # so at the same moment can miss the token ("no token with label") or fail the login

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
+from server import metrics
 from server.errors import Cancelled, DeadlineExceeded, ServerError
 
 T = TypeVar("T")
@@ -53,6 +54,7 @@ class _Tally:
     def signed(self, n: int) -> None:
         with self._lock:
             self.signatures += n
+        metrics.signed(n)
 
     def caller_gone(self, started: bool) -> None:
         with self._lock:

@@ -5,7 +5,7 @@ out through them in reverse. Today's stages:
 
 ``access_log``
     one access-log line per call (method, peer, status, key versions used, duration);
-    never what the caller sent.
+    never what the caller sent. The same call is counted in the metrics (``server.metrics``).
 ``status``
     the one place where errors become gRPC status codes: a ``ServerError`` ends the call with
     its ``code`` and its one-line message; anything else with INTERNAL and an incident id
@@ -61,6 +61,7 @@ from typing import Any, Final, TypeVar
 
 import grpc
 
+from server import metrics
 from server.api import admission, deadlines
 from server.api.accesslog import access
 from server.api.limits import NotReceived, Oversized
@@ -152,13 +153,15 @@ def access_log_stage(call: Call, proceed: Proceed) -> Any:
     try:
         return proceed(call)
     finally:
+        seconds = time.perf_counter() - call.started
         access.line(
             call.method,
             call.context.peer(),
             call.status,
             ",".join(call.keys_used) or "-",
-            (time.perf_counter() - call.started) * 1000,
+            seconds * 1000,
         )
+        metrics.call(call.method, call.status, seconds)
 
 
 def status_stage(call: Call, proceed: Proceed) -> Any:
