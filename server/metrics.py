@@ -117,8 +117,9 @@ def serve_endpoint(listen: str) -> str:
 
 
 def start_counting() -> None:
-    """Counts from now on in this process (a serving process of a daemon that serves
-    metrics: ``PROMETHEUS_MULTIPROC_DIR`` is inherited from the first process)."""
+    """Counts from now on in this process, into ``PROMETHEUS_MULTIPROC_DIR`` (set by
+    ``serve_endpoint`` here, or inherited from the first process by a serving process). Call
+    only when ``server.metrics_listen`` is set."""
     global _recorder
     if _recorder is None and os.environ.get(MULTIPROC_ENV):
         _recorder = _Recorder()

@@ -119,7 +119,8 @@ def run_serving_process(cfg: Config, listen: str, spec: ServingProcessSpec) -> i
     token and reserved the port already."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve_process can reload
     gate.install(gate.Gate(cfg.access, cfg, listen))
-    metrics.start_counting()  # when the supervisor serves metrics
+    if cfg.server.metrics_listen is not None:
+        metrics.start_counting()  # into the directory the supervisor serves
     siblings = SharedCounter(spec.counter_fd)
     # One serving process at a time loads the module and logs in: SoftHSM2 processes that do
     # so at the same moment can miss the token ("no token with label") or fail the login
