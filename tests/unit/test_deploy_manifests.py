@@ -135,14 +135,17 @@ def test_the_configmap_config_loads_with_the_daemons_loader(tmp_path: Path) -> N
 def test_ports_agree_between_config_pod_service_and_image(tmp_path: Path) -> None:
     cfg = _load_cluster_config(tmp_path)
     grpc_port = _port(cfg.server.listen)
-    health_port = _port(tomllib.loads(_config_text())["server"]["health_listen"])
-    assert grpc_port != health_port
+    server = tomllib.loads(_config_text())["server"]
+    health_port = _port(server["health_listen"])
+    metrics_port = _port(server["metrics_listen"])
+    assert len({grpc_port, health_port, metrics_port}) == 3
     assert _named_port("grpc") == grpc_port
     assert _named_port("health") == health_port
+    assert _named_port("metrics") == metrics_port
     (service_port,) = _one("Service")["spec"]["ports"]
     assert service_port["targetPort"] == "grpc" and service_port["port"] == grpc_port
     exposed = {int(p) for line in _containerfile("EXPOSE") for p in line.split()}
-    assert exposed == {grpc_port, health_port}
+    assert exposed == {grpc_port, health_port, metrics_port}
     (check,) = _containerfile("HEALTHCHECK")
     assert f"127.0.0.1:{health_port}" in check
 
