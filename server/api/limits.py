@@ -39,6 +39,10 @@ def server_options(limits: ConnectionLimits, reuse_port: bool) -> list[tuple[str
         ("grpc.max_receive_message_length", limits.max_request_bytes),
         ("grpc.keepalive_time_ms", _ms(limits.keepalive_seconds)),
         ("grpc.keepalive_timeout_ms", _ms(limits.keepalive_timeout_seconds)),
+        # grpcio 1.85's server does not close a connection whose peer never acknowledges a
+        # keepalive PING on keepalive_timeout_ms alone (measured: still open 40 s after a
+        # 1 s timeout); the PING acknowledgement timeout is what closes it.
+        ("grpc.http2.ping_timeout_ms", _ms(limits.keepalive_timeout_seconds)),
         # Clients may ping while no call runs (the hsmsign client does not), but not more
         # often than this; two strikes and the connection gets GOAWAY.
         ("grpc.keepalive_permit_without_calls", 1),

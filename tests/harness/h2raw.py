@@ -54,8 +54,13 @@ def hpack_literal(headers: list[tuple[str, str]]) -> bytes:
 class RawH2Connection:
     """One TCP connection speaking HTTP/2 by hand; closes itself on exit."""
 
-    def __init__(self, address: str, timeout: float = 10.0) -> None:
+    def __init__(self, address: str, timeout: float = 10.0, answer_pings: bool = True) -> None:
+        """``answer_pings=False``: the server's PINGs are never acknowledged, as from a peer
+        that vanished without closing its connection."""
         host, _, port = address.rpartition(":")
+        self.answer_pings = answer_pings
+        #: PINGs the server sent (not acknowledgements of ours).
+        self.pings = 0
         self.authority = address
         self.sock = socket.create_connection((host, int(port)), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -95,7 +100,9 @@ class RawH2Connection:
                 if kind == SETTINGS and not flags & ACK:
                     self._send(frame(SETTINGS, ACK, 0))
                 elif kind == PING and not flags & ACK:
-                    self._send(frame(PING, ACK, 0, payload))
+                    self.pings += 1
+                    if self.answer_pings:
+                        self._send(frame(PING, ACK, 0, payload))
                 elif kind == GOAWAY:
                     self.goaway.set()
                 elif kind == RST_STREAM or (kind == HEADERS and flags & END_STREAM):

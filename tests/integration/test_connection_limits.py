@@ -106,6 +106,64 @@ def test_idle_connection_is_closed(token: TokenDir, tmp_path: Path) -> None:
         assert d.stop() == 0
 
 
+def _framed_get_public_key() -> bytes:
+    message = pb.GetPublicKeyRequest(key=pb.KeyRef(name="demo")).SerializeToString()
+    return b"\0" + len(message).to_bytes(4, "big") + message
+
+
+def test_an_old_connection_is_told_to_reconnect_even_while_busy(
+    token: TokenDir, tmp_path: Path
+) -> None:
+    """max_connection_age on a live connection: GOAWAY once it is old although calls keep
+    coming (so clients spread again after a restart), the calls sent before it answered, and
+    the connection closed after the grace period."""
+    d = _daemon(
+        token,
+        tmp_path,
+        "max_connection_age_seconds = 2.0\nmax_connection_age_grace_seconds = 1.0\n",
+    )
+    try:
+        with RawH2Connection(d.address) as conn:
+            t0 = time.monotonic()
+            streams: list[int] = []
+            while not conn.goaway.is_set() and time.monotonic() - t0 < 15:
+                streams.append(
+                    conn.open_call(
+                        "/hsmsign.v1.Signer/GetPublicKey", _framed_get_public_key(), True
+                    )
+                )
+                time.sleep(0.2)
+            took = time.monotonic() - t0
+            assert conn.goaway.is_set(), "no GOAWAY within 15 s of a 2 s maximum age"
+            assert took >= 1.5, f"GOAWAY after {took:.1f}s, before the age (2 s, +-10% jitter)"
+            assert conn.wait_ended(streams, 10)  # every call sent was answered or refused
+            assert conn.closed.wait(10), "still open 10 s after GOAWAY and a 1 s grace"
+        with grpc.insecure_channel(d.address) as channel:  # a new connection is served
+            assert sign_status(channel) == (grpc.StatusCode.OK, "")
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.parametrize("answering", [True, False])
+def test_keepalive_pings_an_idle_peer_and_closes_a_silent_one(
+    token: TokenDir, tmp_path: Path, answering: bool
+) -> None:
+    """keepalive on a live connection with no calls: the daemon pings after
+    keepalive_seconds; a peer that answers keeps its connection, one that never answers (a
+    vanished client) loses it after keepalive_timeout_seconds, freeing its descriptor."""
+    d = _daemon(token, tmp_path, "keepalive_seconds = 1.0\nkeepalive_timeout_seconds = 1.0\n")
+    try:
+        with RawH2Connection(d.address, answer_pings=answering) as conn:
+            closed = conn.closed.wait(6)
+            assert conn.pings >= 1, f"no keepalive PING in 6 s (answering={answering})"
+            if answering:
+                assert not closed, "a peer that answers every PING lost its connection"
+            else:
+                assert closed, "a peer that never answers a PING still has its connection"
+    finally:
+        assert d.stop() == 0
+
+
 def test_limits_config_errors_are_one_line(token: TokenDir, tmp_path: Path) -> None:
     config = write_config(
         tmp_path / "bad.toml",
