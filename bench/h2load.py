@@ -9,7 +9,7 @@ h2load only sees HTTP statuses; a gRPC error is an HTTP 200 with a grpc-status t
 caller therefore checks the daemon's access log for failed calls after each run
 (``failed_calls``), once the run's lines have landed: the daemon writes its log from a
 thread of its own, so the last lines of a run can reach the file after h2load has exited
-(``wait_for_access_lines``).
+(``failed_during``).
 """
 
 from __future__ import annotations
@@ -151,22 +151,25 @@ def failed_calls(log_text: str, method: str) -> dict[str, int]:
     return counts
 
 
-def access_calls(log_text: str, method: str) -> int:
+def _access_calls(log_text: str, method: str) -> int:
     """How many calls of ``method`` the access log records, whatever their status."""
     return len(re.findall(rf" {method} peer=\S+ status=", log_text))
 
 
-def wait_for_access_lines(
-    read_log: Callable[[], str], method: str, at_least: int, timeout: float = 15.0
-) -> str:
-    """The log once it records ``at_least`` calls of ``method``, or as it stands after
-    ``timeout`` seconds (the caller compares the counts)."""
+def failed_during(
+    read_log: Callable[[], str], method: str, before: str, calls: int, timeout: float = 15.0
+) -> dict[str, int]:
+    """The failed calls of ``method`` (``failed_calls``) that the access log gained since
+    ``before`` (its text then), read once it holds a line for each of the ``calls`` the run
+    counted, or as it stands after ``timeout`` seconds."""
+    want = _access_calls(before, method) + calls
     deadline = time.monotonic() + timeout
-    while True:
-        text = read_log()
-        if access_calls(text, method) >= at_least or time.monotonic() > deadline:
-            return text
+    text = read_log()
+    while _access_calls(text, method) < want and time.monotonic() < deadline:
         time.sleep(0.05)
+        text = read_log()
+    was, now = failed_calls(before, method), failed_calls(text, method)
+    return {k: v - was.get(k, 0) for k, v in now.items() if v > was.get(k, 0)}
 
 
 def run_h2load_paced(

@@ -23,15 +23,7 @@ from typing import Any, Protocol
 
 from bench import report
 from bench.bare_server import BareServer
-from bench.h2load import (
-    H2Spec,
-    access_calls,
-    failed_calls,
-    grpc_frame,
-    run_h2load,
-    run_h2load_paced,
-    wait_for_access_lines,
-)
+from bench.h2load import H2Spec, failed_during, grpc_frame, run_h2load, run_h2load_paced
 from bench.h2load import available as h2load_available
 from bench.load import LoadSpec, _request, run_load
 from bench.rows import (
@@ -247,15 +239,11 @@ def _h2_details(r: dict[str, Any]) -> dict[str, Any]:
 def _failed_during(
     d: Served, server: Server, method: str, before: str, calls: int
 ) -> dict[str, int]:
-    """The failed calls of ``method`` that hsmsignd's access log gained since ``before`` (the
-    log then), once it holds a line for each of the ``calls`` h2load counted. The bare stack
-    keeps no log: its failures are caught by a real call."""
+    """The failed calls of ``method`` during a row (bench.h2load.failed_during). The bare
+    stack keeps no log: its failures are caught by a real call."""
     if server is not Server.HSMSIGND:
         return {}
-    was = failed_calls(before, method)
-    text = wait_for_access_lines(d.log, method, access_calls(before, method) + calls)
-    now = failed_calls(text, method)
-    return {k: v - was.get(k, 0) for k, v in now.items() if v > was.get(k, 0)}
+    return failed_during(d.log, method, before, calls)
 
 
 def h2_row(
