@@ -192,6 +192,13 @@ class ServerConfig:
     heartbeat_timeout_seconds: float = 5.0
 
 
+def max_calls_held(threads: int, sessions: int, max_queued: int) -> int:
+    """Calls a serving process may hold before it refuses more itself: server.threads and
+    max_queued_calls waiting for them (server.api.workers), token.sessions and
+    max_queued_calls more in the admission controller (server.api.admission)."""
+    return threads + sessions + 2 * max_queued
+
+
 def default_threads(sessions: int) -> int:
     """server.threads when not set: two per session (more only queue on the GIL)."""
     return 2 * sessions
@@ -410,12 +417,14 @@ def _server(root: Table, sessions: int) -> ServerConfig:
             f"got {heartbeat_timeout:g}; allowed: at least twice heartbeat_seconds ({heartbeat:g})",
         )
     # gRPC must never refuse a call that hsmsignd's queue has room for (its refusal leaves
-    # no trace): its bound is above every call hsmsignd may hold or be handing a thread.
-    below = threads + sessions + limits.max_queued_calls  # admission.serving_threads
+    # no trace): its bound is above every call hsmsignd may hold: the serving threads and
+    # their waiting room (the Signer's single calls), and the admission controller's places
+    # (batches and KeyAdmin calls).
+    below = max_calls_held(threads, sessions, limits.max_queued_calls)
     if max_calls <= below:
         raise s.error(
             "max_concurrent_calls",
-            f"got {max_calls}; allowed: above server.threads + token.sessions + "
+            f"got {max_calls}; allowed: above server.threads + token.sessions + twice "
             f"server.limits.max_queued_calls ({below}), so that hsmsignd refuses excess calls "
             "itself",
         )

@@ -19,6 +19,9 @@ logged and audited like any call); every answer carries the ``ANSWERED_BY`` mark
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import hashlib
 import inspect
 import threading
 from collections.abc import Awaitable, Callable
@@ -30,8 +33,10 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from hsmsign.names import ANSWERED_BY
+from server.api.admission import PER_CHUNK_METHODS, Shed
 from server.api.limits import LARGE_REQUEST_METHODS, NotReceived, Oversized
 from server.api.malformed import MALFORMED
+from server.api.workers import FairWorkers, run_refused
 from server.limitsconfig import ConnectionLimits
 
 if TYPE_CHECKING:  # generic only in the type stubs
@@ -193,14 +198,52 @@ def lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse_or_malformed
 
 
+def caller_key(context: PoolContext) -> tuple[str, str]:
+    """Who a call is from, as the event loop can tell before the call has a thread: its TLS
+    client certificate (verified by the handshake), else its bearer token, else its peer's
+    address; and how messages name it. Only the serving threads' waiting room uses it, for
+    fair turns; identity, policy and token shares are decided on the thread."""
+    auth = context.auth_context()
+    cert = auth.get("x509_pem_cert")
+    if cert:
+        names = auth.get("x509_common_name") or [b"?"]
+        label = f"client certificate CN={names[0].decode(errors='replace')}"
+        return "cert\0" + hashlib.sha256(cert[0]).hexdigest(), label
+    for name, value in context.invocation_metadata() or ():
+        if name == "authorization":
+            raw = value if isinstance(value, bytes) else value.encode()
+            digest = hashlib.sha256(raw).hexdigest()
+            return "bearer\0" + digest, f"bearer token sha256:{digest[:12]}"
+    peer = context.peer()
+    host = peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+    return "peer\0" + host, f"peer {host}"
+
+
+def _fair(method: str) -> bool:
+    """Whether a method's calls run on the fair serving threads: the Signer's single calls.
+    Batches (their turns are per chunk, and a thread would be held through all of them) and
+    KeyAdmin calls (key generation holds its thread for up to minutes) run on threads of
+    their own, bounded by the admission controller's places."""
+    service, _, name = method.rpartition("/")
+    return service == "/hsmsign.v1.Signer" and name not in PER_CHUNK_METHODS
+
+
 class Dispatch(grpc.aio.ServerInterceptor):
     """Replaces each hsmsign unary method's handler (once, cached by method) with one that
-    receives the request on the event loop and runs the servicer method on ``pool``."""
+    receives the request on the event loop and runs the servicer method on a serving thread:
+    one of ``workers`` (in fair order across callers) for the Signer's single calls, one of
+    ``pool``'s for the rest."""
 
-    def __init__(self, limits: ConnectionLimits, pool: futures.ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        limits: ConnectionLimits,
+        pool: futures.ThreadPoolExecutor,
+        workers: FairWorkers | None = None,
+    ) -> None:
         self._small = limits.max_small_request_bytes
         self._receive_seconds = limits.max_request_receive_seconds
         self._pool = pool
+        self._workers = workers
         self.budget = InFlightBytes(limits.max_bytes_in_flight)
         self._handlers: dict[str, Handler | None] = {}
         #: Set while the server stops: calls wait on it until gRPC's shutdown has begun.
@@ -277,6 +320,7 @@ class Dispatch(grpc.aio.ServerInterceptor):
         serialize: Callable[[Any], bytes] | None,
     ) -> Handler:
         limit = None if method in LARGE_REQUEST_METHODS else self._small
+        fair = self._workers is not None and _fair(method)
 
         # Registered as stream-unary (the same bytes on the wire as unary-unary) so that the
         # request is read here, with a bound on how long it may take to arrive.
@@ -299,7 +343,7 @@ class Dispatch(grpc.aio.ServerInterceptor):
                 # a cut call is not logged as INVALID_ARGUMENT (the sync server never ran one).
                 await asyncio.sleep(EOF_SETTLE_SECONDS)
                 request = MALFORMED
-            return await self._run(behaviour, request, context, limit)
+            return await self._run(behaviour, request, context, limit, fair)
 
         return grpc.stream_unary_rpc_method_handler(
             receive_then_run, request_deserializer=lenient(parse), response_serializer=serialize
@@ -311,6 +355,7 @@ class Dispatch(grpc.aio.ServerInterceptor):
         request: Any,
         context: grpc.aio.ServicerContext[Any, Any],
         limit: int | None,
+        fair: bool,
     ) -> Any:
         taken = 0
         if isinstance(request, Message):
@@ -325,16 +370,49 @@ class Dispatch(grpc.aio.ServerInterceptor):
                 else:
                     request = OverBudget(size, self.budget.limit)
         pool_context = PoolContext(context)
-        job = self._pool.submit(behaviour, request, pool_context)
-        if taken:
-            job.add_done_callback(lambda _job: self.budget.give_back(taken))
+        call = functools.partial(behaviour, request, pool_context)
         try:
-            response = await asyncio.wrap_future(job)
-        except asyncio.CancelledError:
-            pool_context.caller_gone()  # the serving thread's deadline stage sees it
-            raise
+            if fair and self._workers is not None and isinstance(request, Message):
+                return await self._run_fair(self._workers, call, pool_context)
+            job = self._pool.submit(call)
+            if taken:
+                job.add_done_callback(lambda _job: self.budget.give_back(taken))
+            try:
+                return await asyncio.wrap_future(job)
+            except asyncio.CancelledError:
+                pool_context.caller_gone()  # the serving thread's deadline stage sees it
+                raise
         except Aborted as aborted:
             await context.abort(aborted.code, aborted.details)
         finally:
             pool_context.finished()
-        return response
+
+    async def _run_fair(
+        self, workers: FairWorkers, call: Callable[[], Any], pool_context: PoolContext
+    ) -> Any:
+        """Runs ``call`` on the fair serving threads. A call the waiting room refuses, and one
+        whose caller goes while it waits, still runs the pipeline on another thread, which
+        refuses it (RESOURCE_EXHAUSTED; DEADLINE_EXCEEDED or CANCELLED), so that every call is
+        logged and audited under the identity that policy sees."""
+        who, label = caller_key(pool_context)
+        try:
+            job = workers.submit(who, label, call)
+        except Shed as shed:
+            return await asyncio.wrap_future(self._pool.submit(run_refused, shed, call))
+        try:
+            # Shielded: a caller that goes must not cancel the job's future behind the
+            # room's back; ``withdraw`` decides whether it ran.
+            return await asyncio.shield(asyncio.wrap_future(job.future))
+        except asyncio.CancelledError:
+            pool_context.caller_gone()
+            if workers.withdraw(job):
+                self._record_gone(call)
+            raise
+        except Shed as shed:  # its place was given to a caller below its share
+            return await asyncio.wrap_future(self._pool.submit(run_refused, shed, call))
+
+    def _record_gone(self, call: Callable[[], Any]) -> None:
+        """Runs the pipeline of a call whose caller went while it waited: its ``deadline``
+        stage refuses it at once, and the refusal is logged and audited."""
+        with contextlib.suppress(RuntimeError):  # the server is stopping: no threads left
+            self._pool.submit(call)
