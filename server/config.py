@@ -147,9 +147,11 @@ class ServerConfig:
     #: Default "auto": ``default_processes`` (one per CPU the daemon may use, at most
     #: MAX_AUTO_PROCESSES).
     processes: int
-    #: Threads serving calls, in each serving process. Default: ``default_threads``
-    #: (twice token.sessions, so a call can be read and answered while its neighbour signs).
-    #: Formerly ``workers``, which is still read.
+    #: Threads serving the Signer's single calls, in each serving process, taken in fair
+    #: order across callers from a waiting room of server.limits.max_queued_calls
+    #: (server/api/workers.py, docs/adr/0009). Default: ``default_threads`` (twice
+    #: token.sessions, so a call can be read and answered while its neighbour signs).
+    #: Batches and KeyAdmin calls get threads of their own. Formerly ``workers``, still read.
     threads: int
     #: host:port to listen on; port 0 picks a free port (written to --ready-file).
     listen: str = "127.0.0.1:50051"
@@ -168,9 +170,9 @@ class ServerConfig:
     #: hsmsignd's queue, or still being received on the event loop); beyond it gRPC refuses
     #: ("Concurrent RPC limit exceeded!") before hsmsignd sees the call, so with no access-log
     #: line or audit record. A backstop for memory (each holds at most one request of
-    #: server.limits.max_request_bytes): hsmsignd's own bound (server.limits.max_queued_calls)
-    #: refuses first, and this must be above the serving threads (server.threads +
-    #: token.sessions + server.limits.max_queued_calls).
+    #: server.limits.max_request_bytes): hsmsignd's own bounds refuse first, and this must be
+    #: above every call they let in (``max_calls_held``: server.threads + token.sessions +
+    #: twice server.limits.max_queued_calls).
     max_concurrent_calls: int = 1024
     #: Seconds SIGTERM waits for in-flight calls before cancelling them.
     grace_seconds: float = 10.0
