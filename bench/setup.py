@@ -121,6 +121,20 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def tree_context_switches(pid: int) -> int:
+    """Voluntary context switches of every thread of a daemon's processes alive now: how
+    often its threads went to sleep waiting for something (a lock, a queue, a wake-up). A
+    count of hand-offs that, unlike CPU time, a busy host hardly moves."""
+    total = 0
+    for p in process_tree(pid):
+        for status in Path(f"/proc/{p}/task").glob("*/status"):
+            with contextlib.suppress(OSError):  # the thread ended meanwhile
+                for line in status.read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+    return total
+
+
 def tree_rss_kib(pid: int) -> int:
     """VmRSS summed over the daemon's processes (shared pages counted in each)."""
     total = 0
