@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -220,7 +221,11 @@ def _tls_hint(tls: TlsOptions | None) -> str:
 
 
 class Client:
-    """A connection to hsmsignd. Thread-safe; use one per process and close it (or ``with``)."""
+    """A connection to hsmsignd. Thread-safe; use one per process and close it (or ``with``).
+
+    It holds ``connections`` channels to the target and sends each Signer call to the next one
+    in turn, so that many threads sharing one Client reach every serving process of a daemon
+    (hsmsign.connection). KeyAdmin calls all go over the first channel."""
 
     def __init__(
         self,
@@ -228,14 +233,26 @@ class Client:
         tls: TlsOptions | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         oidc_token: str | None = None,
+        connections: int | None = None,
     ) -> None:
         """``target``: one address, several, or a DNS name (hsmsign.connection); ``timeout``:
         the deadline of each call in seconds, retries included; ``oidc_token``: a CI job's
-        OIDC ID token, sent as ``authorization: Bearer`` with every call. Raises UsageError
-        for a bad target or TLS file, and for a token on a plaintext channel to another
-        machine (a bearer token read on the way is a stolen identity)."""
+        OIDC ID token, sent as ``authorization: Bearer`` with every call; ``connections``:
+        channels to open (default ``HSMSIGN_CONNECTIONS``, else
+        ``connection.DEFAULT_CONNECTIONS``). Raises UsageError for a bad target, TLS file or
+        number of connections, and for a token on a plaintext channel to another machine (a
+        bearer token read on the way is a stolen identity)."""
         self.target = target or os.environ.get("HSMSIGN_SERVER") or DEFAULT_SERVER
         self.timeout = timeout
+        if connections is None:
+            env = os.environ.get("HSMSIGN_CONNECTIONS")
+            connections = (
+                connection.parse_connections(env, "HSMSIGN_CONNECTIONS")
+                if env
+                else connection.DEFAULT_CONNECTIONS
+            )
+        #: Channels (each its own connection to every address) that Signer calls take in turn.
+        self.connections = connection.check_connections(connections)
         #: No TLS: what the channel carries can be read on its way.
         self.plaintext = tls is None
         self._tls_hint = _tls_hint(tls)
@@ -243,6 +260,7 @@ class Client:
         options = connection.channel_options()
         if oidc_token is not None:
             check_token(oidc_token, "the OIDC token")
+        credentials: grpc.ChannelCredentials | None = None
         if tls is not None:
             if tls.server_name:
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
@@ -251,23 +269,34 @@ class Client:
                 credentials = grpc.composite_channel_credentials(
                     credentials, grpc.access_token_call_credentials(oidc_token)
                 )
-            self._channel = grpc.secure_channel(channel_target, credentials, options=options)
-        else:
-            if oidc_token is not None and not plaintext.is_local(self.target):
-                raise UsageError(
-                    f"refusing to send the OIDC token over plaintext to {self.target}, which "
-                    "is not this machine (even with --insecure): use TLS (--tls-ca)"
-                )
-            self._channel = grpc.insecure_channel(channel_target, options=options)
+        elif oidc_token is not None and not plaintext.is_local(self.target):
+            raise UsageError(
+                f"refusing to send the OIDC token over plaintext to {self.target}, which "
+                "is not this machine (even with --insecure): use TLS (--tls-ca)"
+            )
+
+        def open_channel() -> grpc.Channel:
+            if credentials is not None:
+                return grpc.secure_channel(channel_target, credentials, options=options)
+            channel = grpc.insecure_channel(channel_target, options=options)
             if oidc_token is not None:
-                self._channel = grpc.intercept_channel(
-                    self._channel, _BearerInterceptor(oidc_token)
-                )
-        self.signer = pb_grpc.SignerStub(self._channel)
-        self.admin = pb_grpc.KeyAdminStub(self._channel)
+                channel = grpc.intercept_channel(channel, _BearerInterceptor(oidc_token))
+            return channel
+
+        self._channels = [open_channel() for _ in range(self.connections)]
+        self._signers = [pb_grpc.SignerStub(c) for c in self._channels]
+        self._turn = itertools.count()
+        self.admin = pb_grpc.KeyAdminStub(self._channels[0])
+
+    @property
+    def signer(self) -> pb_grpc.SignerStub:
+        """The Signer stub for the next call: each use takes the next channel in turn."""
+        # next() on itertools.count is one C call: threads never get the same number.
+        return self._signers[next(self._turn) % len(self._signers)]
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> Client:
         return self

@@ -15,6 +15,14 @@ is draining says NOT_SERVING and gets no new calls) and retries a Signer call th
 UNAVAILABLE on another address, up to ``MAX_ATTEMPTS`` attempts and always within the call's
 own deadline. Signer calls have no side effects, so a retry is safe; KeyAdmin calls are not
 retried by this policy.
+
+Connections (``--connections``, ``HSMSIGN_CONNECTIONS``, ``Client(connections=...)``): a
+client opens that many channels to the target, each with its own connections (a local
+subchannel pool), and sends its Signer calls to them in turn. hsmsignd runs one serving
+process per CPU on one port, and the kernel spreads *connections*, not calls, over them: a
+client with one connection reaches one process however many threads use it. Channels connect
+on their first call, so a client that makes one call at a time opens one connection per
+address for each of its first ``connections`` calls and no more.
 """
 
 from __future__ import annotations
@@ -35,6 +43,15 @@ MAX_ATTEMPTS: Final = 5
 #: wait for the answer before the connection counts as dead and the call is retried.
 KEEPALIVE_SECONDS: Final = 30
 KEEPALIVE_TIMEOUT_SECONDS: Final = 10
+
+#: Channels a client opens to its target by default. The kernel puts each connection on a
+#: serving process by a hash of its addresses and ports, so with 2 processes all of N
+#: connections land on one with probability 2**(1-N): 1 in 2 for 2 connections, 1 in 8 for 4.
+#: Each costs the daemon about 20 KiB and one descriptor per address while it is open.
+DEFAULT_CONNECTIONS: Final = 4
+#: The most channels a client may open: connections beyond the daemon's processes only add
+#: descriptors (server.limits.max_connections counts them).
+MAX_CONNECTIONS: Final = 64
 
 #: Largest message either way; a batch of 10,000 RSA-4096 signatures is 5 MB.
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
@@ -84,9 +101,28 @@ def channel_target(target: str) -> str:
     )
 
 
+def parse_connections(text: str, source: str) -> int:
+    """The number of connections in ``text``, from ``source`` (a flag or a variable's name).
+    Raises UsageError for anything but a whole number from 1 to MAX_CONNECTIONS."""
+    value = int(text) if text.strip().isdigit() else 0
+    return check_connections(value, f"{source} {text!r}")
+
+
+def check_connections(value: int, source: str = "connections") -> int:
+    """``value`` if it is a usable number of connections; UsageError naming ``source``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONNECTIONS:
+        raise UsageError(
+            f"{source}: the number of connections is a whole number from 1 to {MAX_CONNECTIONS}"
+        )
+    return value
+
+
 def channel_options() -> list[tuple[str, int | str]]:
-    """The channel arguments every hsmsign channel uses."""
+    """The channel arguments every hsmsign channel uses. Each channel has its own subchannel
+    pool, so that several channels to one target are several connections (gRPC otherwise
+    shares one connection between channels with the same target and arguments)."""
     return [
+        ("grpc.use_local_subchannel_pool", 1),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.service_config", json.dumps(SERVICE_CONFIG)),

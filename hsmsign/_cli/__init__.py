@@ -30,6 +30,7 @@ from hsmsign.client import (
     check_token,
     read_token_file,
 )
+from hsmsign.connection import DEFAULT_CONNECTIONS, parse_connections
 from hsmsign.errors import (
     EXIT_ERROR,
     EXIT_USAGE,
@@ -51,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="hsmsign",
         description="Sign and seal with keys held in an HSM, through hsmsignd.",
         epilog="Key references: NAME (primary version), NAME@VERSION, sha256:FINGERPRINT, "
-        "keyid:CAPGO_KEY_ID. Environment: HSMSIGN_SERVER, HSMSIGN_TIMEOUT, HSMSIGN_TLS_CA, "
+        "keyid:CAPGO_KEY_ID. Environment: HSMSIGN_SERVER, HSMSIGN_TIMEOUT, HSMSIGN_CONNECTIONS, "
+        "HSMSIGN_TLS_CA, "
         "HSMSIGN_TLS_CERT, HSMSIGN_TLS_KEY, HSMSIGN_TLS_SERVER_NAME, HSMSIGN_OIDC_TOKEN_FILE, "
         "HSMSIGN_OIDC_TOKEN.",
     )
@@ -69,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
         default=env("HSMSIGN_TIMEOUT", str(DEFAULT_TIMEOUT)),
         metavar="SECONDS",
         help=f"deadline of each call, retries included (default {DEFAULT_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--connections",
+        type=_connections,
+        default=env("HSMSIGN_CONNECTIONS"),
+        metavar="N",
+        help=f"connections to open to each address; calls take them in turn, so that they "
+        f"reach every serving process of a daemon (default {DEFAULT_CONNECTIONS})",
     )
     p.add_argument(
         "--tls-ca",
@@ -128,6 +138,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _connections(text: str) -> int:
+    try:
+        return parse_connections(text, "")
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).lstrip()) from None
+
+
 def _oidc_token(args: argparse.Namespace) -> str | None:
     """The OIDC ID token to send, if any: --oidc-token-file, else HSMSIGN_OIDC_TOKEN_FILE,
     else HSMSIGN_OIDC_TOKEN. Raises UsageError (never quoting the token) for a bad one."""
@@ -155,7 +172,13 @@ def _connector(args: argparse.Namespace) -> Connect:
             raise UsageError("--tls-cert/--tls-key need --tls-ca (the daemon's CA)")
         else:
             plaintext.check_plaintext(args.server, args.insecure)
-        return Client(args.server, tls, timeout=args.timeout, oidc_token=oidc_token)
+        return Client(
+            args.server,
+            tls,
+            timeout=args.timeout,
+            oidc_token=oidc_token,
+            connections=args.connections,
+        )
 
     return connect
 

@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hsmsign.client import Client
-from hsmsign.connection import channel_target
+from hsmsign.connection import MAX_CONNECTIONS, channel_target
 from hsmsign.errors import RemoteError, UsageError
 from hsmsign.names import ANSWERED_BY
 from hsmsign.v1 import hsmsign_pb2 as pb
@@ -113,3 +113,86 @@ def test_daemon_not_serving_its_health_is_not_cannot_reach() -> None:
     assert e.value.status_name == "UNAVAILABLE"
     assert e.value.message.startswith("hsmsignd is not serving (shutting down or starting)")
     assert "--tls-ca" not in e.value.message
+
+
+class _Peers:
+    """Answers SignDigest with an empty signature and records the connection (peer) of each
+    call."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def sign_digest(
+        self, request: pb.SignDigestRequest, context: grpc.ServicerContext
+    ) -> pb.SignDigestResponse:
+        self.seen.append(context.peer())
+        return pb.SignDigestResponse()
+
+    def add_to(self, server: grpc.Server) -> None:
+        sign_digest = grpc.unary_unary_rpc_method_handler(
+            self.sign_digest,
+            request_deserializer=pb.SignDigestRequest.FromString,
+            response_serializer=pb.SignDigestResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "hsmsign.v1.Signer", {"SignDigest": sign_digest}
+                ),
+            )
+        )
+
+
+@pytest.fixture()
+def peers_server() -> Iterator[tuple[str, _Peers]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    peers = _Peers()
+    peers.add_to(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", peers
+    server.stop(None).wait()
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+def test_calls_take_the_connections_in_turn(
+    peers_server: tuple[str, _Peers], connections: int
+) -> None:
+    address, peers = peers_server
+    with Client(address, timeout=10, connections=connections) as c:
+        for _ in range(2 * connections):
+            c.sign_digest("demo", b"\0" * 32)
+    # One call after another: each channel (its own TCP connection) got two of them.
+    assert len(set(peers.seen)) == connections
+    assert all(peers.seen.count(p) == 2 for p in peers.seen)
+
+
+def test_two_clients_do_not_share_a_connection(peers_server: tuple[str, _Peers]) -> None:
+    address, peers = peers_server
+    with Client(address, timeout=10, connections=1) as a, Client(address, connections=1) as b:
+        a.sign_digest("demo", b"\0" * 32)
+        b.sign_digest("demo", b"\0" * 32)
+    assert len(set(peers.seen)) == 2
+
+
+def test_connections_from_the_environment(
+    peers_server: tuple[str, _Peers], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    address, peers = peers_server
+    monkeypatch.setenv("HSMSIGN_CONNECTIONS", "2")
+    with Client(address, timeout=10) as c:
+        assert c.connections == 2
+        for _ in range(4):
+            c.sign_digest("demo", b"\0" * 32)
+    assert len(set(peers.seen)) == 2
+    monkeypatch.setenv("HSMSIGN_CONNECTIONS", "two")
+    with pytest.raises(UsageError) as e:
+        Client(address)
+    assert str(e.value).startswith("HSMSIGN_CONNECTIONS 'two': ")
+
+
+@pytest.mark.parametrize("bad", [0, -1, MAX_CONNECTIONS + 1, True])
+def test_bad_connections(bad: int) -> None:
+    with pytest.raises(UsageError) as e:
+        Client("127.0.0.1:1", connections=bad)
+    assert f"a whole number from 1 to {MAX_CONNECTIONS}" in str(e.value)
