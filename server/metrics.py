@@ -56,6 +56,12 @@ class _Recorder:
             buckets=BUCKETS,
         )
         self.signatures = Counter("hsmsign_signatures_total", "Signatures made")
+        self.unread = Counter(
+            "hsmsign_calls_gone_unread_total",
+            "Calls whose caller went (deadline passed or cancelled) before their request was "
+            "read: never run, and not in the access log or the audit trail",
+            ["method"],
+        )
         self._children: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
 
@@ -88,6 +94,12 @@ def signed(n: int) -> None:
     """Counts ``n`` signatures made."""
     if _recorder is not None:
         _recorder.signatures.inc(n)
+
+
+def gone_unread(method: str) -> None:
+    """Counts a call whose caller went before its request was read (``server.api.dispatch``)."""
+    if _recorder is not None:
+        _recorder.unread.labels(method).inc()
 
 
 def serve_endpoint(listen: str) -> str:

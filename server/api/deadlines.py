@@ -50,6 +50,7 @@ class _Tally:
         self.signatures = 0
         self.not_started = 0
         self.stopped = 0
+        self.unread = 0
 
     def signed(self, n: int) -> None:
         with self._lock:
@@ -63,12 +64,20 @@ class _Tally:
             else:
                 self.not_started += 1
 
+    def gone_unread(self, method: str) -> None:
+        """A call whose caller went before its request had been read (``server.api.dispatch``):
+        gRPC ended it, so it never reached the pipeline, its log line or the audit trail; it
+        is counted here and in the metrics instead (a flood of such calls costs no record)."""
+        with self._lock:
+            self.unread += 1
+        metrics.gone_unread(method)
+
     def summary(self) -> str:
         with self._lock:
             return (
                 f"{self.signatures} signatures made; calls whose caller had gone (deadline "
                 f"passed or cancelled): {self.not_started} not run, {self.stopped} stopped "
-                "part-way"
+                f"part-way, {self.unread} gone before their request was read"
             )
 
 

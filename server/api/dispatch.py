@@ -33,6 +33,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from hsmsign.names import ANSWERED_BY
+from server.api import deadlines
 from server.api.admission import PER_CHUNK_METHODS, Shed
 from server.api.limits import LARGE_REQUEST_METHODS, NotReceived, Oversized
 from server.api.malformed import MALFORMED
@@ -361,6 +362,7 @@ class Dispatch(grpc.aio.ServerInterceptor):
         serialize: Callable[[Any], bytes] | None,
     ) -> Handler:
         limit = None if method in LARGE_REQUEST_METHODS else self._small
+        name = method.rsplit("/", 1)[1]
         fair = self._workers is not None and _fair(method)
 
         # Registered as stream-unary (the same bytes on the wire as unary-unary) so that the
@@ -372,23 +374,37 @@ class Dispatch(grpc.aio.ServerInterceptor):
             if self._parked is not None:  # the server is stopping (park)
                 await self._parked.wait()
             try:
-                async with asyncio.timeout(self._receive_seconds):  # no task per call
-                    request = await context.read()
-            except TimeoutError:
-                # Refused in the pipeline, logged and audited like any call.
-                request = NotReceived(self._receive_seconds)
-            if request is grpc.aio.EOF:
-                # No message: the call was cut (a client that went away, a load generator
-                # stopping), or a client half-closed without one. grpc.aio cancels this task
-                # for the first as soon as it has seen the cut; give it that moment, so that
-                # a cut call is not logged as INVALID_ARGUMENT (the sync server never ran one).
-                await asyncio.sleep(EOF_SETTLE_SECONDS)
-                request = MALFORMED
+                request = await self._receive(context)
+            except asyncio.CancelledError:
+                # The caller's deadline passed (or it cancelled) before its request was read:
+                # counted, not recorded (a flood of doomed calls would otherwise cost a
+                # pipeline run and an audit record each).
+                deadlines.tally.gone_unread(name)
+                raise
             return await self._run(behaviour, request, context, limit, fair)
 
         return grpc.stream_unary_rpc_method_handler(
             receive_then_run, request_deserializer=lenient(parse), response_serializer=serialize
         )
+
+    async def _receive(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        """The call's request; ``NotReceived`` if it did not arrive in time, ``MALFORMED`` if
+        the stream ended without one. Raises CancelledError when gRPC ends the call (its
+        caller went) meanwhile."""
+        try:
+            async with asyncio.timeout(self._receive_seconds):  # no task per call
+                request = await context.read()
+        except TimeoutError:
+            # Refused in the pipeline, logged and audited like any call.
+            return NotReceived(self._receive_seconds)
+        if request is grpc.aio.EOF:
+            # No message: the call was cut (a client that went away, its deadline passed, a
+            # load generator stopping), or a client half-closed without one. grpc.aio cancels
+            # this task for the first as soon as it has seen the cut; give it that moment, so
+            # that a cut call is not logged as INVALID_ARGUMENT (the sync server never ran one).
+            await asyncio.sleep(EOF_SETTLE_SECONDS)
+            return MALFORMED
+        return request
 
     async def _run(
         self,

@@ -124,10 +124,16 @@ class RawH2Connection:
                 lambda: self.closed.is_set() or set(streams) <= self.ended, timeout
             )
 
-    def open_call(self, method: str, body: bytes = b"", end_stream: bool = False) -> int:
-        """Opens a gRPC call to ``method`` ("/pkg.Service/Method"): its headers, then ``body``
-        (possibly a part of a framed message) in one DATA frame if not empty. Returns the
-        stream id."""
+    def open_call(
+        self,
+        method: str,
+        body: bytes = b"",
+        end_stream: bool = False,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> int:
+        """Opens a gRPC call to ``method`` ("/pkg.Service/Method"): its headers (and
+        ``headers``, e.g. ``("grpc-timeout", "200m")``), then ``body`` (possibly a part of a
+        framed message) in one DATA frame if not empty. Returns the stream id."""
         stream = self._next_stream
         self._next_stream += 2
         block = hpack_literal(
@@ -138,6 +144,7 @@ class RawH2Connection:
                 (":authority", self.authority),
                 ("content-type", "application/grpc"),
                 ("te", "trailers"),
+                *headers,
             ]
         )
         data = frame(HEADERS, END_HEADERS, stream, block)

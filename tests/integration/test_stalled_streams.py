@@ -116,3 +116,23 @@ def test_health_on_its_own_port(token: TokenDir, tmp_path: Path) -> None:
         assert code == grpc.StatusCode.UNIMPLEMENTED
     finally:
         assert d.stop() == 0
+
+
+def test_a_call_whose_deadline_passes_before_its_request_is_read_is_counted(
+    token: TokenDir, tmp_path: Path
+) -> None:
+    """gRPC ends such a call itself, so it never reaches the pipeline (no log line, no audit
+    record: a flood of doomed calls must not cost one each); the serving process counts them
+    and says how many when it stops."""
+    d = _daemon(token, tmp_path, "processes = 1")
+    try:
+        with RawH2Connection(d.address) as conn:
+            ids = [conn.open_call(SIGN, headers=(("grpc-timeout", "200m"),)) for _ in range(3)]
+            assert conn.wait_ended(ids, timeout=20), f"streams still open: {ids} vs {conn.ended}"
+        with grpc.insecure_channel(d.address) as channel:
+            assert sign_status(channel, timeout=15) == (grpc.StatusCode.OK, "")
+    finally:
+        assert d.stop() == 0
+    log = d.log()
+    assert "3 gone before their request was read" in log, log[-1500:]
+    assert "status=DEADLINE_EXCEEDED" not in log
