@@ -159,9 +159,15 @@ class Slice:
     daemon_cpu_seconds: float
     client_cpu_seconds: float
     p50_ms: float | None = None
-    #: The probes' CPU per signature (the mean of the two) over the daemon's in this slice:
-    #: under 1 when the daemon spends more CPU on a signature than the token alone does.
+    #: The daemon's CPU inside the window (read when it should close, to a few ms).
+    daemon_window_cpu_seconds: float | None = None
+    #: The probes' CPU per signature (the mean of the two) over the daemon's inside the
+    #: window: under 1 when the daemon spends more CPU on a signature than the token alone.
     cpu_ratio: float | None = None
+    #: Cores the daemon used inside the window over cores the probes used (the mean of the
+    #: two): under 1 when the daemon leaves CPU idle that the probe uses (or the host's other
+    #: work took more of it). ratio is about cpu_ratio x core_ratio.
+    core_ratio: float | None = None
 
 
 @dataclass(kw_only=True)
@@ -176,10 +182,13 @@ class SlicedRow(CallRow):
     ratio_q1: float | None = None
     ratio_median: float | None = None
     ratio_q3: float | None = None
-    #: Quartiles of the slices' cpu_ratio.
+    #: Quartiles of the slices' cpu_ratio and core_ratio.
     cpu_ratio_q1: float | None = None
     cpu_ratio_median: float | None = None
     cpu_ratio_q3: float | None = None
+    core_ratio_q1: float | None = None
+    core_ratio_median: float | None = None
+    core_ratio_q3: float | None = None
 
 
 @dataclass(kw_only=True)

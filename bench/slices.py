@@ -222,11 +222,18 @@ class Kept:
             raise RuntimeError(f"{self.what}: {out['error']}")
         return out
 
-    def run(self, seconds: float) -> dict[str, Any]:
+    def send(self, seconds: float) -> None:
+        """Starts a slice of ``seconds``; ``answer`` waits for its result."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(f"run {seconds}\n")
         self.proc.stdin.flush()
+
+    def answer(self, seconds: float) -> dict[str, Any]:
         return self._answer(seconds + 90.0)
+
+    def run(self, seconds: float) -> dict[str, Any]:
+        self.send(seconds)
+        return self.answer(seconds)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -303,7 +310,8 @@ def alternate(
 ) -> dict[str, Any]:
     """probe, targets[0], probe, targets[1], probe, ... ``pairs`` times over the targets.
     Returns the probes in order and, per target, its slices (each with the indices of the
-    probes around it, the daemon's CPU over the slice and its drain, and the driver's
+    probes around it, the daemon's CPU in the window (read when the window should close:
+    within a few milliseconds) and over the window and its drain, and the driver's
     answer)."""
     from bench.setup import tree_cpu_seconds
 
@@ -312,8 +320,13 @@ def alternate(
     for k in range(pairs):
         for t in targets:
             cpu0 = tree_cpu_seconds(t.pid)
-            r = drivers[t.name].run(slice_seconds)
+            sent = time.perf_counter()
+            drivers[t.name].send(slice_seconds)
+            time.sleep(max(0.0, sent + slice_seconds - time.perf_counter()))
+            window_cpu = tree_cpu_seconds(t.pid) - cpu0
+            r = drivers[t.name].answer(slice_seconds)
             r["daemon_cpu_seconds"] = tree_cpu_seconds(t.pid) - cpu0
+            r["daemon_window_cpu_seconds"] = window_cpu
             r["pair"] = k
             r["probe_before"] = len(probes) - 1
             probes.append(probe.run(probe_seconds))
