@@ -159,7 +159,7 @@ class Slice:
     daemon_cpu_seconds: float
     client_cpu_seconds: float
     p50_ms: float | None = None
-    #: The daemon's CPU inside the window (read when it should close, to a few ms).
+    #: The daemon's CPU inside the window (read by the load driver as it opens and closes).
     daemon_window_cpu_seconds: float | None = None
     #: The probes' CPU per signature (the mean of the two) over the daemon's inside the
     #: window: under 1 when the daemon spends more CPU on a signature than the token alone.

@@ -487,6 +487,8 @@ def sliced_audit_rows(
                     "4",
                     "--batch",
                     str(AUDIT_BATCH),
+                    "--daemon-pid",
+                    str(d.proc.pid),
                 ],
                 f"load driver ({_audit_name(audit)})",
             )
@@ -523,14 +525,14 @@ def sliced_audit_rows(
         around = [probe_cpu[r["probe_before"]], probe_cpu[r["probe_after"]]]
         known: list[float] = [c for c in around if c is not None]
         inside = float(r["signatures"])
-        if not known or not inside or not r["daemon_window_cpu_seconds"]:
+        if not known or not inside or r["daemon_window_cpu_seconds"] is None:
             return None
         return (sum(known) / len(known)) / (float(r["daemon_window_cpu_seconds"]) / inside)
 
     def core_ratio(r: dict[str, Any]) -> float | None:
         """The daemon's cores in a slice's window over the probes' around it."""
         around: float = (probe_cores[r["probe_before"]] + probe_cores[r["probe_after"]]) / 2
-        if not around:
+        if not around or r["daemon_window_cpu_seconds"] is None:
             return None
         cores = float(r["daemon_window_cpu_seconds"]) / float(r["seconds"])
         return cores / around

@@ -85,16 +85,28 @@ def quartiles(values: Sequence[float]) -> tuple[float, float, float] | None:
 # ---- the load driver (a child process) --------------------------------------------------
 
 
-async def _slice(fns: Sequence[Any], request: Any, items: int, seconds: float) -> dict[str, Any]:
+async def _slice(
+    fns: Sequence[Any], request: Any, items: int, seconds: float, daemon_pid: int | None = None
+) -> dict[str, Any]:
     """One slice: every caller sends its next call as soon as its last one returns, from now
-    until ``seconds`` have passed; the calls in flight then finish before this returns."""
+    until ``seconds`` have passed; the calls in flight then finish before this returns. With
+    ``daemon_pid``, the daemon's CPU is read as the window opens and as it closes."""
     import grpc
+
+    from bench.setup import tree_cpu_seconds
 
     spans: list[Span] = []
     errors: dict[str, int] = {}
     cpu0 = time.process_time()
+    daemon0 = tree_cpu_seconds(daemon_pid) if daemon_pid is not None else 0.0
     start = time.perf_counter()
     stop = start + seconds
+    daemon_window: list[float] = []
+
+    async def meter() -> None:
+        if daemon_pid is not None:
+            await asyncio.sleep(max(0.0, stop - time.perf_counter()))
+            daemon_window.append(tree_cpu_seconds(daemon_pid) - daemon0)
 
     # Calls that started inside the window and have not ended. Until the last of them ends,
     # every caller keeps calling (calls that start after the window count nothing), so the
@@ -115,7 +127,7 @@ async def _slice(fns: Sequence[Any], request: Any, items: int, seconds: float) -
                 straddling[0] -= inside
             spans.append(Span(t0, time.perf_counter(), items))
 
-    await asyncio.gather(*(caller(fn) for fn in fns))
+    await asyncio.gather(meter(), *(caller(fn) for fn in fns))
     wall = time.perf_counter() - start
     done = counted(spans, start, stop)
     lat = sorted(s.end - s.start for s in spans if s.start < stop)
@@ -131,10 +143,11 @@ async def _slice(fns: Sequence[Any], request: Any, items: int, seconds: float) -
         "p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
         "max_ms": lat[-1] * 1000 if lat else None,
         "errors": errors,
+        "daemon_window_cpu_seconds": daemon_window[0] if daemon_window else None,
     }
 
 
-async def _drive(target: str, key: str, callers: int, batch: int) -> None:
+async def _drive(target: str, key: str, callers: int, batch: int, daemon_pid: int | None) -> None:
     import grpc
 
     from bench.load import LoadSpec, _request
@@ -163,7 +176,8 @@ async def _drive(target: str, key: str, callers: int, batch: int) -> None:
             if words[0] != "run" or len(words) != 2:
                 print(json.dumps({"error": f"unknown command {line.strip()!r}"}), flush=True)
                 continue
-            print(json.dumps(await _slice(fns, request, batch, float(words[1]))), flush=True)
+            r = await _slice(fns, request, batch, float(words[1]), daemon_pid)
+            print(json.dumps(r), flush=True)
     finally:
         for ch in channels:
             await ch.close()
@@ -310,9 +324,9 @@ def alternate(
 ) -> dict[str, Any]:
     """probe, targets[0], probe, targets[1], probe, ... ``pairs`` times over the targets.
     Returns the probes in order and, per target, its slices (each with the indices of the
-    probes around it, the daemon's CPU in the window (read when the window should close:
-    within a few milliseconds) and over the window and its drain, and the driver's
-    answer)."""
+    probes around it, the daemon's CPU over the window and its drain, and the driver's
+    answer, which has the daemon's CPU inside the window when the driver was given its
+    pid)."""
     from bench.setup import tree_cpu_seconds
 
     probes: list[dict[str, Any]] = [probe.run(probe_seconds)]
@@ -320,13 +334,8 @@ def alternate(
     for k in range(pairs):
         for t in targets:
             cpu0 = tree_cpu_seconds(t.pid)
-            sent = time.perf_counter()
-            drivers[t.name].send(slice_seconds)
-            time.sleep(max(0.0, sent + slice_seconds - time.perf_counter()))
-            window_cpu = tree_cpu_seconds(t.pid) - cpu0
-            r = drivers[t.name].answer(slice_seconds)
+            r = drivers[t.name].run(slice_seconds)
             r["daemon_cpu_seconds"] = tree_cpu_seconds(t.pid) - cpu0
-            r["daemon_window_cpu_seconds"] = window_cpu
             r["pair"] = k
             r["probe_before"] = len(probes) - 1
             probes.append(probe.run(probe_seconds))
@@ -360,8 +369,11 @@ def main() -> int:
     p.add_argument("--key", required=True)
     p.add_argument("--callers", type=int, default=4)
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument(
+        "--daemon-pid", type=int, default=None, help="read its CPU as each window opens and closes"
+    )
     a = p.parse_args()
-    asyncio.run(_drive(a.target, a.key, a.callers, a.batch))
+    asyncio.run(_drive(a.target, a.key, a.callers, a.batch, a.daemon_pid))
     return 0
 
 
