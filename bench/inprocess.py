@@ -3,6 +3,9 @@
 ``physical``: PKCS#1 v1.5 signatures with cryptography (OpenSSL), one thread per core.
 ``token``: python-pkcs11 on the bench's SoftHSM2 token through p11-kit's proxy (as the daemon
 loads it), one session per thread. Prints one JSON object: ops/s, per-op latencies, CPU.
+``token-slices``: the same token limit kept up (logged in, sessions open), signing only in
+the slices it is told to run: one ``run SECONDS`` line on stdin, one JSON line on stdout
+(bench.slices alternates it with the daemon's load).
 """
 
 from __future__ import annotations
@@ -77,18 +80,31 @@ def physical(bits: int, threads: int, duration: float) -> dict[str, Any]:
 
 
 def token(conf: str, label: str, pin_file: str, key: str, threads: int, duration: float) -> Any:
+    login, sessions, ops = _token_ops(conf, label, pin_file, key, threads)
+    try:
+        return _run_threads(ops, duration)
+    finally:
+        for s in sessions:
+            s.close()
+        login.close()
+
+
+def _token_ops(
+    conf: str, label: str, pin_file: str, key: str, threads: int
+) -> tuple[Any, list[Any], list[Callable[[], None]]]:
+    """Logs in to the token and opens one session per thread; returns the login session, the
+    sessions and one signing op per session (a PKCS#1 v1.5 block, as the daemon signs)."""
     os.environ["SOFTHSM2_CONF"] = conf
     import pkcs11
     from pkcs11 import Attribute, Mechanism, ObjectClass
 
     from tests.harness.paths import PROXY_MODULE
 
-    lib = pkcs11.lib(PROXY_MODULE)
-    tok = lib.get_token(token_label=label)
+    tok = pkcs11.lib(PROXY_MODULE).get_token(token_label=label)
     login = tok.open(user_pin=Path(pin_file).read_text(), rw=True)
     block = PREFIX_SHA256 + hashlib.sha256(b"bench").digest()
-    ops = []
     sessions = [tok.open(rw=True) for _ in range(threads)]
+    ops: list[Callable[[], None]] = []
     for s in sessions:
         (k,) = [
             o
@@ -100,8 +116,62 @@ def token(conf: str, label: str, pin_file: str, key: str, threads: int, duration
             k.sign(block, mechanism=Mechanism.RSA_PKCS)
 
         ops.append(functools.partial(op, k))
+    return login, sessions, ops
+
+
+def sign_slice(ops: Sequence[Callable[[], None]], seconds: float) -> dict[str, Any]:
+    """One slice of the kept-up token probe: every op signs in a loop on its own thread from
+    now for ``seconds``; an op that straddles the window's end counts by its overlap
+    (bench.slices.counted), as the daemon's batch calls do."""
+    from bench.slices import Span, counted
+
+    spans: list[list[Span]] = [[] for _ in ops]
+    cpu0 = time.process_time()
+    start = time.perf_counter()
+    stop = start + seconds
+
+    def loop(i: int) -> None:
+        op, out = ops[i], spans[i]
+        while (t0 := time.perf_counter()) < stop:
+            op()
+            out.append(Span(t0, time.perf_counter(), 1))
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(len(ops))]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    wall = time.perf_counter() - start
+    done = counted([s for xs in spans for s in xs], start, stop)
+    lat = sorted(s.end - s.start for xs in spans for s in xs)
+    return {
+        "ops": done,
+        "seconds": seconds,
+        "ops_per_s": done / seconds,
+        "signed": sum(len(xs) for xs in spans),
+        "wall_seconds": wall,
+        "cpu_seconds": time.process_time() - cpu0,
+        "p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
+        "threads": len(ops),
+    }
+
+
+def token_slices(conf: str, label: str, pin_file: str, key: str, threads: int) -> None:
+    """The token probe kept up: logged in once, sessions open, and signing only while a slice
+    runs. Reads ``run SECONDS`` lines from stdin and answers each with one JSON line; stops at
+    ``quit`` or when stdin closes (the bench went away), so it never outlives its caller."""
+    login, sessions, ops = _token_ops(conf, label, pin_file, key, threads)
     try:
-        return _run_threads(ops, duration)
+        sign_slice(ops, 0.3)  # warm-up: first signatures, thread start-up
+        print(json.dumps({"ready": True, "threads": threads}), flush=True)
+        for line in sys.stdin:
+            words = line.split()
+            if not words or words[0] == "quit":
+                break
+            if words[0] != "run" or len(words) != 2:
+                print(json.dumps({"error": f"unknown command {line.strip()!r}"}), flush=True)
+                continue
+            print(json.dumps(sign_slice(ops, float(words[1]))), flush=True)
     finally:
         for s in sessions:
             s.close()
@@ -171,7 +241,7 @@ def token_paced(
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["physical", "token", "token-paced"])
+    p.add_argument("what", choices=["physical", "token", "token-paced", "token-slices"])
     p.add_argument("--rate", type=float, default=100.0, help="token-paced: signatures/s")
     p.add_argument("--bits", type=int, default=2048)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -181,6 +251,9 @@ def main() -> int:
     p.add_argument("--pin-file", default="")
     p.add_argument("--key", default="")
     a = p.parse_args()
+    if a.what == "token-slices":
+        token_slices(a.conf, a.label, a.pin_file, a.key, a.threads)
+        return 0
     if a.what == "physical":
         out = physical(a.bits, a.threads, a.duration)
     elif a.what == "token-paced":

@@ -20,9 +20,12 @@ from bench.rows import (
     PhysicalRow,
     RateRow,
     Server,
+    Slice,
+    SlicedRow,
     TokenPacedRow,
     TokenRow,
 )
+from bench.slices import quartiles
 
 LONG_RUN = Path(__file__).resolve().parent / "results" / "long_run.json"
 
@@ -200,41 +203,87 @@ def targets(rows: list[AnyRow]) -> list[dict[str, Any]]:
             f"{paced.load if paced else '-'}{py}" + _floor_text(rows, 3.0),
         )
     )
-    out.append(_audit_target(rows, ratio))
+    out.append(_audit_target(rows))
     out += _bundle_targets(rows)
     out.append(_rss_target())
     return out
 
 
-def _audit_target(
-    rows: list[AnyRow], ratio: Callable[[CallRow | None], float | None]
-) -> dict[str, Any]:
-    """Batch signing with the audit trail on over the token limit measured around each row
-    (median of bench.run.audit_rows' rounds), with the same daemon's figure with audit off
-    beside it: the issue's ">= 95% of the token limit with audit on"."""
+def _audit_target(rows: list[AnyRow]) -> dict[str, Any]:
+    """Batch signing with the audit trail on over the token limit: the median of
+    bench.run.sliced_audit_rows' slices, each against the kept-up token probe right before
+    and after it, with the same daemon's figure with audit off beside it and the on / off
+    quotient of each pair of slices: the issue's ">= 95% of the token limit with audit on"."""
     from bench.setup import DaemonSettings
 
     on_settings = DaemonSettings(audit=True).describe()
-    on = _rounds(rows, {**AUDIT_BATCH, "settings": on_settings}, None, ratio)
-    off = _rounds(rows, {**AUDIT_BATCH, "settings": _default()}, None, ratio)
-    ons, offs = [h for h, _ in on if h is not None], [h for h, _ in off if h is not None]
+
+    def sliced(settings: str) -> SlicedRow | None:
+        found = [
+            r
+            for r in rows
+            if isinstance(r, SlicedRow)
+            and r.settings == settings
+            and all(getattr(r, k) == v for k, v in AUDIT_BATCH.items())
+        ]
+        return found[0] if found else None
+
+    on, off = sliced(on_settings), sliced(_default())
     detail = "SignDigests x256, 4 callers, RSA-2048, [audit] on (fsync before every answer)"
-    if ons:
-        detail += f"; rounds: audit on {_series(list(ons))}"
-    if offs:
-        detail += f", audit off {_series(list(offs))}, median {_median(list(offs)):.2f}x"
-        detail += f"; on / off {(_median(list(ons)) or 0) / (_median(list(offs)) or 1):.2f}"
-    if not ons:
-        detail = "no batch audit rows in this run"
+    if on is None:
+        detail = "no sliced batch audit rows in this run"
+    else:
+        detail += (
+            f"; {len(on.slices)} slices of {on.slice_seconds:g} s per daemon alternating with "
+            f"a {on.probe_seconds:g} s token probe, both kept up; each slice over the mean of "
+            f"the probes around it: audit on {_iqr(on)}"
+        )
+        if not on.measured:
+            detail += f" ({on.not_available})"
+    if off is not None:
+        detail += f", audit off {_iqr(off)}"
+        if not off.measured:
+            detail += f" ({off.not_available})"
+    if on is not None and off is not None:
+        q = quartiles(pair_quotients(on.slices, off.slices))
+        if q:
+            detail += f"; on / off per pair {q[1]:.3f} (IQR {q[0]:.3f}-{q[2]:.3f})"
+        parts = [
+            f"{label} {r.cpu_ratio_median:.3f} x {r.core_ratio_median:.3f}"
+            for r, label in ((on, "on"), (off, "off"))
+            if r.cpu_ratio_median is not None and r.core_ratio_median is not None
+        ]
+        if parts:
+            detail += (
+                "; in the slices' windows (medians), the probe's CPU per signature over the "
+                "daemon's x the daemon's cores over the probe's: " + ", ".join(parts)
+            )
+        probes = [*on.details.get("probes", [])]
+        if probes:
+            detail += f"; token probe {min(probes):,.0f}-{max(probes):,.0f} sig/s"
     detail += _audit_unary(rows, on_settings)
     return _target(
         "batched signing, audit on / token limit",
-        _median(list(ons)),
+        on.ratio_median if on is not None and on.measured else None,
         0.95,
         "x",
         True,
         detail,
     )
+
+
+def _iqr(r: SlicedRow) -> str:
+    """A sliced row's median ratio and its interquartile range."""
+    if r.ratio_median is None:
+        return "-"
+    return f"median {r.ratio_median:.3f}x (IQR {r.ratio_q1 or 0:.3f}-{r.ratio_q3 or 0:.3f})"
+
+
+def pair_quotients(on: list[Slice], off: list[Slice]) -> list[float]:
+    """Audit on over audit off, each slice's ratio to its own probes, per pair of slices
+    (a pair whose slice on either side failed is left out)."""
+    by_pair = {s.pair: s.ratio for s in off}
+    return [s.ratio / by_pair[s.pair] for s in on if by_pair.get(s.pair)]
 
 
 def _audit_unary(rows: list[AnyRow], on_settings: str) -> str:
@@ -486,6 +535,8 @@ def _line(r: AnyRow, tok_rate: float | None) -> str:
         )
     ref = _reference(r, tok_rate)
     share = r.ops_per_s / ref if ref and r.bits == 2048 else None
+    if isinstance(r, SlicedRow):
+        share = r.ratio_median  # the median of its slices' ratios to the probes around each
     client = r.client_cores if isinstance(r, CallRow) else None
     return (
         f"{r.name:<66} {r.ops_per_s:>7.0f} {_f(share, '{:.2f}'):>7} "
@@ -517,6 +568,8 @@ def table(result: dict[str, Any], rows: list[AnyRow]) -> str:
         "",
         "/token: daemon rows against the token limit measured just before and after each "
         "(2 threads, the mean); other rows against the token reference;",
+        "sliced rows (part 3c): sig/s and /token are the medians over their slices, each slice "
+        "against the token probe right before and after it;",
         "srv cpu: cores used by the daemon (or the in-process bench); cli cpu: cores used by "
         "the load generators;",
         "sig/cpu-s: signatures per CPU-second of the signer (load-independent efficiency)",

@@ -137,6 +137,60 @@ class CallRow(RateRow):
         return self.call in (Call.HEALTH, Call.FLOOR) or self.server is Server.NOOP
 
 
+@dataclass(frozen=True)
+class Slice:
+    """One daemon slice of part 3c (bench.slices): its rate, the kept-up token probe right
+    before and right after it, and what it cost."""
+
+    #: Which pair of slices (one per daemon) this one belongs to, from 0.
+    pair: int
+    #: Signatures inside the window (a call straddling its edge counted by its overlap) / s.
+    ops_per_s: float
+    probe_before: float
+    probe_after: float
+    #: ops_per_s over the mean of the two probes.
+    ratio: float
+    #: Calls that started inside the window; every signature the slice made, the calls
+    #: started after the window (to keep the concurrency until those end) included.
+    calls: int
+    signed: int
+    #: The window and the drain of the calls still in flight when it closed.
+    wall_seconds: float
+    daemon_cpu_seconds: float
+    client_cpu_seconds: float
+    p50_ms: float | None = None
+    #: The daemon's CPU inside the window (read by the load driver as it opens and closes).
+    daemon_window_cpu_seconds: float | None = None
+    #: The probes' CPU per signature (the mean of the two) over the daemon's inside the
+    #: window: under 1 when the daemon spends more CPU on a signature than the token alone.
+    cpu_ratio: float | None = None
+    #: Cores the daemon used inside the window over cores the probes used (the mean of the
+    #: two): under 1 when the daemon leaves CPU idle that the probe uses (or the host's other
+    #: work took more of it). ratio is about cpu_ratio x core_ratio.
+    core_ratio: float | None = None
+
+
+@dataclass(kw_only=True)
+class SlicedRow(CallRow):
+    """A daemon's batch load in short slices that alternate with a kept-up token probe
+    (bench.slices): the figure is the median of the slices' ratios to the probes around
+    each, with their quartiles."""
+
+    slices: list[Slice] = field(default_factory=list)
+    slice_seconds: float = 0.0
+    probe_seconds: float = 0.0
+    ratio_q1: float | None = None
+    ratio_median: float | None = None
+    ratio_q3: float | None = None
+    #: Quartiles of the slices' cpu_ratio and core_ratio.
+    cpu_ratio_q1: float | None = None
+    cpu_ratio_median: float | None = None
+    cpu_ratio_q3: float | None = None
+    core_ratio_q1: float | None = None
+    core_ratio_median: float | None = None
+    core_ratio_q3: float | None = None
+
+
 @dataclass(kw_only=True)
 class BundleRow(Row):
     """One tool encrypting one bundle file (bench/bench_bundle_encrypt.py)."""
@@ -149,4 +203,4 @@ class BundleRow(Row):
     startup_seconds: float | None = None
 
 
-AnyRow = PhysicalRow | TokenRow | TokenPacedRow | CallRow | BundleRow
+AnyRow = PhysicalRow | TokenRow | TokenPacedRow | CallRow | SlicedRow | BundleRow

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,12 +35,15 @@ from bench.rows import (
     Load,
     PhysicalRow,
     Server,
+    Slice,
+    SlicedRow,
     TokenBracket,
     TokenPacedRow,
     TokenRow,
 )
 from bench.setup import KEY_2048, KEY_3072, DaemonSettings, launch, make_bench_token
-from tests.harness import TokenDir
+from bench.slices import Kept, Target, alternate, connection_split, quartiles, slice_ratios
+from tests.harness import Daemon, TokenDir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -394,47 +398,32 @@ def daemon_rows(
 AUDIT_BATCH = 256
 #: Callers of the audit rows' unary calls (as make bench-audit's unary rows).
 AUDIT_UNARY_CALLERS = 16
+#: Part 3c's slices: pairs (one slice per daemon each), seconds per daemon slice and per
+#: token probe; with --quick the second. A pair takes about 6 s (two probes, two slices and
+#: the drain of the calls in flight), so the full part is about 2 minutes of slices.
+AUDIT_SLICES = {False: (20, 1.5, 1.0), True: (8, 1.0, 1.0)}
 
 
-def audit_rows(root: Path, token: TokenDir, duration: float, rounds: int) -> list[CallRow]:
+def audit_rows(
+    root: Path, token: TokenDir, duration: float, rounds: int, quick: bool = False
+) -> list[CallRow]:
     """Part 3c: batch SignDigests x256 at 4 callers with the audit trail on, beside the same
-    daemon with it off, ``rounds`` interleaved rounds (which goes first alternates), each row
-    bracketed by the token: the issue's "batch signing >= 95% of the token limit with audit
-    on", and what audit costs a batch (bench.report's audit target); then, in each round,
-    unary SignDigest at 16 callers on and off: what audit costs a single call (every call
-    waits for its record's fsync)."""
+    daemon with it off, in slices that alternate with the token probe (``sliced_audit_rows``):
+    the issue's "batch signing >= 95% of the token limit with audit on", and what audit costs
+    a batch (bench.report's audit target); then ``rounds`` interleaved rounds (which goes
+    first alternates) of unary SignDigest at 16 callers on and off: what audit costs a single
+    call (every call waits for its record's fsync)."""
     daemons = {
         audit: launch(root, token, DaemonSettings(audit=audit), f"daemon-audit-{audit}")
         for audit in (False, True)
     }
-    # A call of 256 signatures takes about a second at 4 callers: a row counts the calls that
-    # end inside its window, so the window is long enough for that to be a few percent.
-    window = max(3 * duration, 12.0)
     rows: list[CallRow] = []
-    br = Bracket(token, duration)
     try:
+        pairs, slice_s, probe_s = AUDIT_SLICES[quick]
+        rows += sliced_audit_rows(token, daemons, pairs, slice_s, probe_s)
         for k in range(1, rounds + 1):
             for audit in (True, False) if k % 2 else (False, True):
                 d = daemons[audit]
-                spec = LoadSpec(
-                    d.address,
-                    "batch",
-                    KEY_2048,
-                    4,
-                    batch=AUDIT_BATCH,
-                    callers_per_connection=1,
-                    duration=window,
-                    warmup=2.0,
-                )
-                name = (
-                    f"round {k}, audit {'on' if audit else 'off'}: "
-                    f"batch SignDigests x{AUDIT_BATCH}, 4 callers"
-                )
-                r = br.around(functools.partial(daemon_row, name, spec, d.proc.pid))
-                r.round, r.settings = k, DaemonSettings(audit=audit).describe()
-                if r.measured and not r.calls_per_s:
-                    r.not_available = "no call completed in the window"
-                rows.append(r)
                 unary = LoadSpec(
                     d.address, "unary", KEY_2048, AUDIT_UNARY_CALLERS, duration=duration
                 )
@@ -448,6 +437,210 @@ def audit_rows(root: Path, token: TokenDir, duration: float, rounds: int) -> lis
     finally:
         for d in daemons.values():
             d.stop()
+    return rows
+
+
+def _audit_name(audit: bool) -> str:
+    return f"audit {'on' if audit else 'off'}"
+
+
+def sliced_audit_rows(
+    token: TokenDir,
+    daemons: dict[bool, Daemon],
+    pairs: int,
+    slice_seconds: float,
+    probe_seconds: float,
+) -> list[SlicedRow]:
+    """Batch SignDigests x256 at 4 callers (one connection each) against the audit-on and
+    the audit-off daemon, alternating with the token probe: probe, on, probe, off, probe, ...
+    ``pairs`` times, the probe (as many threads as Bracket) and one load driver per daemon
+    kept up throughout (bench.slices). Each slice's ratio is its rate over the mean of the
+    probes around it; a row's figure is the median of its slices' ratios.
+
+    The token limit on this host moves by ±15% within a minute; a slice and its two probes
+    lie within a few seconds, so each ratio compares them at one host speed."""
+    threads = os.cpu_count() or 1
+    probe = Kept(
+        [
+            "-m",
+            "bench.inprocess",
+            "token-slices",
+            *_token_args(token, KEY_2048),
+            "--threads",
+            str(threads),
+        ],
+        "token probe",
+    )
+    drivers: dict[str, Kept] = {}
+    try:
+        for audit, d in daemons.items():
+            drivers[_audit_name(audit)] = Kept(
+                [
+                    "-m",
+                    "bench.slices",
+                    "load",
+                    "--target",
+                    d.address,
+                    "--key",
+                    KEY_2048,
+                    "--callers",
+                    "4",
+                    "--batch",
+                    str(AUDIT_BATCH),
+                    "--daemon-pid",
+                    str(d.proc.pid),
+                ],
+                f"load driver ({_audit_name(audit)})",
+            )
+        targets = [
+            Target(_audit_name(audit), daemons[audit].address, daemons[audit].proc.pid)
+            for audit in (True, False)
+        ]
+
+        def splits() -> dict[str, list[int]]:
+            return {t.name: connection_split(drivers[t.name].proc.pid, t.pid) for t in targets}
+
+        split_before, load_before = splits(), os.getloadavg()
+        print(
+            f"  {pairs} pairs of {slice_seconds:g} s slices, token probe {probe_seconds:g} s "
+            f"({threads} threads) before and after each; connections per serving process "
+            f"{split_before}; load average {load_before[0]:.2f}",
+            flush=True,
+        )
+        run = alternate(probe, drivers, targets, pairs, slice_seconds, probe_seconds)
+        split_after, load_after = splits(), os.getloadavg()
+    finally:
+        for k in (probe, *drivers.values()):
+            k.stop()
+    probes = run["probes"]
+    rates = [p["ops_per_s"] for p in probes]
+    probe_cpu: list[float | None] = [
+        float(p["cpu_seconds"]) / p["signed"] if p["signed"] else None for p in probes
+    ]
+    probe_cores = [float(p["cpu_seconds"]) / p["wall_seconds"] for p in probes]
+    probe_cpu_ms = [1000 * c for c in probe_cpu if c is not None]
+
+    def cpu_ratio(r: dict[str, Any]) -> float | None:
+        """The probes' CPU per signature around a slice over the daemon's in its window."""
+        around = [probe_cpu[r["probe_before"]], probe_cpu[r["probe_after"]]]
+        known: list[float] = [c for c in around if c is not None]
+        inside = float(r["signatures"])
+        if not known or not inside or r["daemon_window_cpu_seconds"] is None:
+            return None
+        return (sum(known) / len(known)) / (float(r["daemon_window_cpu_seconds"]) / inside)
+
+    def core_ratio(r: dict[str, Any]) -> float | None:
+        """The daemon's cores in a slice's window over the probes' around it."""
+        around: float = (probe_cores[r["probe_before"]] + probe_cores[r["probe_after"]]) / 2
+        if not around or r["daemon_window_cpu_seconds"] is None:
+            return None
+        cores = float(r["daemon_window_cpu_seconds"]) / float(r["seconds"])
+        return cores / around
+
+    rows: list[SlicedRow] = []
+    for audit in (True, False):
+        name = _audit_name(audit)
+        answers = run["slices"][name]
+        slices = [
+            Slice(
+                pair=r["pair"],
+                ops_per_s=r["ops_per_s"],
+                probe_before=rates[r["probe_before"]],
+                probe_after=rates[r["probe_after"]],
+                ratio=slice_ratios(
+                    [rates[r["probe_before"]], rates[r["probe_after"]]], [r["ops_per_s"]]
+                )[0],
+                calls=r["calls"],
+                signed=r["signed"],
+                wall_seconds=r["wall_seconds"],
+                daemon_cpu_seconds=r["daemon_cpu_seconds"],
+                client_cpu_seconds=r["cpu_seconds"],
+                p50_ms=r["p50_ms"],
+                daemon_window_cpu_seconds=r["daemon_window_cpu_seconds"],
+                cpu_ratio=cpu_ratio(r),
+                core_ratio=core_ratio(r),
+            )
+            for r in answers
+            if not r["errors"]
+        ]
+        errors: dict[str, int] = {}
+        for r in answers:
+            for code, n in r["errors"].items():
+                errors[code] = errors.get(code, 0) + n
+        q = quartiles([s.ratio for s in slices])
+        cq = quartiles([s.cpu_ratio for s in slices if s.cpu_ratio is not None])
+        kq = quartiles([s.core_ratio for s in slices if s.core_ratio is not None])
+        wall = sum(s.wall_seconds for s in slices) or 1.0
+        window = slice_seconds * len(slices) or 1.0
+        daemon_ms = [1000 * s.daemon_cpu_seconds / s.signed for s in slices if s.signed]
+        row = SlicedRow(
+            name=(
+                f"{name}: batch SignDigests x{AUDIT_BATCH}, 4 callers, "
+                f"{len(answers)} slices of {slice_seconds:g} s between token probes"
+            ),
+            server=Server.HSMSIGND,
+            settings=DaemonSettings(audit=audit).describe(),
+            call=Call.BATCH,
+            callers=4,
+            load=Load.PYTHON,
+            batch=AUDIT_BATCH,
+            ops_per_s=statistics.median([s.ops_per_s for s in slices]) if slices else 0.0,
+            calls_per_s=sum(s.calls for s in slices) / window,
+            p50_ms=statistics.median([s.p50_ms for s in slices if s.p50_ms is not None])
+            if slices
+            else None,
+            cores=sum(s.daemon_cpu_seconds for s in slices) / wall,
+            client_cores=sum(s.client_cpu_seconds for s in slices) / wall,
+            slices=slices,
+            slice_seconds=slice_seconds,
+            probe_seconds=probe_seconds,
+            ratio_q1=q[0] if q else None,
+            ratio_median=q[1] if q else None,
+            ratio_q3=q[2] if q else None,
+            cpu_ratio_q1=cq[0] if cq else None,
+            cpu_ratio_median=cq[1] if cq else None,
+            cpu_ratio_q3=cq[2] if cq else None,
+            core_ratio_q1=kq[0] if kq else None,
+            core_ratio_median=kq[1] if kq else None,
+            core_ratio_q3=kq[2] if kq else None,
+            details={
+                "probes": [round(x, 1) for x in rates],
+                "probe_cores": [round(x, 3) for x in probe_cores],
+                "probe_threads": threads,
+                "probe_cpu_ms_per_signature": statistics.median(probe_cpu_ms)
+                if probe_cpu_ms
+                else None,
+                "daemon_cpu_ms_per_signature": statistics.median(daemon_ms) if daemon_ms else None,
+                "connections_per_serving_process": {
+                    "before": split_before[name],
+                    "after": split_after[name],
+                },
+                "loadavg": {"before": load_before, "after": load_after},
+                "errors": errors,
+            },
+        )
+        if errors or not slices:
+            row.not_available = f"batch: calls failed {errors}" if errors else "no slices"
+        rows.append(row)
+        print(
+            f"  {row.name}: median {row.ratio_median or 0:.3f} of the token "
+            f"(IQR {row.ratio_q1 or 0:.3f}-{row.ratio_q3 or 0:.3f}), "
+            f"{row.ops_per_s:.0f} sig/s median, daemon {row.cores or 0:.2f} cores, "
+            f"{row.details['daemon_cpu_ms_per_signature'] or 0:.3f} ms CPU per signature "
+            f"(the probe {row.details['probe_cpu_ms_per_signature'] or 0:.3f}); per slice, "
+            f"in its window: CPU per signature, probe / daemon, median "
+            f"{row.cpu_ratio_median or 0:.3f} (IQR {row.cpu_ratio_q1 or 0:.3f}-"
+            f"{row.cpu_ratio_q3 or 0:.3f}); cores, daemon / probe, median "
+            f"{row.core_ratio_median or 0:.3f} (IQR {row.core_ratio_q1 or 0:.3f}-"
+            f"{row.core_ratio_q3 or 0:.3f})"
+            + (f" {row.not_available}" if row.not_available else ""),
+            flush=True,
+        )
+    print(
+        f"  token probe {min(rates):.0f}-{max(rates):.0f} sig/s over {len(rates)} probes; "
+        f"load average {load_after[0]:.2f} at the end",
+        flush=True,
+    )
     return rows
 
 
@@ -769,6 +962,68 @@ def bundle_rows(quick: bool) -> list[BundleRow]:
     return rows
 
 
+def all_parts(
+    root: Path, token: TokenDir, duration: float, rounds: int, quick: bool, sweep: bool
+) -> list[AnyRow]:
+    """Parts 1 to 4 (bench/README.md) on the bench token under ``root``."""
+    rows: list[AnyRow] = []
+    print("1. physical limit (OpenSSL in-process)", flush=True)
+    for bits in (2048, 3072):
+        rows.append(physical_limit(bits, duration))
+    print("2. token limit (python-pkcs11 in-process, through p11-kit-proxy)", flush=True)
+    reference = token_limit(token, 2048, [1, 2] if quick else [1, 2, 4], duration)
+    rows.append(reference)
+    rows.append(token_limit(token, 3072, [2] if quick else [1, 2], duration))
+    print("3. the daemon (h2load, then 2 Python gRPC client processes)", flush=True)
+    if not h2load_available():
+        print("  h2load not found (Debian: nghttp2-client): Python clients only", flush=True)
+    bare = BareServer(_token_args(token, KEY_2048)) if h2load_available() else None
+    try:
+        if bare is not None:
+            _check_bare(bare.address)
+        rows += daemon_rows(root, token, DaemonSettings(), duration, bare=bare, rounds=rounds)
+        if bare is not None:
+            _check_bare(bare.address)  # still signing after its rows: they measured calls
+    finally:
+        if bare is not None:
+            bare.stop()
+    paced = next(
+        (
+            r
+            for r in rows
+            if isinstance(r, CallRow)
+            and r.server is Server.HSMSIGND
+            and r.paced
+            and r.load is Load.H2LOAD
+        ),
+        None,
+    )
+    if paced is not None and paced.measured and paced.rate is not None:
+        print("3b. the p99 floor: gRPC with no signing, the token beside it", flush=True)
+        rows += p99_floor_rows(token, duration, paced.rate, rounds)
+    rows += single_process_row(root, token, duration)
+    print("3c. batch signing with the audit trail on and off", flush=True)
+    rows += audit_rows(root, token, duration, rounds, quick)
+    # Again after the daemon rows: the machine is shared, so the reference drifts; the
+    # targets use the mean of both token measurements.
+    best = reference.threads
+    again = token_limit(token, 2048, [best], duration)
+    again.name = f"token: python-pkcs11 RSA-2048, {best} threads, again after the daemon"
+    again.after_daemon = True
+    rows.append(again)
+    if sweep:
+        for s in (
+            DaemonSettings(sessions=1),
+            DaemonSettings(sessions=4),
+            DaemonSettings(workers=2),
+            DaemonSettings(workers=8),
+        ):
+            rows += daemon_rows(root, token, s, duration, tag=f"[{s.describe()}] ")
+    print("4. bundle encryption", flush=True)
+    rows += bundle_rows(quick)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     p.add_argument(
@@ -790,6 +1045,13 @@ def main() -> int:
         "with hsmsignd and the bare stack interleaved) and of the p99 floor; the targets use "
         "the median (default 3, 1 with --quick)",
     )
+    p.add_argument(
+        "--only",
+        choices=["audit"],
+        default=None,
+        help="run one part alone: audit = part 3c (batch signing with the audit trail on "
+        "and off, in slices alternating with the token probe, and the unary rows)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
     rounds = a.rounds if a.rounds is not None else (1 if a.quick else 3)
@@ -802,60 +1064,11 @@ def main() -> int:
         root = Path(tmp)
         print("making the bench token and keys...", flush=True)
         token = make_bench_token(root)
-        print("1. physical limit (OpenSSL in-process)", flush=True)
-        for bits in (2048, 3072):
-            rows.append(physical_limit(bits, duration))
-        print("2. token limit (python-pkcs11 in-process, through p11-kit-proxy)", flush=True)
-        reference = token_limit(token, 2048, [1, 2] if a.quick else [1, 2, 4], duration)
-        rows.append(reference)
-        rows.append(token_limit(token, 3072, [2] if a.quick else [1, 2], duration))
-        print("3. the daemon (h2load, then 2 Python gRPC client processes)", flush=True)
-        if not h2load_available():
-            print("  h2load not found (Debian: nghttp2-client): Python clients only", flush=True)
-        bare = BareServer(_token_args(token, KEY_2048)) if h2load_available() else None
-        try:
-            if bare is not None:
-                _check_bare(bare.address)
-            rows += daemon_rows(root, token, DaemonSettings(), duration, bare=bare, rounds=rounds)
-            if bare is not None:
-                _check_bare(bare.address)  # still signing after its rows: they measured calls
-        finally:
-            if bare is not None:
-                bare.stop()
-        paced = next(
-            (
-                r
-                for r in rows
-                if isinstance(r, CallRow)
-                and r.server is Server.HSMSIGND
-                and r.paced
-                and r.load is Load.H2LOAD
-            ),
-            None,
-        )
-        if paced is not None and paced.measured and paced.rate is not None:
-            print("3b. the p99 floor: gRPC with no signing, the token beside it", flush=True)
-            rows += p99_floor_rows(token, duration, paced.rate, rounds)
-        rows += single_process_row(root, token, duration)
-        print("3c. batch signing with the audit trail on and off", flush=True)
-        rows += audit_rows(root, token, duration, rounds)
-        # Again after the daemon rows: the machine is shared, so the reference drifts; the
-        # targets use the mean of both token measurements.
-        best = reference.threads
-        again = token_limit(token, 2048, [best], duration)
-        again.name = f"token: python-pkcs11 RSA-2048, {best} threads, again after the daemon"
-        again.after_daemon = True
-        rows.append(again)
-        if a.sweep:
-            for s in (
-                DaemonSettings(sessions=1),
-                DaemonSettings(sessions=4),
-                DaemonSettings(workers=2),
-                DaemonSettings(workers=8),
-            ):
-                rows += daemon_rows(root, token, s, duration, tag=f"[{s.describe()}] ")
-        print("4. bundle encryption", flush=True)
-        rows += bundle_rows(a.quick)
+        if a.only == "audit":
+            print("3c. batch signing with the audit trail on and off", flush=True)
+            rows += audit_rows(root, token, duration, rounds, a.quick)
+        else:
+            rows += all_parts(root, token, duration, rounds, a.quick, a.sweep)
     result = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {

@@ -254,42 +254,11 @@ def test_report_judges_batch_on_the_median_of_its_rounds() -> None:
     assert "median of 4 rounds: 0.91x / 0.97x / - / 0.99x" in t["detail"]
 
 
-def test_report_flags_batch_signing_with_audit_on_under_95_percent() -> None:
-    """The audit target reads bench.run.audit_rows: SignDigests x256 with the trail on, each
-    round against the token measured around it, the audit-off rows beside it; under 0.95
-    it fails, and the x64 batch target does not read these rows."""
-
-    def batch(k: int, audit: bool, ops: float) -> CallRow:
-        return CallRow(
-            name=f"round {k}, audit {audit}",
-            server=Server.HSMSIGND,
-            settings=DaemonSettings(audit=audit).describe(),
-            call=Call.BATCH,
-            callers=4,
-            load=Load.PYTHON,
-            batch=256,
-            round=k,
-            ops_per_s=ops,
-            token_bracket=TokenBracket(ops_per_s=1000, p50_ms=1.0),
-        )
-
-    rows: list[AnyRow] = [TOKEN]
-    for k, (on, off) in enumerate([(930, 990), (960, 1000), (900, 980)], start=1):
-        rows += [batch(k, True, on), batch(k, False, off)]
-    by = {t["target"]: t for t in targets(rows)}
-    t = by["batched signing, audit on / token limit"]
-    assert (t["value"], t["result"]) == (0.93, "FAIL")
-    assert "audit on 0.93x / 0.96x / 0.90x" in t["detail"] and "median 0.99x" in t["detail"]
-    assert by["batched signing / token limit"]["result"] == "NOT MEASURED"
-    rows[1] = batch(1, True, 990)
-    rows[5] = batch(3, True, 970)
-    assert {t["target"]: t for t in targets(rows)}[t["target"]]["result"] == "PASS"
-
-
 def test_report_gives_what_audit_costs_a_unary_call() -> None:
     """The audit target's detail also gives unary SignDigest at 16 callers, audit on over off
     per round of bench.run.audit_rows (the issue: what audit costs per call, unary and
-    batch); main rows of the same shape without "audit" in their name are not read."""
+    batch); main rows of the same shape without "audit" in their name are not read. (The
+    target's batch figure, from sliced rows: tests/unit/test_bench_slices.py.)"""
 
     def unary(k: int, audit: bool, calls: float, name: str = "") -> CallRow:
         return CallRow(
