@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=int, default=6, help="each row's measured window")
     p.add_argument("--connections", type=int, default=64)
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="server.threads of the working tree's daemon (default: the shipped default)",
+    )
     args = p.parse_args(argv)
     if not available():
         print("h2load is not installed: run `make deps`", file=sys.stderr)
@@ -69,10 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"token and the base ({args.base}) ...", flush=True)
         token = make_bench_token(root)
         code = _export(args.base, root / "base")
-        settings = DaemonSettings()
         daemons = {
-            "base": launch(root, token, settings, "base", code=code),
-            "tree": launch(root, token, settings, "tree"),
+            "base": launch(root, token, DaemonSettings(), "base", code=code),
+            "tree": launch(root, token, DaemonSettings(workers=args.threads), "tree"),
         }
         rows: dict[str, list[tuple[float, float, float]]] = {"base": [], "tree": []}
         try:
