@@ -149,8 +149,8 @@ class ServerConfig:
     processes: int
     #: Threads serving the Signer's single calls, in each serving process, taken in fair
     #: order across callers from a waiting room of server.limits.max_queued_calls
-    #: (server/api/workers.py, docs/adr/0009). Default: ``default_threads`` (twice
-    #: token.sessions, so a call can be read and answered while its neighbour signs).
+    #: (server/api/workers.py, docs/adr/0009). Default: ``default_threads`` (one per
+    #: token session: the event loop reads and answers the calls).
     #: Batches and KeyAdmin calls get threads of their own. Formerly ``workers``, still read.
     threads: int
     #: host:port to listen on; port 0 picks a free port (written to --ready-file).
@@ -202,8 +202,11 @@ def max_calls_held(threads: int, sessions: int, max_queued: int) -> int:
 
 
 def default_threads(sessions: int) -> int:
-    """server.threads when not set: two per session (more only queue on the GIL)."""
-    return 2 * sessions
+    """server.threads when not set: one per session. The event loop reads and answers the
+    calls (docs/adr/0008), so a thread beyond the sessions only waits for a token turn and
+    for the GIL: with two per session unary signing made 0.91 of the calls/s of one per
+    session, side by side (docs/adr/0009)."""
+    return sessions
 
 
 def default_processes() -> int:
