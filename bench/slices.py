@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import queue
 import statistics
 import subprocess
@@ -148,21 +149,13 @@ async def _slice(
 
 
 async def _drive(target: str, key: str, callers: int, batch: int, daemon_pid: int | None) -> None:
-    import grpc
 
     from bench.load import LoadSpec, _request
     from hsmsign.v1 import hsmsign_pb2_grpc as pb_grpc
 
     _method, request = _request(LoadSpec(target, "batch", key, callers, batch=batch))
-    # One connection per caller, as separate build agents would open (a local subchannel
-    # pool per channel, or grpcio would share one connection between them).
-    channels = [
-        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(callers)
-    ]
+    channels = await _balanced_channels(target, callers, daemon_pid)
     try:
-        for ch in channels:
-            await asyncio.wait_for(ch.channel_ready(), 30)
         fns = [pb_grpc.SignerStub(ch).SignDigests for ch in channels]
         # Warm-up: each connection's first call (the daemon's first look at the key, and
         # HTTP/2 windows), not counted.
@@ -181,6 +174,49 @@ async def _drive(target: str, key: str, callers: int, batch: int, daemon_pid: in
     finally:
         for ch in channels:
             await ch.close()
+
+
+#: Times the driver opens its connections again at most, for a balanced split.
+BALANCE_ATTEMPTS = 40
+
+
+def balanced(split: Sequence[int], connections: int, processes: int) -> bool:
+    """Whether ``connections`` spread as ``split`` (per serving process) use every serving
+    process they can, as evenly as they can."""
+    return (
+        sum(split) == connections
+        and len(split) == min(connections, processes)
+        and max(split) - min(split) <= 1
+    )
+
+
+async def _balanced_channels(target: str, callers: int, daemon_pid: int | None) -> list[Any]:
+    """One connection per caller, as separate build agents would open (a local subchannel
+    pool per channel, or grpcio would share one connection between them), opened again until
+    they are spread evenly over the daemon's serving processes (when its pid is known). The
+    kernel puts each connection on a process by a hash of its ports: 4 connections leave one
+    of 2 processes idle 1 time in 8, and 3 on one half the time, which would measure that
+    luck, not the daemon; a fleet of build agents has many connections."""
+    import grpc
+
+    from bench.setup import process_tree
+
+    channels: list[Any] = []
+    for _ in range(BALANCE_ATTEMPTS):
+        channels = [
+            grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(callers)
+        ]
+        for ch in channels:
+            await asyncio.wait_for(ch.channel_ready(), 30)
+        if daemon_pid is None:
+            return channels
+        processes = max(1, len(process_tree(daemon_pid)) - 1)
+        if balanced(connection_split(os.getpid(), daemon_pid), callers, processes):
+            return channels
+        for ch in channels:
+            await ch.close()
+    return channels  # the last try, unbalanced: the bench prints the split it got
 
 
 # ---- the bench's side: children kept up, and the alternation ----------------------------

@@ -10,7 +10,7 @@ import pytest
 from bench.report import pair_quotients, targets
 from bench.rows import AnyRow, Call, Load, Server, Slice, SlicedRow
 from bench.setup import DaemonSettings
-from bench.slices import Span, counted, quartiles, slice_ratios
+from bench.slices import Span, balanced, counted, quartiles, slice_ratios
 
 
 def _closed_loop(call_seconds: float, items: int, until: float, offset: float = 0.0) -> list[Span]:
@@ -117,3 +117,21 @@ def test_on_over_off_is_taken_per_pair() -> None:
     on = [_slice(0, 0.9), _slice(1, 1.2), _slice(3, 1.0)]
     off = [_slice(0, 1.0), _slice(1, 1.0), _slice(2, 0.8)]  # pair 2's on and 3's off failed
     assert pair_quotients(on, off) == pytest.approx([0.9, 1.2])
+
+
+@pytest.mark.parametrize(
+    ("split", "connections", "processes", "expected"),
+    [
+        ([2, 2], 4, 2, True),
+        ([3, 1], 4, 2, False),  # one process does three callers' work
+        ([4], 4, 2, False),  # the other process idle
+        ([4], 4, 1, True),  # one serving process: nothing to balance
+        ([1, 1], 2, 4, True),  # fewer connections than processes
+        ([2, 1], 4, 2, False),  # a connection not seen on any process
+        ([2, 1, 1], 4, 3, True),
+    ],
+)
+def test_a_split_is_balanced_when_it_uses_every_process_it_can_evenly(
+    split: list[int], connections: int, processes: int, expected: bool
+) -> None:
+    assert balanced(split, connections, processes) is expected
