@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.slices import answer_slices
+
 PREFIX_SHA256 = bytes.fromhex("3031300d060960864801650304020105000420")
 
 
@@ -164,14 +166,7 @@ def token_slices(conf: str, label: str, pin_file: str, key: str, threads: int) -
     try:
         sign_slice(ops, 0.3)  # warm-up: first signatures, thread start-up
         print(json.dumps({"ready": True, "threads": threads}), flush=True)
-        for line in sys.stdin:
-            words = line.split()
-            if not words or words[0] == "quit":
-                break
-            if words[0] != "run" or len(words) != 2:
-                print(json.dumps({"error": f"unknown command {line.strip()!r}"}), flush=True)
-                continue
-            print(json.dumps(sign_slice(ops, float(words[1]))), flush=True)
+        answer_slices(sys.stdin, lambda seconds: sign_slice(ops, seconds))
     finally:
         for s in sessions:
             s.close()

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -148,6 +148,31 @@ async def _slice(
     }
 
 
+def slice_seconds(line: str) -> float | None:
+    """What a kept-up child is told on one line: the seconds of a ``run SECONDS`` slice, or
+    None to stop (``quit``, an empty line). Raises ValueError for anything else."""
+    words = line.split()
+    if not words or words[0] == "quit":
+        return None
+    if words[0] != "run" or len(words) != 2:
+        raise ValueError(f"unknown command {line.strip()!r}")
+    return float(words[1])
+
+
+def answer_slices(lines: Iterable[str], run: Callable[[float], dict[str, Any]]) -> None:
+    """Answers each ``run SECONDS`` line of ``lines`` with ``run(seconds)`` as one JSON line,
+    and a bad line with an error line, until told to stop."""
+    for line in lines:
+        try:
+            seconds = slice_seconds(line)
+        except ValueError as e:
+            print(json.dumps({"error": str(e)}), flush=True)
+            continue
+        if seconds is None:
+            return
+        print(json.dumps(run(seconds)), flush=True)
+
+
 async def _drive(target: str, key: str, callers: int, batch: int, daemon_pid: int | None) -> None:
 
     from bench.load import LoadSpec, _request
@@ -162,15 +187,13 @@ async def _drive(target: str, key: str, callers: int, batch: int, daemon_pid: in
         await asyncio.gather(*(fn(request, timeout=60) for fn in fns))
         print(json.dumps({"ready": True, "callers": callers, "batch": batch}), flush=True)
         loop = asyncio.get_running_loop()
-        while line := await loop.run_in_executor(None, sys.stdin.readline):
-            words = line.split()
-            if not words or words[0] == "quit":
-                break
-            if words[0] != "run" or len(words) != 2:
-                print(json.dumps({"error": f"unknown command {line.strip()!r}"}), flush=True)
-                continue
-            r = await _slice(fns, request, batch, float(words[1]), daemon_pid)
-            print(json.dumps(r), flush=True)
+
+        def run(seconds: float) -> dict[str, Any]:
+            # On a thread of the loop's executor: the slice itself runs on the loop.
+            slice_ = _slice(fns, request, batch, seconds, daemon_pid)
+            return asyncio.run_coroutine_threadsafe(slice_, loop).result()
+
+        await loop.run_in_executor(None, answer_slices, sys.stdin, run)
     finally:
         for ch in channels:
             await ch.close()

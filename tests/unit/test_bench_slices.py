@@ -10,7 +10,7 @@ import pytest
 from bench.report import pair_quotients, targets
 from bench.rows import AnyRow, Call, Load, Server, Slice, SlicedRow
 from bench.setup import DaemonSettings
-from bench.slices import Span, balanced, counted, quartiles, slice_ratios
+from bench.slices import Span, balanced, counted, quartiles, slice_ratios, slice_seconds
 
 
 def _closed_loop(call_seconds: float, items: int, until: float, offset: float = 0.0) -> list[Span]:
@@ -135,3 +135,11 @@ def test_a_split_is_balanced_when_it_uses_every_process_it_can_evenly(
     split: list[int], connections: int, processes: int, expected: bool
 ) -> None:
     assert balanced(split, connections, processes) is expected
+
+
+def test_a_kept_up_child_is_told_run_seconds_or_quit() -> None:
+    assert slice_seconds("run 1.5\n") == 1.5
+    assert slice_seconds("quit\n") is None
+    assert slice_seconds("") is None  # stdin closed: the bench went away
+    with pytest.raises(ValueError, match="unknown command 'walk 1'"):
+        slice_seconds("walk 1\n")

@@ -40,6 +40,15 @@ def _hold(gate: threading.Event, started: threading.Event) -> Callable[[], str]:
     return run
 
 
+def _held(gate: threading.Event, threads: int = 1, max_queued: int = 32) -> FairWorkers:
+    """Workers whose one thread is held by a first job of caller a until ``gate`` opens."""
+    workers = FairWorkers(threads=threads, max_queued=max_queued)
+    started = threading.Event()
+    workers.submit("a", "caller a", _hold(gate, started))
+    assert started.wait(WAIT)
+    return workers
+
+
 def test_a_caller_with_one_call_goes_before_another_callers_backlog(
     gate: threading.Event,
 ) -> None:
@@ -61,10 +70,7 @@ def test_a_caller_with_one_call_goes_before_another_callers_backlog(
 
 
 def test_one_thread_runs_the_jobs_one_after_another_on_itself(gate: threading.Event) -> None:
-    workers = FairWorkers(threads=1, max_queued=8)
-    started = threading.Event()
-    workers.submit("a", "caller a", _hold(gate, started))
-    assert started.wait(WAIT)
+    workers = _held(gate, max_queued=8)
     ran_on: list[str] = []
     jobs = [
         workers.submit("a", "caller a", lambda: ran_on.append(threading.current_thread().name))
@@ -78,10 +84,7 @@ def test_one_thread_runs_the_jobs_one_after_another_on_itself(gate: threading.Ev
 
 
 def test_a_full_room_refuses_a_caller_at_its_share(gate: threading.Event) -> None:
-    workers = FairWorkers(threads=1, max_queued=3)
-    started = threading.Event()
-    workers.submit("a", "caller a", _hold(gate, started))
-    assert started.wait(WAIT)
+    workers = _held(gate, max_queued=3)
     for _ in range(3):
         workers.submit("a", "caller a", lambda: None)
     with pytest.raises(Shed, match=r"4 of them caller a's"):
@@ -92,10 +95,7 @@ def test_a_full_room_refuses_a_caller_at_its_share(gate: threading.Event) -> Non
 def test_a_newcomer_takes_the_newest_waiting_place_of_the_caller_over_its_share(
     gate: threading.Event,
 ) -> None:
-    workers = FairWorkers(threads=1, max_queued=3)
-    started = threading.Event()
-    workers.submit("a", "caller a", _hold(gate, started))
-    assert started.wait(WAIT)
+    workers = _held(gate, max_queued=3)
     waiting = [workers.submit("a", "caller a", lambda: "a") for _ in range(3)]
     newcomer = workers.submit("b", "caller b", lambda: "b")
     # The newest of a's waiting calls was refused to make room; the others still run.
@@ -109,10 +109,7 @@ def test_a_newcomer_takes_the_newest_waiting_place_of_the_caller_over_its_share(
 
 
 def test_a_withdrawn_job_never_runs_and_gives_its_place_back(gate: threading.Event) -> None:
-    workers = FairWorkers(threads=1, max_queued=1)
-    started = threading.Event()
-    workers.submit("a", "caller a", _hold(gate, started))
-    assert started.wait(WAIT)
+    workers = _held(gate, max_queued=1)
     ran: list[str] = []
     gone = workers.submit("a", "caller a", _record(ran, "gone"))
     assert workers.withdraw(gone)
