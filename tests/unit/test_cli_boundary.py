@@ -135,3 +135,19 @@ def test_keys_usage_errors_exit_2_before_any_call() -> None:
     assert_one_line_error(r, EXIT_USAGE, "version must be 1 or more")
     r = hsmsign("keys", "schedule-destroy", "demo", "2", "--delay", "soon")
     assert_one_line_error(r, EXIT_USAGE, "bad duration")
+
+
+@pytest.mark.parametrize("value", ["0", "65", "four"])
+def test_a_bad_connections_count_is_a_usage_error_before_any_call(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the flag or from HSMSIGN_CONNECTIONS (argparse's usage error, as --timeout's)."""
+    for args in (("--connections", value, "pubkey", "demo"), ("pubkey", "demo")):
+        if args[0] == "pubkey":
+            monkeypatch.setenv("HSMSIGN_CONNECTIONS", value)
+        r = hsmsign(*args)
+        assert r.returncode == EXIT_USAGE, r
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("hsmsign: error: argument --connections: "), r.stderr
+        assert "whole number from 1 to 64" in last, r.stderr
+        assert "Traceback" not in r.stderr
