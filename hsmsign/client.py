@@ -257,7 +257,7 @@ class Client:
         self.plaintext = tls is None
         self._tls_hint = _tls_hint(tls)
         channel_target = connection.channel_target(self.target)
-        options = connection.channel_options()
+        options = connection.channel_options(separate=self.connections > 1)
         if oidc_token is not None:
             check_token(oidc_token, "the OIDC token")
         credentials: grpc.ChannelCredentials | None = None

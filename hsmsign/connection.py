@@ -44,11 +44,16 @@ MAX_ATTEMPTS: Final = 5
 KEEPALIVE_SECONDS: Final = 30
 KEEPALIVE_TIMEOUT_SECONDS: Final = 10
 
-#: Channels a client opens to its target by default. The kernel puts each connection on a
-#: serving process by a hash of its addresses and ports, so with 2 processes all of N
+#: Channels a client opens to its target by default: one, shared with the process's other
+#: clients of the same target (gRPC's global subchannel pool), as before connections could be
+#: chosen. Reaching every serving process of a daemon with several connections showed that a
+#: daemon's serving processes can disagree about the key ring for over 30 s after an offline
+#: `hsmsignd keys` change (tests/integration/test_keyring_concurrency.py failed in a quarter
+#: to half of its runs): opt in with more until that is fixed. The kernel puts each
+#: connection on a serving process by a hash of its ports, so with 2 processes all of N
 #: connections land on one with probability 2**(1-N): 1 in 2 for 2 connections, 1 in 8 for 4.
 #: Each costs the daemon about 20 KiB and one descriptor per address while it is open.
-DEFAULT_CONNECTIONS: Final = 4
+DEFAULT_CONNECTIONS: Final = 1
 #: The most channels a client may open: connections beyond the daemon's processes only add
 #: descriptors (server.limits.max_connections counts them).
 MAX_CONNECTIONS: Final = 64
@@ -117,12 +122,13 @@ def check_connections(value: int, source: str = "connections") -> int:
     return value
 
 
-def channel_options() -> list[tuple[str, int | str]]:
-    """The channel arguments every hsmsign channel uses. Each channel has its own subchannel
-    pool, so that several channels to one target are several connections (gRPC otherwise
-    shares one connection between channels with the same target and arguments)."""
+def channel_options(separate: bool = False) -> list[tuple[str, int | str]]:
+    """The channel arguments every hsmsign channel uses. With ``separate`` (a client of
+    several connections) each channel has its own subchannel pool, so that several channels
+    to one target are several connections (gRPC otherwise shares one connection between
+    channels with the same target and arguments)."""
     return [
-        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.use_local_subchannel_pool", 1 if separate else 0),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.service_config", json.dumps(SERVICE_CONFIG)),

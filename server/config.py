@@ -147,11 +147,9 @@ class ServerConfig:
     #: Default "auto": ``default_processes`` (one per CPU the daemon may use, at most
     #: MAX_AUTO_PROCESSES).
     processes: int
-    #: Threads serving the Signer's single calls, in each serving process, taken in fair
-    #: order across callers from a waiting room of server.limits.max_queued_calls
-    #: (server/api/workers.py, docs/adr/0009). Default: ``default_threads`` (one per
-    #: token session: the event loop reads and answers the calls).
-    #: Batches and KeyAdmin calls get threads of their own. Formerly ``workers``, still read.
+    #: Threads serving calls, in each serving process. Default: ``default_threads``
+    #: (twice token.sessions, so a call can be read and answered while its neighbour signs).
+    #: Formerly ``workers``, which is still read.
     threads: int
     #: host:port to listen on; port 0 picks a free port (written to --ready-file).
     listen: str = "127.0.0.1:50051"
@@ -170,9 +168,9 @@ class ServerConfig:
     #: hsmsignd's queue, or still being received on the event loop); beyond it gRPC refuses
     #: ("Concurrent RPC limit exceeded!") before hsmsignd sees the call, so with no access-log
     #: line or audit record. A backstop for memory (each holds at most one request of
-    #: server.limits.max_request_bytes): hsmsignd's own bounds refuse first, and this must be
-    #: above every call they let in (``max_calls_held``: server.threads + token.sessions +
-    #: twice server.limits.max_queued_calls).
+    #: server.limits.max_request_bytes): hsmsignd's own bound (server.limits.max_queued_calls)
+    #: refuses first, and this must be above the serving threads (server.threads +
+    #: token.sessions + server.limits.max_queued_calls).
     max_concurrent_calls: int = 1024
     #: Seconds SIGTERM waits for in-flight calls before cancelling them.
     grace_seconds: float = 10.0
@@ -194,19 +192,9 @@ class ServerConfig:
     heartbeat_timeout_seconds: float = 5.0
 
 
-def max_calls_held(threads: int, sessions: int, max_queued: int) -> int:
-    """Calls a serving process may hold before it refuses more itself: server.threads and
-    max_queued_calls waiting for them (server.api.workers), token.sessions and
-    max_queued_calls more in the admission controller (server.api.admission)."""
-    return threads + sessions + 2 * max_queued
-
-
 def default_threads(sessions: int) -> int:
-    """server.threads when not set: one per session. The event loop reads and answers the
-    calls (docs/adr/0008), so a thread beyond the sessions only waits for a token turn and
-    for the GIL: with two per session unary signing made 0.91 of the calls/s of one per
-    session, side by side (docs/adr/0009)."""
-    return sessions
+    """server.threads when not set: two per session (more only queue on the GIL)."""
+    return 2 * sessions
 
 
 def default_processes() -> int:
@@ -422,14 +410,12 @@ def _server(root: Table, sessions: int) -> ServerConfig:
             f"got {heartbeat_timeout:g}; allowed: at least twice heartbeat_seconds ({heartbeat:g})",
         )
     # gRPC must never refuse a call that hsmsignd's queue has room for (its refusal leaves
-    # no trace): its bound is above every call hsmsignd may hold: the serving threads and
-    # their waiting room (the Signer's single calls), and the admission controller's places
-    # (batches and KeyAdmin calls).
-    below = max_calls_held(threads, sessions, limits.max_queued_calls)
+    # no trace): its bound is above every call hsmsignd may hold or be handing a thread.
+    below = threads + sessions + limits.max_queued_calls  # admission.serving_threads
     if max_calls <= below:
         raise s.error(
             "max_concurrent_calls",
-            f"got {max_calls}; allowed: above server.threads + token.sessions + twice "
+            f"got {max_calls}; allowed: above server.threads + token.sessions + "
             f"server.limits.max_queued_calls ({below}), so that hsmsignd refuses excess calls "
             "itself",
         )

@@ -23,7 +23,6 @@ from grpc_health.v1 import _async as aio_health
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from server.api.dispatch import Dispatch
-from server.api.workers import FairWorkers
 from server.config import ServerConfig
 
 T = TypeVar("T")
@@ -46,11 +45,8 @@ class LoopServer:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="grpc-loop", daemon=True)
         self._thread.start()
-        #: The Signer's single calls run on server.threads threads, taken in fair order
-        #: across callers; batches, KeyAdmin calls and refusals on ``pool``.
-        self.workers = FairWorkers(server.threads, server.limits.max_queued_calls)
-        self.pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="call")
-        self.dispatch = Dispatch(server.limits, self.pool, self.workers)
+        self.pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc")
+        self.dispatch = Dispatch(server.limits, self.pool)
         self.aio: grpc.aio.Server = self.run(self._make(server, options))
         self.health = LoopHealth(self)
         #: When the event loop last ran a callback ``responsive`` posted (monotonic).
@@ -134,7 +130,6 @@ class LoopServer:
         if self.health_only is not None:
             self.run(self.health_only.stop(0))
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self.workers.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
 

@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Final, NoReturn
+from typing import Final
 
 from server.config import Config
 from server.errors import Busy
@@ -61,12 +61,7 @@ SHED_LOG_SECONDS: Final = 10.0
 
 class Shed(Busy):
     """A call refused for lack of room (RESOURCE_EXHAUSTED): no place, its place given to a
-    caller with fewer than its share, or no turn within the longest wait (``reason``, one of
-    ``Counts``' shed fields, says which)."""
-
-    def __init__(self, message: str, reason: str = "shed_full") -> None:
-        super().__init__(message)
-        self.reason = reason
+    caller with fewer than its share, or no turn within the longest wait."""
 
 
 @dataclass(eq=False)
@@ -86,21 +81,12 @@ class Ticket:
 
 
 @dataclass(eq=False)
-class Waiter:
+class _Waiter:
     ticket: Ticket
     cost: int
     granted: bool = False
     #: Made only for a call that has to wait (the uncontended path makes none).
     wake: threading.Event | None = None
-    #: Called instead of ``wake`` (under the controller's lock: it must be quick and must not
-    #: call the controller) when the waiter is granted its turn or its place is given away.
-    notify: Callable[[Waiter], None] | None = None
-
-    def woken(self) -> None:
-        if self.wake is not None:
-            self.wake.set()
-        if self.notify is not None:
-            self.notify(self)
 
 
 @dataclass
@@ -144,7 +130,7 @@ class AdmissionController:
         self._holding: collections.Counter[str] = collections.Counter()
         # Waiting calls per identity (FIFO), and the identities with waiting calls in
         # round-robin order; the head's deficit and whether it has been credited this visit.
-        self._queues: dict[str, collections.deque[Waiter]] = {}
+        self._queues: dict[str, collections.deque[_Waiter]] = {}
         self._round: collections.deque[str] = collections.deque()
         self._deficit: collections.Counter[str] = collections.Counter()
         self._credited: set[str] = set()
@@ -203,7 +189,8 @@ class AdmissionController:
             # All of its waiting turns (a batch may wait on several threads at once).
             for w in [w for w in queue if w.ticket is victim]:
                 self._unqueue(w)
-                w.woken()
+                if w.wake is not None:
+                    w.wake.set()
             self._leave_locked(victim)
             self.counts.shed_pushed_out += 1
             return True
@@ -211,25 +198,20 @@ class AdmissionController:
 
     # -- turns --------------------------------------------------------------------------------
 
-    def request(
-        self, ticket: Ticket, cost: int = 1, notify: Callable[[Waiter], None] | None = None
-    ) -> Waiter:
+    def request(self, ticket: Ticket, cost: int = 1) -> _Waiter:
         """Queues the call for one turn of ``cost`` units (granted at once when one is free
-        and nobody is ahead). Without ``notify`` a call that has to wait gets an event to
-        wait on (``acquire``); with it, ``notify`` is called when the turn is granted (at
-        once, too) or the call's place is given away. Raises Shed when the call's place was
-        given away."""
+        and nobody is ahead). Raises Shed when the call's place was given away."""
         with self._lock:
             if ticket.shed is not None:
-                raise Shed(ticket.shed, "shed_pushed_out")
-            w = Waiter(ticket, max(1, cost), notify=notify)
+                raise Shed(ticket.shed)
+            w = _Waiter(ticket, max(1, cost))
             queue = self._queues.get(ticket.who)
             if queue is None:
                 queue = self._queues[ticket.who] = collections.deque()
                 self._round.append(ticket.who)
             queue.append(w)
             self._dispatch()
-            if not w.granted and notify is None:
+            if not w.granted:
                 w.wake = threading.Event()
             return w
 
@@ -246,7 +228,7 @@ class AdmissionController:
         self._free += 1
         self._dispatch()
 
-    def withdraw(self, w: Waiter, keep_granted: bool = False) -> bool:
+    def withdraw(self, w: _Waiter, keep_granted: bool = False) -> bool:
         """Takes a waiting call out of the queue. A turn granted meanwhile is kept when
         ``keep_granted`` (True is returned), else given back."""
         with self._lock:
@@ -297,16 +279,12 @@ class AdmissionController:
                     self.counts.shed_waited_too_long += 1
                 raise Shed(
                     f"no token session came free for {self.max_wait_seconds:g}s "
-                    "(token.session_wait_seconds); retry later",
-                    "shed_waited_too_long",
+                    "(token.session_wait_seconds); retry later"
                 )
         if not w.granted:  # woken to be told its place went to another caller
-            raise Shed(
-                ticket.shed or "refused to make room for another caller; retry later",
-                "shed_pushed_out",
-            )
+            raise Shed(ticket.shed or "refused to make room for another caller; retry later")
 
-    def _unqueue(self, w: Waiter) -> None:
+    def _unqueue(self, w: _Waiter) -> None:
         queue = self._queues[w.ticket.who]
         queue.remove(w)
         if not queue:
@@ -338,9 +316,10 @@ class AdmissionController:
             w.ticket.held += 1
             w.ticket.started = True
             w.granted = True
-            w.woken()
+            if w.wake is not None:
+                w.wake.set()
 
-    def _next(self, eligible: set[str]) -> Waiter:
+    def _next(self, eligible: set[str]) -> _Waiter:
         """The waiting call whose turn it is (deficit round-robin, head of ``_round`` first)."""
         while True:
             who = self._round[0]
@@ -354,13 +333,6 @@ class AdmissionController:
                     return w
             self._credited.discard(who)
             self._round.rotate(-1)
-
-    def count_shed(self, shed: Shed) -> None:
-        """Counts a call that another queue in front of this one refused for lack of room
-        (the serving threads' waiting room, ``server.api.workers``), so that the summary
-        counts every call the process shed."""
-        with self._lock:
-            setattr(self.counts, shed.reason, getattr(self.counts, shed.reason) + 1)
 
     # -- what it holds ------------------------------------------------------------------------
 
@@ -494,16 +466,6 @@ def admitted(
     finally:
         _call.reset(reset)
         controller.leave(ticket)
-
-
-def refuse(shed: Shed) -> NoReturn:
-    """Refuses the running call with ``shed``, which the serving threads' waiting room
-    (``server.api.workers``) decided before the call had a thread: counted and logged like
-    the controller's own refusals."""
-    if _installed is not None:
-        _installed.count_shed(shed)
-    _shed_log.note(str(shed))
-    raise shed
 
 
 def _acquire(

@@ -19,9 +19,6 @@ logged and audited like any call); every answer carries the ``ANSWERED_BY`` mark
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import hashlib
 import inspect
 import threading
 from collections.abc import Awaitable, Callable
@@ -34,10 +31,8 @@ from google.protobuf.message import DecodeError, Message
 
 from hsmsign.names import ANSWERED_BY
 from server.api import deadlines
-from server.api.admission import PER_CHUNK_METHODS, Shed
 from server.api.limits import LARGE_REQUEST_METHODS, NotReceived, Oversized
 from server.api.malformed import MALFORMED
-from server.api.workers import FairWorkers, run_refused
 from server.limitsconfig import ConnectionLimits
 
 if TYPE_CHECKING:  # generic only in the type stubs
@@ -199,97 +194,18 @@ def lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse_or_malformed
 
 
-class Handback:
-    """Serving threads' answers handed to the event loop, with one wake-up of the loop for
-    all the answers that arrive before it has taken the ones before them. asyncio's own
-    hand-over (``wrap_future``) writes to the loop's wake-up pipe once per answer, and a
-    serving thread then waits for the GIL behind the loop: a sixth of its samples under 64
-    callers (docs/adr/0009-fair-serving-threads.md)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._answers: list[tuple[futures.Future[Any], asyncio.Future[Any]]] = []
-
-    def future_for(self, job: futures.Future[Any]) -> asyncio.Future[Any]:
-        """A future of the loop that gets ``job``'s outcome. Cancelling it (the caller went)
-        leaves ``job`` alone. Call on the loop."""
-        answer = self._loop.create_future()
-        job.add_done_callback(lambda done: self._post(done, answer))
-        return answer
-
-    def _post(self, done: futures.Future[Any], answer: asyncio.Future[Any]) -> None:
-        with self._lock:
-            self._answers.append((done, answer))
-            if len(self._answers) > 1:  # a wake-up is on its way already
-                return
-        with contextlib.suppress(RuntimeError):  # the loop has closed: the server stopped
-            self._loop.call_soon_threadsafe(self._deliver)
-
-    def _deliver(self) -> None:
-        with self._lock:
-            answers, self._answers = self._answers, []
-        for done, answer in answers:
-            if answer.cancelled():
-                continue
-            error = done.exception()
-            if error is not None:
-                answer.set_exception(error)
-            else:
-                answer.set_result(done.result())
-
-
-def caller_key(context: PoolContext) -> tuple[str, str]:
-    """Who a call is from, as the event loop can tell before the call has a thread: its TLS
-    client certificate (verified by the handshake), else its bearer token, else its peer's
-    address; and how messages name it. Only the serving threads' waiting room uses it, for
-    fair turns; identity, policy and token shares are decided on the thread."""
-    auth = context.auth_context()
-    cert = auth.get("x509_pem_cert")
-    if cert:
-        names = auth.get("x509_common_name") or [b"?"]
-        label = f"client certificate CN={names[0].decode(errors='replace')}"
-        return "cert\0" + hashlib.sha256(cert[0]).hexdigest(), label
-    for name, value in context.invocation_metadata() or ():
-        if name == "authorization":
-            raw = value if isinstance(value, bytes) else value.encode()
-            digest = hashlib.sha256(raw).hexdigest()
-            return "bearer\0" + digest, f"bearer token sha256:{digest[:12]}"
-    peer = context.peer()
-    host = peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
-    return "peer\0" + host, f"peer {host}"
-
-
-def _fair(method: str) -> bool:
-    """Whether a method's calls run on the fair serving threads: the Signer's single calls.
-    Batches (their turns are per chunk, and a thread would be held through all of them) and
-    KeyAdmin calls (key generation holds its thread for up to minutes) run on threads of
-    their own, bounded by the admission controller's places."""
-    service, _, name = method.rpartition("/")
-    return service == "/hsmsign.v1.Signer" and name not in PER_CHUNK_METHODS
-
-
 class Dispatch(grpc.aio.ServerInterceptor):
     """Replaces each hsmsign unary method's handler (once, cached by method) with one that
-    receives the request on the event loop and runs the servicer method on a serving thread:
-    one of ``workers`` (in fair order across callers) for the Signer's single calls, one of
-    ``pool``'s for the rest."""
+    receives the request on the event loop and runs the servicer method on ``pool``."""
 
-    def __init__(
-        self,
-        limits: ConnectionLimits,
-        pool: futures.ThreadPoolExecutor,
-        workers: FairWorkers | None = None,
-    ) -> None:
+    def __init__(self, limits: ConnectionLimits, pool: futures.ThreadPoolExecutor) -> None:
         self._small = limits.max_small_request_bytes
         self._receive_seconds = limits.max_request_receive_seconds
         self._pool = pool
-        self._workers = workers
         self.budget = InFlightBytes(limits.max_bytes_in_flight)
         self._handlers: dict[str, Handler | None] = {}
         #: Set while the server stops: calls wait on it until gRPC's shutdown has begun.
         self._parked: asyncio.Event | None = None
-        self._handback: Handback | None = None
 
     def park(self) -> None:
         """From now on (the server is about to stop) calls wait for ``release``, on the event
@@ -363,7 +279,6 @@ class Dispatch(grpc.aio.ServerInterceptor):
     ) -> Handler:
         limit = None if method in LARGE_REQUEST_METHODS else self._small
         name = method.rsplit("/", 1)[1]
-        fair = self._workers is not None and _fair(method)
 
         # Registered as stream-unary (the same bytes on the wire as unary-unary) so that the
         # request is read here, with a bound on how long it may take to arrive.
@@ -381,7 +296,7 @@ class Dispatch(grpc.aio.ServerInterceptor):
                 # pipeline run and an audit record each).
                 deadlines.tally.gone_unread(name)
                 raise
-            return await self._run(behaviour, request, context, limit, fair)
+            return await self._run(behaviour, request, context, limit)
 
         return grpc.stream_unary_rpc_method_handler(
             receive_then_run, request_deserializer=lenient(parse), response_serializer=serialize
@@ -412,7 +327,6 @@ class Dispatch(grpc.aio.ServerInterceptor):
         request: Any,
         context: grpc.aio.ServicerContext[Any, Any],
         limit: int | None,
-        fair: bool,
     ) -> Any:
         taken = 0
         if isinstance(request, Message):
@@ -427,51 +341,16 @@ class Dispatch(grpc.aio.ServerInterceptor):
                 else:
                     request = OverBudget(size, self.budget.limit)
         pool_context = PoolContext(context)
-        call = functools.partial(behaviour, request, pool_context)
+        job = self._pool.submit(behaviour, request, pool_context)
+        if taken:
+            job.add_done_callback(lambda _job: self.budget.give_back(taken))
         try:
-            if fair and self._workers is not None and isinstance(request, Message):
-                return await self._run_fair(self._workers, call, pool_context)
-            job = self._pool.submit(call)
-            if taken:
-                job.add_done_callback(lambda _job: self.budget.give_back(taken))
-            try:
-                return await asyncio.wrap_future(job)
-            except asyncio.CancelledError:
-                pool_context.caller_gone()  # the serving thread's deadline stage sees it
-                raise
+            response = await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            pool_context.caller_gone()  # the serving thread's deadline stage sees it
+            raise
         except Aborted as aborted:
             await context.abort(aborted.code, aborted.details)
         finally:
             pool_context.finished()
-
-    async def _run_fair(
-        self, workers: FairWorkers, call: Callable[[], Any], pool_context: PoolContext
-    ) -> Any:
-        """Runs ``call`` on the fair serving threads. A call the waiting room refuses, and one
-        whose caller goes while it waits, still runs the pipeline on another thread, which
-        refuses it (RESOURCE_EXHAUSTED; DEADLINE_EXCEEDED or CANCELLED), so that every call is
-        logged and audited under the identity that policy sees."""
-        who, label = caller_key(pool_context)
-        try:
-            job = workers.submit(who, label, call)
-        except Shed as shed:
-            return await asyncio.wrap_future(self._pool.submit(run_refused, shed, call))
-        if self._handback is None:
-            self._handback = Handback(asyncio.get_running_loop())
-        try:
-            # A caller that goes cancels only the loop's future, not the job's behind the
-            # room's back: ``withdraw`` decides whether it ran.
-            return await self._handback.future_for(job.future)
-        except asyncio.CancelledError:
-            pool_context.caller_gone()
-            if workers.withdraw(job):
-                self._record_gone(call)
-            raise
-        except Shed as shed:  # its place was given to a caller below its share
-            return await asyncio.wrap_future(self._pool.submit(run_refused, shed, call))
-
-    def _record_gone(self, call: Callable[[], Any]) -> None:
-        """Runs the pipeline of a call whose caller went while it waited: its ``deadline``
-        stage refuses it at once, and the refusal is logged and audited."""
-        with contextlib.suppress(RuntimeError):  # the server is stopping: no threads left
-            self._pool.submit(call)
+        return response

@@ -36,10 +36,8 @@ out through them in reverse. Today's stages:
     refuses calls once the process is draining (SIGTERM) and counts the calls in flight, so
     that draining can wait for them; then gives the call a place and its turns at the token
     in fair order across identities, or refuses it with RESOURCE_EXHAUSTED when there is no
-    room (``server.api.admission``), or when the serving threads' waiting room had none
-    (``server.api.workers``, which decided before the call had a thread). Inside ``access``
-    (it needs the identity) and ``deadline`` (a call whose caller goes while it waits leaves
-    the queue unrun).
+    room (``server.api.admission``). Inside ``access`` (it needs the identity) and
+    ``deadline`` (a call whose caller goes while it waits leaves the queue unrun).
 ``handler``
     runs the servicer's method; a Signer call whose key object another process destroyed
     meanwhile is answered again after a re-read of the ring (``retry_ring``).
@@ -64,7 +62,7 @@ from typing import Any, Final, TypeVar
 import grpc
 
 from server import metrics
-from server.api import admission, deadlines, workers
+from server.api import admission, deadlines
 from server.api.accesslog import access
 from server.api.limits import NotReceived, Oversized
 from server.api.malformed import MALFORMED
@@ -227,9 +225,6 @@ def admission_stage(call: Call, proceed: Proceed) -> Any:
     if refused:
         raise Unavailable("hsmsignd is shutting down; retry")
     try:
-        shed = workers.refused_by_room.get()
-        if shed is not None:  # the serving threads' waiting room had no place for it
-            admission.refuse(shed)
         with admission.admitted(
             call.method,
             current_identity(),

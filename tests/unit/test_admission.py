@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.api.admission import QUANTUM, AdmissionController, Shed, Ticket, Waiter
+from server.api.admission import QUANTUM, AdmissionController, Shed, Ticket, _Waiter
 from server.errors import DeadlineExceeded
 
 
@@ -191,8 +191,8 @@ def test_bounds_hold_and_turns_go_to_identities_below_their_share(
     capacity: int, max_queued: int, script: list[tuple[str, object, int]]
 ) -> None:
     c = AdmissionController(capacity, max_queued, 5.0)
-    holders: list[Waiter] = []
-    waiting: list[Waiter] = []
+    holders: list[_Waiter] = []
+    waiting: list[_Waiter] = []
     held_by: Counter[str] = Counter()
 
     def note_grants() -> None:
@@ -250,11 +250,11 @@ def test_no_identity_starves_behind_another(capacity: int, backlog: dict[str, li
     """Every identity with waiting calls gets a turn within a bounded amount of the others'
     work: deficit round-robin gives each at most a quantum (plus one call) per round."""
     c = AdmissionController(capacity, 1000, 5.0)
-    waiting: list[Waiter] = []
+    waiting: list[_Waiter] = []
     for who, costs in backlog.items():
         waiting += [c.request(c.enter(who, who), cost) for cost in costs]
     holders = [w for w in waiting if w.granted]
-    done: list[Waiter] = []
+    done: list[_Waiter] = []
     since_last: Counter[str] = Counter()  # others' work since each identity's last turn
     bound = (len(backlog) - 1) * 2 * QUANTUM + capacity * QUANTUM
     while holders:

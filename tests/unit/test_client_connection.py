@@ -167,12 +167,23 @@ def test_calls_take_the_connections_in_turn(
     assert all(peers.seen.count(p) == 2 for p in peers.seen)
 
 
-def test_two_clients_do_not_share_a_connection(peers_server: tuple[str, _Peers]) -> None:
+def test_clients_of_several_connections_do_not_share_them(
+    peers_server: tuple[str, _Peers],
+) -> None:
     address, peers = peers_server
-    with Client(address, timeout=10, connections=1) as a, Client(address, connections=1) as b:
+    with Client(address, timeout=10, connections=2) as a, Client(address, connections=2) as b:
+        for c in (a, b, a, b):
+            c.sign_digest("demo", b"\0" * 32)
+    assert len(set(peers.seen)) == 4
+
+
+def test_clients_of_one_connection_share_it_by_default(peers_server: tuple[str, _Peers]) -> None:
+    address, peers = peers_server
+    with Client(address, timeout=10) as a, Client(address, timeout=10) as b:
+        assert a.connections == 1
         a.sign_digest("demo", b"\0" * 32)
         b.sign_digest("demo", b"\0" * 32)
-    assert len(set(peers.seen)) == 2
+    assert len(set(peers.seen)) == 1
 
 
 def test_connections_from_the_environment(

@@ -44,17 +44,15 @@ def _config(tmp_path: Path, server: str) -> Path:
     return path
 
 
-def test_grpc_bound_must_be_above_the_calls_hsmsignd_may_hold(tmp_path: Path) -> None:
+def test_grpc_bound_must_be_above_the_threads_admission_may_hold(tmp_path: Path) -> None:
     """gRPC's maximum_concurrent_rpcs refuses with no log line or audit record: it must never
-    refuse a call that hsmsignd's own queues have room for."""
-    # The serving threads' room: server.threads (4) + max_queued_calls (64); the admission
-    # controller's: token.sessions (2) + max_queued_calls (64) (docs/adr/0009).
-    low = "max_concurrent_calls = 134\n[server.limits]\nmax_queued_calls = 64\n"
-    with pytest.raises(
-        ConfigError, match=r"max_concurrent_calls: got 134; allowed: above .*\(134\)"
-    ):
+    refuse a call that hsmsignd's own queue has room for."""
+    # server.threads (4) + token.sessions (2) + max_queued_calls (64): a thread for each
+    # place, no more: a call being received holds no thread (docs/adr/0008).
+    low = "max_concurrent_calls = 70\n[server.limits]\nmax_queued_calls = 64\n"
+    with pytest.raises(ConfigError, match=r"max_concurrent_calls: got 70; allowed: above .*\(70\)"):
         config.load(_config(tmp_path, low))
-    cfg = config.load(_config(tmp_path, low.replace("134", "135")))
+    cfg = config.load(_config(tmp_path, low.replace("70", "71")))
     assert admission.serving_threads(cfg) == 70 < cfg.server.max_concurrent_calls
     controller = admission.controller_for(cfg)
     assert (controller.capacity, controller.places) == (2, 66)
