@@ -224,8 +224,8 @@ class Client:
     """A connection to hsmsignd. Thread-safe; use one per process and close it (or ``with``).
 
     It holds ``connections`` channels to the target and sends each Signer call to the next one
-    in turn, so that many threads sharing one Client reach every serving process of a daemon
-    (hsmsign.connection). KeyAdmin calls all go over the first channel."""
+    in turn; with more than one, many threads sharing one Client reach every serving process
+    of a daemon (hsmsign.connection). KeyAdmin calls all go over the first channel."""
 
     def __init__(
         self,

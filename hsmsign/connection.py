@@ -17,10 +17,11 @@ own deadline. Signer calls have no side effects, so a retry is safe; KeyAdmin ca
 retried by this policy.
 
 Connections (``--connections``, ``HSMSIGN_CONNECTIONS``, ``Client(connections=...)``): a
-client opens that many channels to the target, each with its own connections (a local
-subchannel pool), and sends its Signer calls to them in turn. hsmsignd runs one serving
-process per CPU on one port, and the kernel spreads *connections*, not calls, over them: a
-client with one connection reaches one process however many threads use it. Channels connect
+client opens that many channels to the target (with more than one, each with its own
+connections: a local subchannel pool), and sends its Signer calls to them in turn. hsmsignd
+runs one serving process per CPU on one port, and the kernel spreads *connections*, not
+calls, over them: a client with one connection reaches one process however many threads use
+it. Channels connect
 on their first call, so a client that makes one call at a time opens one connection per
 address for each of its first ``connections`` calls and no more.
 """

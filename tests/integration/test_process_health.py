@@ -74,9 +74,7 @@ def _channel(address: str) -> grpc.Channel:
     """hsmsign's own channel (hsmsign.connection: keepalive, retries of UNAVAILABLE) on a
     connection of its own, as a separate build agent would have: the kernel spreads such
     connections over the serving processes."""
-    return grpc.insecure_channel(
-        address, options=[*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
-    )
+    return grpc.insecure_channel(address, options=channel_options(separate=True))
 
 
 def _sign(stub: pb_grpc.SignerStub) -> bytes:
